@@ -1,0 +1,617 @@
+"""T5 encoder-decoder in Flax linen, exact against Hugging Face's T5, with attention taps.
+
+Both families are covered by one config:
+  * T5 v1.0: ReLU feed-forward, output projection tied to the input embedding and
+    scaled by d_model**-0.5;
+  * T5 v1.1 / T5-efficient: gated-GELU feed-forward, separate output projection.
+
+Distillation needs the attention internals of chosen layers (MiniLMv2 relations
+are built from the query, key and value projections), so `T5.__call__` takes a
+`Taps` request and returns exactly those tensors, computing nothing for layers
+that were not asked for.
+
+Every parameter carries logical axis names (t5x style: "vocab", "embed", "mlp",
+"heads", "kv", "relpos_buckets") and the main activations carry logical
+constraints, so `train/partitioning.py` maps them onto any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Additive attention bias for masked keys. Large but finite, so a row whose keys
+# are all masked (a fully padded example) softmaxes to finite values, not NaN.
+_MASK_BIAS = -1e10
+
+_FEED_FORWARD_KINDS = ("relu", "gated-gelu", "gated-relu", "gelu")
+
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyper-parameters of a T5 model; field names follow Hugging Face's `T5Config`.
+
+  `dtype` is the compute dtype (activations, matmuls); `param_dtype` the storage
+  dtype of the parameters. bf16 compute with f32 parameters is the usual
+  training setting; layer norms and softmaxes always run in float32.
+  """
+
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_layers: int = 6
+  num_decoder_layers: int | None = None
+  num_heads: int = 8
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  feed_forward_proj: str = "relu"
+  tie_word_embeddings: bool = True
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    if self.num_decoder_layers is None:
+      object.__setattr__(self, "num_decoder_layers", self.num_layers)
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers",
+                 "num_decoder_layers", "num_heads",
+                 "relative_attention_num_buckets",
+                 "relative_attention_max_distance"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}.")
+    if self.feed_forward_proj not in _FEED_FORWARD_KINDS:
+      raise ValueError(
+          f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; "
+          f"use one of {_FEED_FORWARD_KINDS}.")
+    if self.remat_policy not in _REMAT_POLICIES:
+      raise ValueError(
+          f"T5Config.remat_policy={self.remat_policy!r} is unknown; "
+          f"use one of {tuple(_REMAT_POLICIES)}.")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ValueError(f"T5Config.{name}={getattr(self, name)!r} is not a dtype.") from e
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+
+  @property
+  def is_gated(self) -> bool:
+    return self.feed_forward_proj.startswith("gated-")
+
+  @property
+  def activation(self):
+    name = self.feed_forward_proj.removeprefix("gated-")
+    if name == "gelu":
+      # Hugging Face maps "gated-gelu" to gelu_new, the tanh approximation.
+      return functools.partial(jax.nn.gelu, approximate=True)
+    return jax.nn.relu
+
+  @property
+  def inner_dim(self) -> int:
+    """Width of the joined attention heads, num_heads * d_kv."""
+    return self.num_heads * self.d_kv
+
+  def replace(self, **changes) -> "T5Config":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Taps:
+  """Which layers' attention internals and hidden states a forward pass returns.
+
+  Each field is a tuple of layer indices; negative indices count from the end
+  (-1 is the last layer). Attention taps return the query, key and value
+  projections before the head split; hidden taps return a block's output.
+  """
+
+  encoder_self: tuple[int, ...] = ()
+  decoder_self: tuple[int, ...] = ()
+  decoder_cross: tuple[int, ...] = ()
+  encoder_hidden: tuple[int, ...] = ()
+  decoder_hidden: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, (int, np.integer)):
+        value = (value,)
+      object.__setattr__(self, field.name, tuple(int(i) for i in value))
+
+  def normalize(self, config: T5Config) -> "Taps":
+    """Returns the same request with non-negative, sorted, unique indices.
+
+    Raises:
+      ValueError: naming the tap and the valid range, for a layer that does not exist.
+    """
+    changes = {}
+    for field in dataclasses.fields(self):
+      num = config.num_layers if field.name.startswith("encoder") else config.num_decoder_layers
+      indices = set()
+      for i in getattr(self, field.name):
+        if not -num <= i < num:
+          raise ValueError(
+              f"Tap {field.name}={i} asks for a layer that does not exist: the model has "
+              f"{num} {field.name.split('_')[0]} layers, so valid indices are "
+              f"{-num}..{num - 1}.")
+        indices.add(i % num)
+      changes[field.name] = tuple(sorted(indices))
+    return dataclasses.replace(self, **changes)
+
+  def union(self, other: "Taps") -> "Taps":
+    return Taps(**{f.name: tuple(sorted(set(getattr(self, f.name)) | set(getattr(other, f.name))))
+                   for f in dataclasses.fields(self)})
+
+  @property
+  def empty(self) -> bool:
+    return not any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+@flax.struct.dataclass
+class AttentionTap:
+  """Projections of one attention layer, before the head split.
+
+  query: [batch, query_len, num_heads * d_kv]
+  key:   [batch, key_len, num_heads * d_kv]
+  value: [batch, key_len, num_heads * d_kv]
+  """
+
+  query: Array
+  key: Array
+  value: Array
+
+
+@flax.struct.dataclass
+class T5Output:
+  """What `T5.__call__` returns.
+
+  logits: [batch, target_len, vocab_size] in the compute dtype.
+  encoder_self / decoder_self / decoder_cross: {layer: AttentionTap}, keyed by the
+    non-negative layer index. Cross-attention queries come from the decoder
+    ([batch, target_len, ...]), keys and values from the encoder output
+    ([batch, input_len, ...]).
+  encoder_hidden / decoder_hidden: {layer: [batch, len, d_model]}, the block's
+    output before the stack's final layer norm.
+  """
+
+  logits: Array
+  encoder_self: Mapping[int, AttentionTap] = flax.struct.field(default_factory=dict)
+  decoder_self: Mapping[int, AttentionTap] = flax.struct.field(default_factory=dict)
+  decoder_cross: Mapping[int, AttentionTap] = flax.struct.field(default_factory=dict)
+  encoder_hidden: Mapping[int, Array] = flax.struct.field(default_factory=dict)
+  decoder_hidden: Mapping[int, Array] = flax.struct.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------
+# Relative position buckets.
+
+
+def relative_position_buckets(query_len: int, key_len: int, *, bidirectional: bool,
+                              num_buckets: int, max_distance: int) -> np.ndarray:
+  """T5's relative position bucket of every (query, key) pair: int32 [query_len, key_len].
+
+  Computed in numpy at trace time (the shapes are static). The log-spaced
+  buckets use float32 arithmetic as Hugging Face and Mesh TensorFlow do, so
+  distances that sit exactly on a bucket boundary (16, 32, 64 with the default
+  settings) fall in the same bucket as in the pretrained checkpoints.
+  """
+  relative_position = (np.arange(key_len, dtype=np.int64)[None, :]
+                       - np.arange(query_len, dtype=np.int64)[:, None])
+  buckets = np.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative_position > 0).astype(np.int64) * num_buckets
+    relative_position = np.abs(relative_position)
+  else:
+    relative_position = -np.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  is_small = relative_position < max_exact
+  with np.errstate(divide="ignore"):
+    scaled = (np.log(relative_position.astype(np.float32) / np.float32(max_exact))
+              / np.float32(math.log(max_distance / max_exact))
+              * np.float32(num_buckets - max_exact))
+  # Small distances give -inf or garbage here; they are replaced by is_small below.
+  scaled = np.where(is_small, 0, scaled)
+  if_large = np.minimum(max_exact + scaled.astype(np.int64), num_buckets - 1)
+  buckets += np.where(is_small, relative_position, if_large)
+  return buckets.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------
+# Layers.
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Dense(nn.Module):
+  """Bias-free projection contracting the trailing `in_dims` axes of the input.
+
+  kernel: [*in_shape, *out_shape] with logical axes `kernel_axes`.
+  """
+
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  init_std: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = _param(self, "kernel", nn.initializers.normal(self.init_std),
+                    self.in_shape + self.out_shape, self.kernel_axes, self.param_dtype)
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                               (contract, ((), ())))
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: scale only, no mean subtraction, computed in float32."""
+
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
+                   self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (scale.astype(jnp.float32) * x32).astype(self.dtype)
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head bias of each relative-position bucket, shared by all layers of a stack."""
+
+  config: T5Config
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, query_len: int, key_len: int) -> Array:
+    """Returns the bias, float32 [1, heads, query_len, key_len]."""
+    cfg = self.config
+    table = _param(self, "rel_embedding",
+                   nn.initializers.normal(cfg.d_model ** -0.5),
+                   (cfg.num_heads, cfg.relative_attention_num_buckets),
+                   ("heads", "relpos_buckets"), jnp.dtype(cfg.param_dtype))
+    buckets = relative_position_buckets(
+        query_len, key_len, bidirectional=self.bidirectional,
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance)
+    return jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=1)[None]
+
+
+class Attention(nn.Module):
+  """Multi-head attention without score scaling (T5 folds it into the query init)."""
+
+  config: T5Config
+  deterministic: bool = True
+  return_tap: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array):
+    """Attends `inputs_q` [batch, q_len, d_model] over `inputs_kv` [batch, kv_len, d_model].
+
+    bias: additive float32 [batch or 1, heads, q_len, kv_len] (positions and masks).
+    Returns (output [batch, q_len, d_model], AttentionTap or None).
+    """
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    heads_shape = (cfg.num_heads, cfg.d_kv)
+
+    def projection(name, std):
+      return Dense((cfg.d_model,), heads_shape, ("embed", "heads", "kv"), std,
+                   dtype, param_dtype, name=name)
+
+    query = projection("query", (cfg.d_model * cfg.d_kv) ** -0.5)(inputs_q)
+    key = projection("key", cfg.d_model ** -0.5)(inputs_kv)
+    value = projection("value", cfg.d_model ** -0.5)(inputs_kv)
+    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+    key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
+    value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) + bias
+    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    out = Dense(heads_shape, (cfg.d_model,), ("heads", "kv", "embed"),
+                cfg.inner_dim ** -0.5, dtype, param_dtype, name="out")(context)
+
+    tap = None
+    if self.return_tap:
+      join = lambda t: t.reshape(t.shape[:2] + (cfg.inner_dim,))
+      tap = AttentionTap(join(query), join(key), join(value))
+    return out, tap
+
+
+class FeedForward(nn.Module):
+  """T5 MLP: wi -> activation (gated for v1.1) -> dropout -> wo."""
+
+  config: T5Config
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    wi = functools.partial(Dense, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"),
+                           cfg.d_model ** -0.5, dtype, param_dtype)
+    if cfg.is_gated:
+      h = cfg.activation(wi(name="wi_0")(x)) * wi(name="wi_1")(x)
+    else:
+      h = cfg.activation(wi(name="wi")(x))
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+    return Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), cfg.d_ff ** -0.5,
+                 dtype, param_dtype, name="wo")(h)
+
+
+def _norm(cfg: T5Config, name: str) -> RMSNorm:
+  return RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                 name=name)
+
+
+def _activation_constraint(x: Array) -> Array:
+  return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm self-attention and feed-forward, each with dropout and a residual."""
+
+  config: T5Config
+  deterministic: bool = True
+  tap_self: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array):
+    cfg = self.config
+    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+    h = _norm(cfg, "pre_attention_layer_norm")(x)
+    h, tap = Attention(cfg, self.deterministic, self.tap_self, name="self_attention")(h, h, bias)
+    x = _activation_constraint(x + drop(h))
+    h = FeedForward(cfg, self.deterministic, name="mlp")(_norm(cfg, "pre_mlp_layer_norm")(x))
+    x = _activation_constraint(x + drop(h))
+    return x, tap
+
+
+class DecoderBlock(nn.Module):
+  """Causal self-attention, cross-attention over the encoder, feed-forward."""
+
+  config: T5Config
+  deterministic: bool = True
+  tap_self: bool = False
+  tap_cross: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array):
+    cfg = self.config
+    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+    h = _norm(cfg, "pre_self_attention_layer_norm")(x)
+    h, self_tap = Attention(cfg, self.deterministic, self.tap_self,
+                            name="self_attention")(h, h, self_bias)
+    x = _activation_constraint(x + drop(h))
+    h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
+    h, cross_tap = Attention(cfg, self.deterministic, self.tap_cross,
+                             name="encoder_decoder_attention")(h, encoded, cross_bias)
+    x = _activation_constraint(x + drop(h))
+    h = FeedForward(cfg, self.deterministic, name="mlp")(_norm(cfg, "pre_mlp_layer_norm")(x))
+    x = _activation_constraint(x + drop(h))
+    return x, self_tap, cross_tap
+
+
+def _maybe_remat(block_cls, cfg: T5Config):
+  if cfg.remat_policy == "none":
+    return block_cls
+  return nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
+
+
+def _key_mask_bias(query_len: int, key_mask: Array, query_segments: Array | None = None,
+                   key_segments: Array | None = None) -> Array:
+  """Additive mask bias, float32 [batch, 1, query_len, key_len].
+
+  Only keys are masked (as Hugging Face does), so padded query rows still
+  produce finite values; losses ignore those rows.
+  """
+  allowed = jnp.broadcast_to(key_mask[:, None, :], (key_mask.shape[0], query_len, key_mask.shape[1]))
+  if query_segments is not None and key_segments is not None:
+    allowed = allowed & (query_segments[:, :, None] == key_segments[:, None, :])
+  return jnp.where(allowed, 0.0, _MASK_BIAS).astype(jnp.float32)[:, None]
+
+
+class Encoder(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, embedded: Array, mask: Array, segment_ids: Array | None,
+               taps: Taps, deterministic: bool):
+    """embedded: [batch, len, d_model]; mask: bool [batch, len].
+
+    Returns (encoded [batch, len, d_model] after the final norm, {layer: tap}, {layer: hidden}).
+    """
+    cfg = self.config
+    length = embedded.shape[1]
+    bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(length, length)
+            + _key_mask_bias(length, mask, segment_ids, segment_ids))
+    x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
+    block_cls = _maybe_remat(EncoderBlock, cfg)
+    self_taps, hidden = {}, {}
+    for i in range(cfg.num_layers):
+      x, tap = block_cls(cfg, deterministic, i in taps.encoder_self, name=f"layers_{i}")(x, bias)
+      if tap is not None:
+        self_taps[i] = tap
+      if i in taps.encoder_hidden:
+        hidden[i] = x
+    x = _norm(cfg, "encoder_norm")(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return x, self_taps, hidden
+
+
+class Decoder(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, embedded: Array, encoded: Array, decoder_key_mask: Array,
+               encoder_mask: Array, decoder_segment_ids: Array | None,
+               encoder_segment_ids: Array | None, taps: Taps, deterministic: bool):
+    """embedded: [batch, tgt_len, d_model]; encoded: [batch, in_len, d_model].
+
+    Returns (decoded [batch, tgt_len, d_model] after the final norm,
+    {layer: self tap}, {layer: cross tap}, {layer: hidden}).
+    """
+    cfg = self.config
+    length = embedded.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    self_bias = (RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")(length, length)
+                 + _key_mask_bias(length, decoder_key_mask, decoder_segment_ids,
+                                  decoder_segment_ids)
+                 + jnp.where(causal, 0.0, _MASK_BIAS)[None, None])
+    cross_bias = _key_mask_bias(length, encoder_mask, decoder_segment_ids, encoder_segment_ids)
+    x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
+    block_cls = _maybe_remat(DecoderBlock, cfg)
+    self_taps, cross_taps, hidden = {}, {}, {}
+    for i in range(cfg.num_decoder_layers):
+      x, self_tap, cross_tap = block_cls(
+          cfg, deterministic, i in taps.decoder_self, i in taps.decoder_cross,
+          name=f"layers_{i}")(x, encoded, self_bias, cross_bias)
+      if self_tap is not None:
+        self_taps[i] = self_tap
+      if cross_tap is not None:
+        cross_taps[i] = cross_tap
+      if i in taps.decoder_hidden:
+        hidden[i] = x
+    x = _norm(cfg, "decoder_norm")(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return x, self_taps, cross_taps, hidden
+
+
+class T5(nn.Module):
+  """T5 encoder-decoder. Token id 0 is padding.
+
+  Call:
+    out = T5(config).apply({"params": params}, encoder_input_tokens, decoder_input_tokens,
+                           enable_dropout=False, taps=Taps(decoder_self=(-1,)))
+  """
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.shared = nn.Embed(
+        cfg.vocab_size, cfg.d_model,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                    ("vocab", "embed")),
+        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name="shared")
+    self.encoder = Encoder(cfg, name="encoder")
+    self.decoder = Decoder(cfg, name="decoder")
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"),
+                           cfg.d_model ** -0.5, jnp.dtype(cfg.dtype),
+                           jnp.dtype(cfg.param_dtype), name="lm_head")
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array | None = None, *,
+               encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None,
+               enable_dropout: bool = False, taps: Taps = Taps()) -> T5Output:
+    """Runs encoder and decoder.
+
+    Args:
+      encoder_input_tokens: int [batch, input_len]; 0 is padding.
+      decoder_input_tokens: int [batch, target_len]; the targets shifted right,
+        starting with 0 (so they cannot give a padding mask).
+      decoder_target_tokens: optional int [batch, target_len]; when given, its
+        padding (0) is masked as decoder self-attention keys (t5x convention).
+        Valid positions never see later keys, so this only matters for packing.
+      encoder_segment_ids / decoder_segment_ids: optional int [batch, len] for
+        packed examples; attention stays within a segment.
+      enable_dropout: apply dropout (needs a "dropout" rng).
+      taps: which layers' attention projections and hidden states to return.
+
+    Returns:
+      T5Output with logits [batch, target_len, vocab] and the requested taps.
+    """
+    cfg = self.config
+    taps = taps.normalize(cfg)
+    deterministic = not enable_dropout
+    encoder_mask = encoder_input_tokens > 0
+    encoded, enc_taps, enc_hidden = self.encoder(
+        self._embed(encoder_input_tokens), encoder_mask, encoder_segment_ids, taps,
+        deterministic)
+    if decoder_target_tokens is None:
+      decoder_key_mask = jnp.ones(decoder_input_tokens.shape, dtype=bool)
+    else:
+      decoder_key_mask = decoder_target_tokens > 0
+    decoded, dec_taps, cross_taps, dec_hidden = self.decoder(
+        self._embed(decoder_input_tokens), encoded, decoder_key_mask, encoder_mask,
+        decoder_segment_ids, encoder_segment_ids, taps, deterministic)
+    return T5Output(logits=self._logits(decoded), encoder_self=enc_taps,
+                    decoder_self=dec_taps, decoder_cross=cross_taps,
+                    encoder_hidden=enc_hidden, decoder_hidden=dec_hidden)
+
+  def _embed(self, tokens: Array) -> Array:
+    return _activation_constraint(self.shared(tokens))
+
+  def _logits(self, decoded: Array) -> Array:
+    cfg = self.config
+    if cfg.tie_word_embeddings:
+      # Mesh TensorFlow's T5 rescales before the tied output projection.
+      logits = self.shared.attend(decoded * (cfg.d_model ** -0.5))
+    else:
+      logits = self.lm_head(decoded)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def dummy_inputs(batch: int = 1, input_len: int = 8, target_len: int = 8):
+  """Token arrays for initialisation and shape inference: int32 [batch, len] twos."""
+  return (jnp.full((batch, input_len), 2, jnp.int32), jnp.full((batch, target_len), 2, jnp.int32))
+
+
+def init_params(config: T5Config, rng: Array) -> dict:
+  """Randomly initialised parameters (unboxed arrays, `param_dtype`)."""
+  boxed = T5(config).init(rng, *dummy_inputs())["params"]
+  return nn.meta.unbox(boxed)
+
+
+def param_logical_axes(config: T5Config) -> dict:
+  """Logical axis names of every parameter: a pytree of `jax.sharding.PartitionSpec`
+  with logical names, shaped like the parameters. Computes no values."""
+  boxed = jax.eval_shape(lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"])
+  return nn.get_partition_spec(boxed)
+
+
+def param_shapes(config: T5Config) -> dict:
+  """`jax.ShapeDtypeStruct` of every parameter, without allocating them."""
+  return nn.meta.unbox(jax.eval_shape(
+      lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"]))
+
+
+def count_params(config: T5Config) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(config))))
