@@ -315,12 +315,16 @@ class Attention(nn.Module):
   config: T5Config
   deterministic: bool = True
   return_tap: bool = False
+  # Incremental decoding: keys and values of past positions live in the "cache"
+  # collection ([batch, max_len, heads, d_kv]); each call appends one position.
+  decode: bool = False
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array):
     """Attends `inputs_q` [batch, q_len, d_model] over `inputs_kv` [batch, kv_len, d_model].
 
-    bias: additive float32 [batch or 1, heads, q_len, kv_len] (positions and masks).
+    bias: additive float32 [batch or 1, heads, q_len, kv_len] (positions and masks);
+      in decode mode [batch or 1, heads, 1, max_len].
     Returns (output [batch, q_len, d_model], AttentionTap or None).
     """
     cfg = self.config
@@ -337,6 +341,8 @@ class Attention(nn.Module):
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
     key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
     value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+    if self.decode:
+      key, value = self._update_cache(key, value)
 
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) + bias
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
@@ -350,6 +356,22 @@ class Attention(nn.Module):
       join = lambda t: t.reshape(t.shape[:2] + (cfg.inner_dim,))
       tap = AttentionTap(join(query), join(key), join(value))
     return out, tap
+
+  def _update_cache(self, key: Array, value: Array) -> tuple[Array, Array]:
+    """Writes this step's key/value [batch, 1, heads, d_kv] at the cache index and
+    returns the whole cache [batch, max_len, heads, d_kv]. The first (initialising)
+    call, made with the full max_len, only allocates the cache."""
+    initialised = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not initialised:
+      return key, value
+    position = (0, index.value, 0, 0)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, position)
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, position)
+    index.value = index.value + 1
+    return cached_key.value, cached_value.value
 
 
 class FeedForward(nn.Module):
@@ -409,13 +431,14 @@ class DecoderBlock(nn.Module):
   deterministic: bool = True
   tap_self: bool = False
   tap_cross: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array):
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
     h = _norm(cfg, "pre_self_attention_layer_norm")(x)
-    h, self_tap = Attention(cfg, self.deterministic, self.tap_self,
+    h, self_tap = Attention(cfg, self.deterministic, self.tap_self, self.decode,
                             name="self_attention")(h, h, self_bias)
     x = _activation_constraint(x + drop(h))
     h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
@@ -480,26 +503,34 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, embedded: Array, encoded: Array, decoder_key_mask: Array,
                encoder_mask: Array, decoder_segment_ids: Array | None,
-               encoder_segment_ids: Array | None, taps: Taps, deterministic: bool):
+               encoder_segment_ids: Array | None, taps: Taps, deterministic: bool,
+               decode: bool = False, max_decode_length: int | None = None):
     """embedded: [batch, tgt_len, d_model]; encoded: [batch, in_len, d_model].
+
+    With `decode`, `embedded` is one position [batch, 1, d_model] and the
+    self-attention reads keys/values cached for `max_decode_length` positions.
 
     Returns (decoded [batch, tgt_len, d_model] after the final norm,
     {layer: self tap}, {layer: cross tap}, {layer: hidden}).
     """
     cfg = self.config
     length = embedded.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    self_bias = (RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")(length, length)
-                 + _key_mask_bias(length, decoder_key_mask, decoder_segment_ids,
-                                  decoder_segment_ids)
-                 + jnp.where(causal, 0.0, _MASK_BIAS)[None, None])
+    relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
+    if decode:
+      self_bias = self._decode_step_bias(relpos, max_decode_length)
+    else:
+      causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+      self_bias = (relpos(length, length)
+                   + _key_mask_bias(length, decoder_key_mask, decoder_segment_ids,
+                                    decoder_segment_ids)
+                   + jnp.where(causal, 0.0, _MASK_BIAS)[None, None])
     cross_bias = _key_mask_bias(length, encoder_mask, decoder_segment_ids, encoder_segment_ids)
     x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
     block_cls = _maybe_remat(DecoderBlock, cfg)
     self_taps, cross_taps, hidden = {}, {}, {}
     for i in range(cfg.num_decoder_layers):
       x, self_tap, cross_tap = block_cls(
-          cfg, deterministic, i in taps.decoder_self, i in taps.decoder_cross,
+          cfg, deterministic, i in taps.decoder_self, i in taps.decoder_cross, decode,
           name=f"layers_{i}")(x, encoded, self_bias, cross_bias)
       if self_tap is not None:
         self_taps[i] = self_tap
@@ -510,6 +541,20 @@ class Decoder(nn.Module):
     x = _norm(cfg, "decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return x, self_taps, cross_taps, hidden
+
+  def _decode_step_bias(self, relpos: RelativePositionBias, max_len: int) -> Array:
+    """Self-attention bias of the current position over the cache: [1, heads, 1, max_len]."""
+    initialised = self.has_variable("cache", "position")
+    position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+    table = relpos(max_len, max_len)
+    if not initialised:  # The allocating call runs the full length, causally.
+      causal = jnp.tril(jnp.ones((max_len, max_len), dtype=bool))
+      return table + jnp.where(causal, 0.0, _MASK_BIAS)[None, None]
+    current = position.value
+    position.value = current + 1
+    row = jax.lax.dynamic_slice_in_dim(table, current, 1, axis=2)
+    visible = jnp.arange(max_len) <= current
+    return row + jnp.where(visible, 0.0, _MASK_BIAS)[None, None, None, :]
 
 
 class T5(nn.Module):
@@ -575,6 +620,35 @@ class T5(nn.Module):
     return T5Output(logits=self._logits(decoded), encoder_self=enc_taps,
                     decoder_self=dec_taps, decoder_cross=cross_taps,
                     encoder_hidden=enc_hidden, decoder_hidden=dec_hidden)
+
+  def encode(self, encoder_input_tokens: Array) -> Array:
+    """Encoder output for generation: [batch, input_len, d_model] (no dropout)."""
+    encoded, _, _ = self.encoder(self._embed(encoder_input_tokens), encoder_input_tokens > 0,
+                                 None, Taps(), True)
+    return encoded
+
+  def decode_step(self, encoded: Array, encoder_input_tokens: Array, decoder_tokens: Array,
+                  max_decode_length: int) -> Array:
+    """One step of incremental decoding with a key/value cache.
+
+    Call once with `decoder_tokens` of the full [batch, max_decode_length] and
+    `mutable=["cache"]` to allocate the cache (its values are ignored), then with
+    [batch, 1] tokens, one position at a time, passing the cache back in.
+
+    Args:
+      encoded: [batch, input_len, d_model] from `encode`.
+      encoder_input_tokens: [batch, input_len], for the padding mask.
+      decoder_tokens: int [batch, 1] (the previous token; 0 at the start).
+      max_decode_length: the cache length.
+
+    Returns:
+      logits [batch, 1, vocab].
+    """
+    decoded, _, _, _ = self.decoder(
+        self._embed(decoder_tokens), encoded, jnp.ones(decoder_tokens.shape, bool),
+        encoder_input_tokens > 0, None, None, Taps(), True, decode=True,
+        max_decode_length=max_decode_length)
+    return self._logits(decoded)
 
   def _embed(self, tokens: Array) -> Array:
     return _activation_constraint(self.shared(tokens))
