@@ -1,0 +1,736 @@
+"""Registered seqio tasks and mixtures, and the input pipeline entry point.
+
+Tasks (registered on import with the default vocabulary, re-registered with
+another by `register_tfds_tasks(vocabulary)`):
+
+  c4_span_corruption                    TFDS c4/en, T5 span corruption
+  glue_<config> for every GLUE config   TFDS glue/<config>, T5 text-to-text
+  glue                                  mixture of the GLUE training tasks
+  cnn_dailymail, xsum                   "summarize:" summarization, ROUGE
+
+plus `span_corruption_task(...)` for local text / JSONL / TFRecord files and
+the offline pydoc tasks of `local_corpus`.
+
+`get_dataset(...)` turns any of them into batches of the model features that
+`seqio.EncDecFeatureConverter` defines (encoder_input_tokens,
+decoder_input_tokens, decoder_target_tokens, decoder_loss_weights and, when
+packed, *_segment_ids / *_positions), each int32 [batch, length]. Every host
+reads its own shard; `DatasetIterator` saves and restores its position.
+
+TFDS datasets are never downloaded at run time: a dataset that is not
+prepared in the data directory raises `TfdsDatasetNotPreparedError` saying
+what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from miniend_jax.data import metrics
+from miniend_jax.data import preprocessors
+from miniend_jax.data import vocab as vocab_lib
+
+# Environment variable naming the vocabulary the TFDS tasks are registered
+# with on import (a .model file, gs:// path or HF checkpoint directory).
+VOCABULARY_ENV = "MINIEND_VOCABULARY"
+
+C4_TFDS_NAME = "c4/en:3.1.0"
+GLUE_TFDS_VERSION = "2.0.0"
+CNN_DAILYMAIL_TFDS_NAME = "cnn_dailymail:3.4.0"
+XSUM_TFDS_NAME = "xsum:1.1.0"
+
+GLUE_CONFIGS = tuple(preprocessors.GLUE_LABEL_NAMES)
+
+# Canonical split -> TFDS split of each GLUE config. MNLI's "validation" and
+# "test" are the matched ones; AX has an (unlabelled) test split only.
+_GLUE_STANDARD_SPLITS = {s: s for s in ("train", "validation", "test")}
+GLUE_SPLITS: Mapping[str, Mapping[str, str]] = {
+    **{c: _GLUE_STANDARD_SPLITS for c in GLUE_CONFIGS},
+    "mnli": {
+        "train": "train",
+        "validation": "validation_matched",
+        "validation_matched": "validation_matched",
+        "validation_mismatched": "validation_mismatched",
+        "test": "test_matched",
+        "test_matched": "test_matched",
+        "test_mismatched": "test_mismatched",
+    },
+    "mnli_matched": {"validation": "validation", "test": "test"},
+    "mnli_mismatched": {"validation": "validation", "test": "test"},
+    "ax": {"test": "test"},
+}
+
+# Training-set sizes (TFDS glue 2.0.0), the rates of the proportional `glue`
+# mixture (as T5's glue_v002_proportional). Hard-coded rather than read from
+# TFDS metadata so that the mixture can be built without the data.
+GLUE_TRAIN_EXAMPLES: Mapping[str, int] = {
+    "cola": 8_551,
+    "sst2": 67_349,
+    "mrpc": 3_668,
+    "qqp": 363_846,
+    "stsb": 5_749,
+    "mnli": 392_702,
+    "qnli": 104_743,
+    "rte": 2_490,
+    "wnli": 635,
+}
+
+TEXT_FILE_FORMATS = ("text", "jsonl", "tfrecord")
+
+
+# ----------------------------------------------------------------------------
+# Vocabulary and features
+# ----------------------------------------------------------------------------
+
+
+def default_vocabulary() -> seqio.SentencePieceVocabulary:
+  """$MINIEND_VOCABULARY if set, else T5's public vocabulary (read lazily)."""
+  return vocab_lib.get_vocabulary(
+      os.environ.get(VOCABULARY_ENV, vocab_lib.DEFAULT_T5_SPM_PATH),
+      validate=False,
+  )
+
+
+def output_features(
+    vocabulary: seqio.Vocabulary,
+) -> dict[str, seqio.Feature]:
+  """Text-to-text features: inputs and targets, both ending in EOS."""
+  return {
+      "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+      "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Data sources
+# ----------------------------------------------------------------------------
+
+
+class TfdsDatasetNotPreparedError(FileNotFoundError):
+  """A TFDS dataset a task needs is not in the TFDS data directory."""
+
+
+class OfflineTfdsDataSource(seqio.TfdsDataSource):
+  """A `seqio.TfdsDataSource` that never downloads and explains what is missing.
+
+  seqio's source calls `tfds.load(download=True)`, which on an offline
+  machine fails deep inside a download attempt. This one only reads prepared
+  data (`read_only=True`) and turns a missing dataset into a
+  `TfdsDatasetNotPreparedError` naming the dataset, the data directory and
+  the command that prepares it.
+  """
+
+  def __init__(
+      self,
+      tfds_name: str,
+      splits: Mapping[str, str],
+      tfds_data_dir: Optional[str] = None,
+  ):
+    super().__init__(
+        tfds_name=tfds_name,
+        tfds_data_dir=tfds_data_dir,
+        splits=dict(splits),
+        read_only=True,
+    )
+
+  def not_prepared_message(self, split: str, cause: Exception) -> str:
+    """Says which dataset and data_dir are missing and how to prepare them."""
+    name = self.tfds_dataset.name
+    data_dir = self.tfds_dataset.data_dir or os.environ.get(
+        "TFDS_DATA_DIR", tfds.core.constants.DATA_DIR
+    )
+    dataset = name.split("/")[0].split(":")[0]
+    message = (
+        f"TFDS dataset '{name}' (split '{split}') is not prepared in data_dir "
+        f"'{data_dir}' ({type(cause).__name__}: {cause}). miniend_jax never "
+        "downloads data at run time. Prepare it once on a machine with "
+        "internet access:\n"
+        f"  python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.builder('{name}', data_dir='{data_dir}')"
+        ".download_and_prepare()\"\n"
+        "then copy that data_dir to this machine and pass its path as "
+        "tfds_data_dir= to register_tfds_tasks() (or set TFDS_DATA_DIR)."
+    )
+    if dataset == "c4":
+      message += (
+          "\nc4/en is built from Common Crawl with Apache Beam (hundreds of "
+          "GB); see https://www.tensorflow.org/datasets/catalog/c4, or point "
+          "tfds_data_dir at an existing prepared copy."
+      )
+    else:
+      builder_cls = self.tfds_dataset.builder_cls(split)
+      manual = getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+      if manual:
+        message += (
+            f"\n'{dataset}' needs files downloaded by hand first (put them "
+            f"in the manual_dir):\n{manual.strip()}"
+        )
+    return message
+
+  def get_dataset(self, split="train", shuffle=True, seed=None,
+                  shard_info=None, **kwargs) -> tf.data.Dataset:
+    """The TFDS examples of `split` (this shard's files when `shard_info`).
+
+    Raises:
+      TfdsDatasetNotPreparedError: if the dataset is not in the data_dir.
+    """
+    try:
+      return super().get_dataset(
+          split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+          **kwargs,
+      )
+    except (
+        AssertionError,
+        FileNotFoundError,
+        tfds.core.registered.DatasetNotFoundError,
+        tf.errors.NotFoundError,
+    ) as e:
+      raise TfdsDatasetNotPreparedError(
+          self.not_prepared_message(split, e)
+      ) from e
+
+  def num_input_examples(self, split: str) -> Optional[int]:
+    # Unknown (None) when TFDS has no metadata, e.g. before preparation or
+    # under tfds.testing.mock_data; seqio then just skips in-memory caching.
+    try:
+      return super().num_input_examples(split)
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    # Without metadata the file list is unknown; an empty list makes seqio
+    # shard at the example level, and get_dataset reports what is missing.
+    try:
+      return super().list_shards(split)
+    except Exception:  # pylint: disable=broad-except
+      return []
+
+
+def _read_jsonl_files(
+    files: Sequence[str], fields: Sequence[str]
+) -> dict[str, list[str]]:
+  columns = {field: [] for field in fields}
+  for path in files:
+    with tf.io.gfile.GFile(path, "r") as f:
+      for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        record = json.loads(line)
+        for field in fields:
+          value = record.get(field)
+          if not isinstance(value, str):
+            raise ValueError(
+                f"{path}:{line_number}: field {field!r} is missing or not a "
+                "string."
+            )
+          columns[field].append(value)
+  return columns
+
+
+class JsonlDataSource(seqio.DataSource):
+  """Reads string fields of JSON-lines files (one JSON object per line).
+
+  The files of a split are read into memory when the dataset is built, which
+  keeps the tf.data pipeline free of Python ops: fully deterministic and its
+  iterator checkpointable. Meant for local corpora up to a few GB; convert
+  larger ones to TFRecord (`span_corruption_task(file_format="tfrecord")`).
+  """
+
+  def __init__(
+      self,
+      split_to_filepattern: Mapping[str, Union[str, Sequence[str]]],
+      fields: Sequence[str] = ("text",),
+  ):
+    self._split_to_filepattern = dict(split_to_filepattern)
+    self._fields = tuple(fields)
+    super().__init__(splits=self._split_to_filepattern.keys())
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return False
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return seqio.utils.list_files(self._split_to_filepattern[split])
+
+  def get_dataset(self, split="train", shuffle=True, seed=None,
+                  shard_info=None, **unused_kwargs) -> tf.data.Dataset:
+    """Examples {field: tf.string []} of `split`, in file then line order.
+
+    Args:
+      split: a split of `split_to_filepattern`.
+      shuffle: shuffle the file order (seqio shuffles the examples).
+      seed: seed of the file order.
+      shard_info: read only every num_shards-th file, from index.
+    """
+    files = list(self.list_shards(split))
+    if not files:
+      raise FileNotFoundError(
+          f"No file matches {self._split_to_filepattern[split]!r} (split "
+          f"{split!r})."
+      )
+    if shard_info:
+      # seqio only passes shard_info when there are enough files.
+      files = files[shard_info.index :: shard_info.num_shards]
+    if shuffle:
+      files = [files[i] for i in np.random.RandomState(seed).permutation(
+          len(files))]
+    columns = _read_jsonl_files(files, self._fields)
+    return tf.data.Dataset.from_tensor_slices(
+        {k: tf.constant(v, dtype=tf.string, shape=[len(v)])
+         for k, v in columns.items()}
+    )
+
+
+# ----------------------------------------------------------------------------
+# Local files: validation and span corruption tasks
+# ----------------------------------------------------------------------------
+
+
+def _iter_utf8_lines(path: str):
+  """Yields (line number, text) of a file, failing clearly on non-UTF-8."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      try:
+        yield line_number, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid UTF-8: line {line_number}, byte {e.start} "
+            f"of the line ({raw[max(e.start - 8, 0):e.start + 8]!r}) cannot "
+            "be decoded. Re-encode the file as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path} > fixed.txt`."
+        ) from None
+
+
+def validate_text_files(
+    split_to_filepattern: Mapping[str, Union[str, Sequence[str]]],
+    file_format: str = "text",
+    text_key: str = "text",
+) -> dict[str, list[str]]:
+  """Checks local corpus files before a task is built on them.
+
+  Args:
+    split_to_filepattern: split -> glob pattern(s).
+    file_format: "text" (one example per line), "jsonl" (objects with a
+      string `text_key`) or "tfrecord" (tf.train.Example with bytes
+      `text_key`).
+    text_key: the text field of JSONL / TFRecord records.
+
+  Returns:
+    split -> the matched files.
+
+  Raises:
+    FileNotFoundError: a pattern matches no file.
+    ValueError: a file is empty / blank, not UTF-8, or (JSONL) has a line that
+      is not a JSON object with a string `text_key`.
+  """
+  if file_format not in TEXT_FILE_FORMATS:
+    raise ValueError(
+        f"file_format must be one of {TEXT_FILE_FORMATS}, got {file_format!r}."
+    )
+  matched = {}
+  for split, patterns in split_to_filepattern.items():
+    files = seqio.utils.list_files(patterns)
+    if not files:
+      raise FileNotFoundError(
+          f"Split {split!r}: no file matches {patterns!r}."
+      )
+    for path in files:
+      if tf.io.gfile.stat(path).length == 0:
+        raise ValueError(
+            f"{path} is empty; a {file_format} corpus file needs at least one "
+            "non-blank example. Remove it from the pattern or fill it."
+        )
+      if file_format == "tfrecord":
+        continue
+      has_text = False
+      # Every line is decoded, also after the first text line, so that a bad
+      # byte anywhere is reported here rather than mid-training.
+      for line_number, line in _iter_utf8_lines(path):
+        if not line.strip() or (file_format == "text" and has_text):
+          continue
+        if file_format == "text":
+          has_text = True
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(
+              f"{path}:{line_number} is not valid JSON ({e}); JSONL needs "
+              "one JSON object per line."
+          ) from None
+        if not isinstance(record, dict) or not isinstance(
+            record.get(text_key), str
+        ):
+          raise ValueError(
+              f"{path}:{line_number}: expected a JSON object with a string "
+              f"{text_key!r} field."
+          )
+        has_text = has_text or bool(record[text_key].strip())
+      if not has_text:
+        raise ValueError(
+            f"{path} has no non-blank text; a {file_format} corpus file needs "
+            "at least one example."
+        )
+    matched[split] = files
+  return matched
+
+
+def span_corruption_preprocessors(
+    text_key: str = "text",
+    noise_density: float = preprocessors.NOISE_DENSITY,
+    mean_noise_span_length: float = preprocessors.MEAN_NOISE_SPAN_LENGTH,
+) -> list[Callable[..., tf.data.Dataset]]:
+  """T5's span corruption pipeline over a string feature `text_key`."""
+  return [
+      functools.partial(
+          seqio.preprocessors.rekey, key_map={"targets": text_key}
+      ),
+      functools.partial(
+          seqio.preprocessors.tokenize, copy_pretokenized=False
+      ),
+      seqio.CacheDatasetPlaceholder(),
+      functools.partial(
+          preprocessors.span_corruption,
+          noise_density=noise_density,
+          mean_noise_span_length=mean_noise_span_length,
+      ),
+      seqio.preprocessors.append_eos_after_trim,
+  ]
+
+
+def span_corruption_feature_lengths(
+    inputs_length: int,
+    noise_density: float = preprocessors.NOISE_DENSITY,
+    mean_noise_span_length: float = preprocessors.MEAN_NOISE_SPAN_LENGTH,
+) -> dict[str, int]:
+  """Task feature lengths whose packed rows span corruption fills exactly.
+
+  E.g. 512 -> {"inputs": 512, "targets": 114} (T5's pretraining lengths).
+  """
+  _, targets_length = preprocessors.random_spans_helper(
+      inputs_length, noise_density, mean_noise_span_length
+  )
+  return {"inputs": inputs_length, "targets": targets_length}
+
+
+def _register(provider: Union[seqio.Task, seqio.Mixture]) -> None:
+  """Adds or replaces a task / mixture, so registration is idempotent."""
+  registry = (
+      seqio.TaskRegistry
+      if isinstance(provider, seqio.Task)
+      else seqio.MixtureRegistry
+  )
+  registry.remove(provider.name)
+  registry.add_provider(provider.name, provider)
+
+
+def span_corruption_task(
+    name: str,
+    vocabulary: seqio.Vocabulary,
+    split_to_filepattern: Mapping[str, Union[str, Sequence[str]]],
+    file_format: str = "text",
+    text_key: str = "text",
+    *,
+    validate_files: bool = True,
+    register: bool = True,
+    noise_density: float = preprocessors.NOISE_DENSITY,
+    mean_noise_span_length: float = preprocessors.MEAN_NOISE_SPAN_LENGTH,
+) -> seqio.Task:
+  """A span corruption task over local (or gfile) text, JSONL or TFRecords.
+
+  Args:
+    name: task name.
+    vocabulary: T5 vocabulary (with 100 extra ids).
+    split_to_filepattern: e.g. {"train": "/data/train-*.txt"}.
+    file_format: "text" (an example per line), "jsonl" or "tfrecord".
+    text_key: text field of JSONL objects / tf.train.Example features.
+    validate_files: check the files first (see `validate_text_files`); reads
+      every text / JSONL file once.
+    register: add (or replace) it in `seqio.TaskRegistry`.
+    noise_density: span corruption noise density.
+    mean_noise_span_length: span corruption mean span length.
+
+  Returns:
+    The `seqio.Task`.
+  """
+  vocab_lib.validate_vocabulary(vocabulary)
+  if validate_files:
+    validate_text_files(split_to_filepattern, file_format, text_key)
+  elif file_format not in TEXT_FILE_FORMATS:
+    raise ValueError(
+        f"file_format must be one of {TEXT_FILE_FORMATS}, got {file_format!r}."
+    )
+  steps = span_corruption_preprocessors(
+      text_key, noise_density, mean_noise_span_length
+  )
+  if file_format == "text":
+    source = seqio.TextLineDataSource(split_to_filepattern)
+    # Lines come as bare strings; name them like the other formats.
+    steps.insert(
+        0,
+        functools.partial(preprocessors.text_line_to_example, key=text_key),
+    )
+  elif file_format == "jsonl":
+    source = JsonlDataSource(split_to_filepattern, fields=(text_key,))
+  else:
+    source = seqio.TFExampleDataSource(
+        split_to_filepattern,
+        feature_description={text_key: tf.io.FixedLenFeature([], tf.string)},
+    )
+  task = seqio.Task(
+      name,
+      source=source,
+      output_features=output_features(vocabulary),
+      preprocessors=steps,
+      metric_fns=[],
+  )
+  if register:
+    _register(task)
+  return task
+
+
+# ----------------------------------------------------------------------------
+# TFDS tasks
+# ----------------------------------------------------------------------------
+
+
+def _text_to_text_preprocessors(text_preprocessor) -> list:
+  return [
+      text_preprocessor,
+      seqio.preprocessors.tokenize,
+      seqio.CacheDatasetPlaceholder(),
+      seqio.preprocessors.append_eos_after_trim,
+  ]
+
+
+def glue_task(
+    config_name: str,
+    vocabulary: seqio.Vocabulary,
+    tfds_data_dir: Optional[str] = None,
+) -> seqio.Task:
+  """The `glue_<config_name>` task (not registered)."""
+  label_names = preprocessors.GLUE_LABEL_NAMES[config_name]
+  if label_names is None:
+    postprocess_fn = metrics.string_to_float
+  else:
+    postprocess_fn = functools.partial(
+        metrics.string_label_to_class_id, label_classes=list(label_names)
+    )
+  return seqio.Task(
+      f"glue_{config_name}",
+      source=OfflineTfdsDataSource(
+          f"glue/{config_name}:{GLUE_TFDS_VERSION}",
+          splits=GLUE_SPLITS[config_name],
+          tfds_data_dir=tfds_data_dir,
+      ),
+      output_features=output_features(vocabulary),
+      preprocessors=_text_to_text_preprocessors(
+          preprocessors.glue_text_preprocessor(config_name)
+      ),
+      postprocess_fn=postprocess_fn,
+      metric_fns=list(metrics.GLUE_METRICS[config_name]),
+  )
+
+
+def register_tfds_tasks(
+    vocabulary: Optional[seqio.Vocabulary] = None,
+    tfds_data_dir: Optional[str] = None,
+) -> list[str]:
+  """(Re-)registers the TFDS-backed tasks and the `glue` mixture.
+
+  Idempotent: registering again replaces the tasks (e.g. with the vocabulary
+  of the teacher checkpoint). Nothing is read until a dataset is built.
+
+  Args:
+    vocabulary: T5 vocabulary; default `default_vocabulary()`.
+    tfds_data_dir: TFDS data directory holding the prepared datasets (default:
+      TFDS's, i.e. $TFDS_DATA_DIR or ~/tensorflow_datasets).
+
+  Returns:
+    Names of the registered tasks and mixtures.
+  """
+  vocabulary = vocabulary or default_vocabulary()
+  features = output_features(vocabulary)
+  tasks = [
+      seqio.Task(
+          "c4_span_corruption",
+          source=OfflineTfdsDataSource(
+              C4_TFDS_NAME,
+              splits={"train": "train", "validation": "validation"},
+              tfds_data_dir=tfds_data_dir,
+          ),
+          output_features=features,
+          preprocessors=span_corruption_preprocessors("text"),
+          metric_fns=[],
+      )
+  ]
+  tasks += [glue_task(c, vocabulary, tfds_data_dir) for c in GLUE_CONFIGS]
+  for name, tfds_name, article_key, summary_key in (
+      ("cnn_dailymail", CNN_DAILYMAIL_TFDS_NAME, "article", "highlights"),
+      ("xsum", XSUM_TFDS_NAME, "document", "summary"),
+  ):
+    tasks.append(
+        seqio.Task(
+            name,
+            source=OfflineTfdsDataSource(
+                tfds_name,
+                splits={s: s for s in ("train", "validation", "test")},
+                tfds_data_dir=tfds_data_dir,
+            ),
+            output_features=features,
+            preprocessors=_text_to_text_preprocessors(
+                functools.partial(
+                    preprocessors.summarize,
+                    article_key=article_key,
+                    summary_key=summary_key,
+                )
+            ),
+            postprocess_fn=metrics.strip_text,
+            metric_fns=[metrics.rouge],
+        )
+    )
+  for task in tasks:
+    _register(task)
+  # A mixture holds its task objects, so it is rebuilt with the new tasks.
+  glue_mixture = seqio.Mixture(
+      "glue",
+      [(f"glue_{c}", rate) for c, rate in GLUE_TRAIN_EXAMPLES.items()],
+  )
+  _register(glue_mixture)
+  return [t.name for t in tasks] + [glue_mixture.name]
+
+
+# ----------------------------------------------------------------------------
+# Input pipeline
+# ----------------------------------------------------------------------------
+
+
+def host_shard_info() -> seqio.ShardInfo:
+  """This process's shard: index = jax.process_index(), of process_count()."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return seqio.ShardInfo(
+      index=jax.process_index(), num_shards=jax.process_count()
+  )
+
+
+def get_dataset(
+    mixture_or_task_name: Union[str, seqio.Task, seqio.Mixture],
+    task_feature_lengths: Mapping[str, int],
+    split: str = "train",
+    *,
+    batch_size: Optional[int] = None,
+    shuffle: bool = True,
+    seed: Optional[int] = 0,
+    shard_info: Optional[seqio.ShardInfo] = None,
+    pack: bool = True,
+    num_epochs: Optional[int] = None,
+    drop_remainder: bool = True,
+) -> tf.data.Dataset:
+  """Batches of encoder-decoder model features for this host.
+
+  Args:
+    mixture_or_task_name: a registered task / mixture (or the object).
+    task_feature_lengths: {"inputs": L_in, "targets": L_t}.
+    split: dataset split.
+    batch_size: per-host batch size (global batch / process count); None
+      returns unbatched examples.
+    shuffle: shuffle files and examples.
+    seed: seed of shuffling and of random preprocessing (span corruption);
+      the same seed gives the same data. None: nondeterministic.
+    shard_info: which shard to read; default `host_shard_info()`, so every
+      process reads a disjoint part of the data.
+    pack: pack several examples per row (adds segment ids and positions).
+    num_epochs: passes over the data; None repeats forever (training).
+    drop_remainder: drop a last partial batch (keeps shapes static).
+
+  Returns:
+    tf.data.Dataset of dicts: encoder_input_tokens [B, L_in],
+    decoder_input_tokens / decoder_target_tokens / decoder_loss_weights
+    [B, L_t], and with `pack` encoder_segment_ids / encoder_positions
+    [B, L_in], decoder_segment_ids / decoder_positions [B, L_t]; all int32.
+  """
+  if shard_info is None:
+    shard_info = host_shard_info()
+  converter = seqio.EncDecFeatureConverter(pack=pack)
+  dataset = seqio.get_dataset(
+      mixture_or_task_name,
+      task_feature_lengths=task_feature_lengths,
+      feature_converter=converter,
+      dataset_split=split,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      shard_info=shard_info,
+      seed=seed,
+      verbose=False,
+  )
+  if batch_size is not None:
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class DatasetIterator:
+  """Numpy batches of a tf.data.Dataset with a savable position.
+
+  The position is tf.data's own iterator state (including shuffle and
+  prefetch buffers and random-op states), written with
+  `tf.train.Checkpoint`; restoring it into an iterator over the same pipeline
+  continues with exactly the next batch, neither repeating nor skipping.
+  Each host saves its own state (file names carry the process index).
+  """
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._dataset = dataset
+    self._iterator = iter(dataset)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+  @property
+  def element_spec(self):
+    """The dataset's element spec (feature name -> tf.TensorSpec)."""
+    return self._dataset.element_spec
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    """The next batch as numpy arrays (int32 [batch, length] features)."""
+    batch = next(self._iterator)
+    return tf.nest.map_structure(lambda t: t.numpy(), batch)
+
+  @staticmethod
+  def state_prefix(directory: str, process_index: Optional[int] = None) -> str:
+    """Checkpoint prefix of this host's iterator state under `directory`."""
+    if process_index is None:
+      import jax  # pylint: disable=g-import-not-at-top
+
+      process_index = jax.process_index()
+    return os.path.join(directory, f"input_iterator.process{process_index}")
+
+  def save(self, directory: str, process_index: Optional[int] = None) -> str:
+    """Writes the current position to `directory`; returns the prefix."""
+    tf.io.gfile.makedirs(directory)
+    return self._checkpoint.write(self.state_prefix(directory, process_index))
+
+  def restore(self, directory: str, process_index: Optional[int] = None):
+    """Moves this iterator to the position saved in `directory`."""
+    prefix = self.state_prefix(directory, process_index)
+    if not tf.io.gfile.exists(prefix + ".index"):
+      raise FileNotFoundError(
+          f"No saved input position at {prefix} (expected {prefix}.index). "
+          "Was it saved with DatasetIterator.save on this process index?"
+      )
+    self._checkpoint.read(prefix).assert_consumed()
+    return self
+
+
+# Register the TFDS tasks with the default vocabulary on import, so that gin
+# files and the command line can name them; nothing is read until used.
+register_tfds_tasks()

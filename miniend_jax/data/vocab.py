@@ -1,0 +1,375 @@
+"""T5 SentencePiece vocabularies: loading, validating and training them.
+
+A T5 vocabulary is a SentencePiece model whose first three ids are
+pad=0, eos=1, unk=2 (no bos), plus 100 "extra ids" (sentinels) that
+`seqio.SentencePieceVocabulary` appends at the top of the id space in
+reverse order: `<extra_id_0>` is `vocab_size - 1`, `<extra_id_99>` is
+`vocab_size - 100`. Span corruption relies on that order (see
+`preprocessors.sentinel_id`) and so do Hugging Face T5 tokenizers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Iterable, Optional
+
+import seqio
+import tensorflow as tf
+import sentencepiece
+from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
+from sentencepiece import sentencepiece_model_pb2
+
+# The T5 conventions every checkpoint and task in this package relies on.
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+T5_EXTRA_IDS = 100
+
+# The public T5 vocabulary (32000 pieces + 100 extra ids); lives on GCS, so it
+# is only read when a task that uses it actually builds a dataset.
+DEFAULT_T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+
+# File name of the SentencePiece model inside a Hugging Face T5 checkpoint.
+HF_SPM_FILENAME = "spiece.model"
+
+_EXTRA_ID_PREFIX = "<extra_id_"
+
+
+def resolve_sentencepiece_path(path: str) -> str:
+  """Returns the SentencePiece model file for a file, `gs://` or HF directory.
+
+  Args:
+    path: a `.model` file (local or any `tf.io.gfile` scheme such as
+      `gs://`), or a Hugging Face checkpoint directory that holds
+      `spiece.model`.
+
+  Returns:
+    Path of the SentencePiece model file.
+
+  Raises:
+    FileNotFoundError: if nothing usable is at `path`.
+  """
+  path = os.fspath(path)
+  if tf.io.gfile.isdir(path):
+    candidate = os.path.join(path, HF_SPM_FILENAME)
+    if not tf.io.gfile.exists(candidate):
+      raise FileNotFoundError(
+          f"Directory {path!r} has no {HF_SPM_FILENAME!r}. A Hugging Face T5 "
+          "checkpoint directory must contain its SentencePiece model "
+          f"({HF_SPM_FILENAME}); a tokenizer.json alone is not enough. Copy "
+          "the model's spiece.model there or pass the .model file directly."
+      )
+    return candidate
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(
+        f"SentencePiece model {path!r} does not exist. Pass a .model file, a "
+        f"gs:// path, or a Hugging Face checkpoint directory with "
+        f"{HF_SPM_FILENAME}; for the offline default corpus, train one with "
+        "miniend_jax.data.local_corpus.train_pydoc_vocabulary()."
+    )
+  return path
+
+
+def _read_model_proto(spm_path: str) -> sentencepiece_model_pb2.ModelProto:
+  with tf.io.gfile.GFile(spm_path, "rb") as f:
+    data = f.read()
+  try:
+    return sentencepiece_model_pb2.ModelProto.FromString(data)
+  except Exception as e:  # protobuf raises DecodeError, not always importable.
+    raise ValueError(
+        f"{spm_path!r} is not a SentencePiece model ({e})."
+    ) from e
+
+
+def _hf_declared_extra_ids(directory: str) -> Optional[int]:
+  """The extra-id count a HF checkpoint's tokenizer_config.json declares."""
+  config_path = os.path.join(directory, "tokenizer_config.json")
+  if not tf.io.gfile.exists(config_path):
+    return None
+  with tf.io.gfile.GFile(config_path, "r") as f:
+    config = json.load(f)
+  if "extra_ids" in config:
+    return int(config["extra_ids"])
+  specials = config.get("additional_special_tokens") or config.get(
+      "extra_special_tokens"
+  )
+  if isinstance(specials, list):
+    count = sum(1 for t in specials if _EXTRA_ID_PREFIX in str(t))
+    return count or None
+  return None
+
+
+def _hf_model_vocab_size(directory: str) -> Optional[int]:
+  """vocab_size from a HF checkpoint's config.json (embedding rows)."""
+  config_path = os.path.join(directory, "config.json")
+  if not tf.io.gfile.exists(config_path):
+    return None
+  with tf.io.gfile.GFile(config_path, "r") as f:
+    return json.load(f).get("vocab_size")
+
+
+def _check_extra_ids(extra_ids: int) -> None:
+  if extra_ids != T5_EXTRA_IDS:
+    raise ValueError(
+        f"Got extra_ids={extra_ids}, but T5 vocabularies have exactly "
+        f"{T5_EXTRA_IDS} extra ids (<extra_id_0>..<extra_id_99>); checkpoints "
+        "and span corruption assume that layout. Use extra_ids="
+        f"{T5_EXTRA_IDS}."
+    )
+
+
+def validate_vocabulary(vocabulary: seqio.Vocabulary) -> None:
+  """Checks an already built vocabulary for the T5 layout.
+
+  Args:
+    vocabulary: a `seqio.Vocabulary` (typically SentencePiece).
+
+  Raises:
+    ValueError: if it does not have 100 extra ids or pad=0/eos=1/unk=2.
+  """
+  _check_extra_ids(vocabulary.extra_ids)
+  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    validate_sentencepiece_model(
+        vocabulary.sentencepiece_model_file, vocabulary.extra_ids
+    )
+  elif (vocabulary.pad_id, vocabulary.eos_id) != (PAD_ID, EOS_ID):
+    raise ValueError(
+        f"Vocabulary {vocabulary} has pad={vocabulary.pad_id}, "
+        f"eos={vocabulary.eos_id}; T5 needs pad=0, eos=1."
+    )
+
+
+def validate_sentencepiece_model(
+    spm_path: str, extra_ids: int = T5_EXTRA_IDS
+) -> None:
+  """Checks that a SentencePiece model is T5-compatible before extra ids.
+
+  Args:
+    spm_path: SentencePiece model file.
+    extra_ids: number of extra ids the caller intends to add.
+
+  Raises:
+    ValueError: on special ids other than pad=0/eos=1/unk=2 (with no bos), on a
+      model that already contains `<extra_id_N>` pieces (adding 100 more would
+      shift every sentinel), or on an extra-id count other than 100.
+  """
+  _check_extra_ids(extra_ids)
+  proto = _read_model_proto(spm_path)
+  existing = [
+      p.piece for p in proto.pieces if _EXTRA_ID_PREFIX in p.piece
+  ]
+  if existing:
+    raise ValueError(
+        f"SentencePiece model {spm_path!r} already contains {len(existing)} "
+        f"extra-id pieces (e.g. {existing[0]!r}); seqio appends "
+        f"{T5_EXTRA_IDS} more at the top, which would give duplicate and "
+        "shifted sentinels. Use the base model without extra ids (T5's "
+        "spiece.model has none)."
+    )
+  spec = proto.trainer_spec
+  ids = dict(pad=spec.pad_id, eos=spec.eos_id, unk=spec.unk_id, bos=spec.bos_id)
+  if (ids["pad"], ids["eos"], ids["unk"]) != (PAD_ID, EOS_ID, UNK_ID) or (
+      ids["bos"] >= 0
+  ):
+    raise ValueError(
+        f"SentencePiece model {spm_path!r} has special ids {ids}; T5 needs "
+        "pad=0, eos=1, unk=2 and no bos. Retrain it with "
+        "--pad_id=0 --eos_id=1 --unk_id=2 --bos_id=-1 (train_sentencepiece() "
+        "does this)."
+    )
+
+
+def get_vocabulary(
+    path: str = DEFAULT_T5_SPM_PATH,
+    extra_ids: int = T5_EXTRA_IDS,
+    validate: bool = True,
+    use_fast_tokenizer: bool = True,
+) -> seqio.SentencePieceVocabulary:
+  """Returns the T5 vocabulary stored at `path`.
+
+  Args:
+    path: a SentencePiece `.model` file (local or `gs://`), or a Hugging Face
+      T5 checkpoint directory containing `spiece.model`.
+    extra_ids: number of sentinel ids to add; must be 100 for T5.
+    validate: read the model now and check that it is T5-compatible (see
+      `validate_sentencepiece_model`). With False nothing is read until the
+      vocabulary is first used (for registering tasks offline against a
+      `gs://` path).
+    use_fast_tokenizer: tokenize in TF with tf_text's
+      FastSentencepieceTokenizer. Besides being faster, it breaks ties between
+      equally scored segmentations (runs like "=====") the way the Python
+      SentencePiece library and transformers do; tf_text's older
+      SentencepieceTokenizer does not always.
+
+  Returns:
+    A `seqio.SentencePieceVocabulary` with `vocab_size` = pieces + 100.
+
+  Raises:
+    FileNotFoundError, ValueError: see `resolve_sentencepiece_path` and
+      `validate_sentencepiece_model`; also when a Hugging Face directory
+      declares a different number of extra ids or an embedding smaller than
+      the vocabulary.
+  """
+  path = os.fspath(path)
+  if not validate:
+    _check_extra_ids(extra_ids)
+    spm_path = path
+    # Only touch the file system for local paths: `gs://` must stay lazy.
+    if "://" not in path and os.path.isdir(path):
+      spm_path = os.path.join(path, HF_SPM_FILENAME)
+    return seqio.SentencePieceVocabulary(
+        spm_path, extra_ids=extra_ids, use_fast_tokenizer=use_fast_tokenizer
+    )
+
+  spm_path = resolve_sentencepiece_path(path)
+  validate_sentencepiece_model(spm_path, extra_ids)
+  vocabulary = seqio.SentencePieceVocabulary(
+      spm_path, extra_ids=extra_ids, use_fast_tokenizer=use_fast_tokenizer
+  )
+
+  if tf.io.gfile.isdir(path):
+    declared = _hf_declared_extra_ids(path)
+    if declared is not None and declared != extra_ids:
+      raise ValueError(
+          f"Hugging Face checkpoint {path!r} declares {declared} extra ids in "
+          f"tokenizer_config.json but {extra_ids} were requested; its "
+          "sentinel ids would not match the model's. Use a T5 checkpoint with "
+          f"{T5_EXTRA_IDS} extra ids."
+      )
+    embedding_rows = _hf_model_vocab_size(path)
+    if embedding_rows is not None and embedding_rows < vocabulary.vocab_size:
+      raise ValueError(
+          f"Hugging Face checkpoint {path!r} has vocab_size={embedding_rows} "
+          f"embedding rows but its vocabulary with {extra_ids} extra ids has "
+          f"{vocabulary.vocab_size} ids; the sentinels would index past the "
+          "embedding. The spiece.model does not belong to this checkpoint."
+      )
+  return vocabulary
+
+
+def sentinel_ids(vocabulary: seqio.Vocabulary) -> list[int]:
+  """Ids of `<extra_id_0>`, `<extra_id_1>`, ... in T5 (descending) order."""
+  top = vocabulary.vocab_size - 1
+  return [top - i for i in range(vocabulary.extra_ids)]
+
+
+def padded_vocab_size(vocabulary: seqio.Vocabulary, multiple: int = 128) -> int:
+  """Embedding rows for `vocabulary`, rounded up to `multiple` (T5: 32128)."""
+  return -(-vocabulary.vocab_size // multiple) * multiple
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    output_path: str,
+    vocab_size: int = 3000,
+    *,
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+    byte_fallback: bool = False,
+    input_sentence_size: int = 200_000,
+    max_sentence_length: int = 8192,
+    num_threads: int = 2,
+    seed: int = 0,
+) -> str:
+  """Trains a T5-compatible SentencePiece model and writes it to `output_path`.
+
+  T5-compatible means pad=0, eos=1, unk=2, no bos, nmt_nfkc normalisation and
+  no extra ids in the model itself (seqio adds the 100 sentinels). Byte
+  fallback is off by default because Hugging Face's T5 tokenizer does not
+  implement it, and the tokenizers would then disagree on unseen characters;
+  `character_coverage=1.0` keeps every character of the training text instead.
+
+  Args:
+    texts: training text, one sentence / line / paragraph per item.
+    output_path: where to write the `.model` file (parent dirs are created).
+    vocab_size: number of pieces, including pad/eos/unk.
+    model_type: SentencePiece model type (T5 uses "unigram").
+    character_coverage: fraction of characters covered by single pieces.
+    byte_fallback: decompose unknown characters into byte pieces.
+    input_sentence_size: at most this many sentences are sampled.
+    max_sentence_length: longer sentences (in bytes) are skipped by the trainer.
+    num_threads: trainer threads.
+    seed: seed for sentence sampling, so the model is deterministic.
+
+  Returns:
+    `output_path`.
+
+  Raises:
+    ValueError: if `texts` holds no non-blank text.
+  """
+  sentences = [t for t in texts if t and t.strip()]
+  if not sentences:
+    raise ValueError(
+        "train_sentencepiece got no non-blank text; pass the corpus lines to "
+        "learn the vocabulary from."
+    )
+  buffer = io.BytesIO()
+  # SentencePiece seeds its sentence sampling from a global; fix it so that the
+  # same corpus always gives the same model.
+  sentencepiece.set_random_generator_seed(seed)
+  SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences),
+      model_writer=buffer,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      bos_id=-1,
+      pad_piece="<pad>",
+      eos_piece="</s>",
+      unk_piece="<unk>",
+      character_coverage=character_coverage,
+      byte_fallback=byte_fallback,
+      normalization_rule_name="nmt_nfkc",
+      input_sentence_size=input_sentence_size,
+      shuffle_input_sentence=True,
+      max_sentence_length=max_sentence_length,
+      num_threads=num_threads,
+      minloglevel=2,
+  )
+  tf.io.gfile.makedirs(os.path.dirname(os.path.abspath(output_path)))
+  # Write atomically so that concurrent readers never see a partial model.
+  tmp_path = f"{output_path}.tmp{os.getpid()}"
+  with tf.io.gfile.GFile(tmp_path, "wb") as f:
+    f.write(buffer.getvalue())
+  tf.io.gfile.rename(tmp_path, output_path, overwrite=True)
+  return output_path
+
+
+def save_hf_tokenizer(vocabulary_or_path, out_dir: str) -> str:
+  """Writes a Hugging Face T5 tokenizer (spiece.model + configs) to `out_dir`.
+
+  Args:
+    vocabulary_or_path: a `seqio.SentencePieceVocabulary` or a path accepted
+      by `resolve_sentencepiece_path`.
+    out_dir: directory to write; `transformers.AutoTokenizer` loads it.
+
+  Returns:
+    `out_dir`.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  if isinstance(vocabulary_or_path, seqio.SentencePieceVocabulary):
+    spm_path = vocabulary_or_path.sentencepiece_model_file
+  else:
+    spm_path = resolve_sentencepiece_path(vocabulary_or_path)
+  tf.io.gfile.makedirs(out_dir)
+  target = os.path.join(out_dir, HF_SPM_FILENAME)
+  if os.path.abspath(spm_path) != os.path.abspath(target):
+    tf.io.gfile.copy(spm_path, target, overwrite=True)
+  tokenizer = transformers.T5TokenizerFast.from_pretrained(
+      out_dir, extra_ids=T5_EXTRA_IDS
+  )
+  tokenizer.save_pretrained(out_dir)
+  return out_dir
+
+
+def piece_count(spm_path: str) -> int:
+  """Number of pieces in a SentencePiece model file (without extra ids)."""
+  processor = SentencePieceProcessor()
+  with tf.io.gfile.GFile(spm_path, "rb") as f:
+    processor.LoadFromSerializedProto(f.read())
+  return processor.GetPieceSize()

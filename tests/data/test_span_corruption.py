@@ -1,0 +1,143 @@
+"""T5 span corruption: statistics, sentinel order, exact inversion, seeds."""
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from miniend_jax.data import preprocessors
+from miniend_jax.data import tasks
+
+FEATURE_LENGTHS = {"inputs": 128, "targets": 32}
+
+
+def test_random_spans_helper_matches_t5_lengths():
+  # T5's pretraining setting: 568 raw tokens -> 512 inputs, 114 targets.
+  assert preprocessors.random_spans_helper(512) == (568, 114)
+  for inputs_length in (16, 64, 128, 512, 1024):
+    tokens, targets = preprocessors.random_spans_helper(inputs_length)
+    num_noise, num_spans = preprocessors.span_corruption_lengths(tokens)
+    assert tokens - num_noise + num_spans + 1 == inputs_length
+    assert num_noise + num_spans + 1 == targets
+  assert tasks.span_corruption_feature_lengths(512) == {
+      "inputs": 512, "targets": 114}
+
+
+def test_noise_mask_shape_and_counts():
+  for length in (2, 3, 10, 57, 141, 568):
+    for seed in range(3):
+      seeds = tf.constant([[seed, 1], [seed, 2]])
+      mask = preprocessors.random_spans_noise_mask(
+          length, 0.15, seeds, 3.0).numpy()
+      num_noise, num_spans = preprocessors.span_corruption_lengths(length)
+      assert mask.shape == (length,)
+      assert mask.sum() == num_noise
+      assert not mask[0] and mask[-1]  # non-noise first, noise last
+      starts = np.flatnonzero(mask & ~np.pad(mask[:-1], (1, 0)))
+      assert len(starts) == num_spans
+
+
+def test_sentinels_replace_spans_by_hand(pydoc_vocab):
+  top = pydoc_vocab.vocab_size - 1  # <extra_id_0>
+  tokens = tf.range(10, 20)
+  mask = tf.constant([0, 0, 1, 1, 0, 0, 0, 1, 0, 0]) > 0
+  inputs = preprocessors.noise_span_to_unique_sentinel(
+      tokens, mask, pydoc_vocab).numpy().tolist()
+  targets = preprocessors.nonnoise_span_to_unique_sentinel(
+      tokens, mask, pydoc_vocab).numpy().tolist()
+  assert inputs == [10, 11, top, 14, 15, 16, top - 1, 18, 19]
+  assert targets == [top, 12, 13, top - 1, 17, top - 2]
+  assert preprocessors.undo_span_corruption(
+      inputs, targets, pydoc_vocab) == list(range(10, 20))
+
+
+def _segments_and_corrupted(vocabulary, seed):
+  """The raw segments and their span-corrupted versions, in the same order."""
+  task = seqio.get_mixture_or_task("pydoc_span_corruption")
+  source = task.source.get_dataset("train", shuffle=False)
+  tokenized = source.map(
+      lambda x: {"targets": vocabulary.encode_tf(x["text"])})
+  tokens_length, _ = preprocessors.random_spans_helper(
+      FEATURE_LENGTHS["inputs"])
+  segments = preprocessors.split_tokens(
+      preprocessors.reduce_concat_tokens(
+          preprocessors.select_random_chunk(tokenized)),
+      tokens_length)
+  corrupted = task.get_dataset(
+      FEATURE_LENGTHS, split="train", shuffle=False, seed=seed)
+  return segments, corrupted
+
+
+def test_span_corruption_statistics_and_inversion(pydoc_vocab):
+  segments, corrupted = _segments_and_corrupted(pydoc_vocab, seed=0)
+  first_sentinel = pydoc_vocab.vocab_size - pydoc_vocab.extra_ids
+  eos = pydoc_vocab.eos_id
+  n_examples = total_tokens = total_noise = total_spans = 0
+  full_rows = 0
+  for segment, example in zip(
+      segments.as_numpy_iterator(), corrupted.as_numpy_iterator()):
+    original = segment["targets"].tolist()
+    inputs = example["inputs"].tolist()
+    targets = example["targets"].tolist()
+    assert inputs[-1] == eos and targets[-1] == eos
+    inputs, targets = inputs[:-1], targets[:-1]
+    # Merging inputs and targets back gives the original tokens exactly.
+    assert preprocessors.undo_span_corruption(
+        inputs, targets, pydoc_vocab) == original
+    # Sentinels in T5's order: <extra_id_0> (the top id), then counting down.
+    input_sentinels = [t for t in inputs if t >= first_sentinel]
+    target_sentinels = [t for t in targets if t >= first_sentinel]
+    expected = [pydoc_vocab.vocab_size - 1 - i
+                for i in range(len(input_sentinels))]
+    assert input_sentinels == expected
+    assert target_sentinels[: len(expected)] == expected
+    n_examples += 1
+    total_tokens += len(original)
+    total_spans += len(input_sentinels)
+    total_noise += len(targets) - len(target_sentinels)
+    full_rows += len(example["inputs"]) == FEATURE_LENGTHS["inputs"]
+  assert n_examples >= 2000
+  assert abs(total_noise / total_tokens - 0.15) <= 0.01
+  assert abs(total_noise / total_spans - 3.0) <= 0.3
+  # All but the last segment of each 128-document batch fill `inputs`.
+  assert full_rows / n_examples > 0.95
+
+
+def test_same_seed_same_output(pydoc_setup):
+  def first(seed, n=40):
+    ds = seqio.get_mixture_or_task("pydoc_span_corruption").get_dataset(
+        FEATURE_LENGTHS, split="train", shuffle=True, seed=seed)
+    return [(tuple(x["inputs"]), tuple(x["targets"]))
+            for x in ds.take(n).as_numpy_iterator()]
+
+  assert first(7) == first(7)
+  assert first(7) != first(8)
+
+
+def test_packed_batches_fill_rows(pydoc_setup):
+  lengths = tasks.span_corruption_feature_lengths(128)
+  ds = tasks.get_dataset("pydoc_span_corruption", lengths, batch_size=16,
+                         shuffle=False, seed=0)
+  batch = next(ds.as_numpy_iterator())
+  assert (batch["encoder_input_tokens"] != 0).mean() > 0.95
+  assert (batch["decoder_target_tokens"] != 0).mean() > 0.95
+
+
+def test_targets_too_short_is_an_error(pydoc_setup):
+  with pytest.raises(ValueError, match="targets length to at least 114"):
+    tasks.get_dataset("pydoc_span_corruption", {"inputs": 512, "targets": 64},
+                      batch_size=2)
+
+
+def test_too_few_sentinels_is_an_error(pydoc_vocab):
+  small = seqio.PassThroughVocabulary(size=pydoc_vocab.vocab_size, eos_id=1)
+  ds = tf.data.Dataset.from_tensors({"targets": tf.range(3, 200)})
+  with pytest.raises(ValueError, match="sentinel"):
+    preprocessors.span_corruption(
+        ds, {"inputs": 128, "targets": 32},
+        {"targets": seqio.Feature(small)})
+  # 2048 inputs need 114 spans per segment: more than the 100 extra ids.
+  with pytest.raises(ValueError, match="only 100 extra ids"):
+    preprocessors.span_corruption(
+        ds, {"inputs": 2048, "targets": 512},
+        {"targets": seqio.Feature(pydoc_vocab)})
