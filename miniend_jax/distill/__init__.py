@@ -1,0 +1,34 @@
+"""Distillation objectives: pure losses and configurable recipes."""
+
+from miniend_jax.distill.losses import (
+    CrossEntropy,
+    attention_kl,
+    hidden_mse,
+    logits_kl,
+    relation_kl,
+    span_corruption_loss,
+)
+from miniend_jax.distill.recipe import (
+    ATTENTION_KINDS,
+    HIDDEN_KINDS,
+    PAIRS,
+    RECIPES,
+    TERM_KINDS,
+    AdaptiveSchedule,
+    ConstantSchedule,
+    CosineRamp,
+    LinearRamp,
+    Recipe,
+    Term,
+    get_recipe,
+    recipe_from_gin,
+    recipe_loss,
+)
+
+__all__ = [
+    "ATTENTION_KINDS", "HIDDEN_KINDS", "PAIRS", "RECIPES", "TERM_KINDS",
+    "AdaptiveSchedule", "ConstantSchedule", "CosineRamp", "CrossEntropy",
+    "LinearRamp", "Recipe", "Term", "attention_kl", "get_recipe", "hidden_mse",
+    "logits_kl", "recipe_from_gin", "recipe_loss", "relation_kl",
+    "span_corruption_loss",
+]

@@ -1,0 +1,379 @@
+"""Recipes: presets, gin files, configuration errors, schedules, recipe_loss."""
+
+import dataclasses
+import glob
+import os
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distill_reference as ref
+import distill_tiny_models as tiny
+from miniend_jax.distill import recipe as R
+from miniend_jax.model.t5 import Taps
+
+RECIPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "gin_configs",
+                          "recipes")
+REQUIRED = ("scratch", "kd_logits", "minilm", "kd_logits_minilm", "implicit",
+            "hidden_mse", "miniend_d", "miniend_d_nologit", "miniend_e",
+            "miniend_e_nologit", "miniend_e_interpolated")
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+# ---------------------------------------------------------------------------
+# Presets and gin.
+# ---------------------------------------------------------------------------
+
+
+def test_presets_exist_and_have_gin_files():
+  assert set(REQUIRED) <= set(R.RECIPES)
+  names = {os.path.basename(f)[:-4] for f in glob.glob(f"{RECIPE_DIR}/*.gin")}
+  assert names == set(R.RECIPES)
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_gin_file_builds_the_preset(name):
+  gin.parse_config_file(os.path.join(RECIPE_DIR, f"{name}.gin"))
+  built = R.recipe_from_gin()
+  assert type(built) is R.Recipe
+  assert built == R.get_recipe(name)
+
+
+def test_preset_contents():
+  kinds = lambda n: [t.kind for t in R.get_recipe(n).terms]
+  assert kinds("scratch") == [] and R.get_recipe("scratch").ce_weight == 1.0
+  assert kinds("miniend_d") == ["logits", "decoder_self", "decoder_cross"]
+  assert kinds("miniend_d_nologit") == ["decoder_self", "decoder_cross"]
+  assert kinds("miniend_e") == ["logits", "decoder_self", "encoder_self"]
+  assert kinds("miniend_e_nologit") == ["decoder_self", "encoder_self"]
+  assert kinds("implicit") == ["logits", "decoder_self"]
+  assert kinds("minilm") == ["encoder_self", "decoder_self"]
+  interp = R.get_recipe("miniend_e_interpolated")
+  nolog = R.get_recipe("miniend_e_nologit")
+  assert [t.kind for t in interp.terms] == [t.kind for t in nolog.terms]
+  assert all(t.interpolation is not None and t.teacher_layer == -4
+             for t in interp.terms)
+  for t in R.get_recipe("miniend_d").terms:
+    if t.kind != "logits":
+      assert t.pairs == ("qq", "kk", "vv") and t.teacher_layer == -1
+  assert R.get_recipe("miniend_d").terms[1].causal  # decoder self: causal
+  assert not R.get_recipe("miniend_d").terms[2].causal
+
+
+def test_gin_overrides_and_preset_name_macro():
+  gin.parse_config_file(os.path.join(RECIPE_DIR, "miniend_d.gin"))
+  gin.parse_config(["miniend_d/Recipe.ce_weight = 0.5",
+                    "miniend_d/dec_cross/Term.pairs = ['qq', 'qk']"])
+  built = R.recipe_from_gin()
+  assert built.ce_weight == 0.5 and built.terms[2].pairs == ("qq", "qk")
+  gin.clear_config()
+  gin.parse_config("RECIPE = 'minilm'")
+  assert R.recipe_from_gin() == R.get_recipe("minilm")
+  gin.clear_config()
+  gin.parse_config("""
+    RECIPE = @Recipe()
+    Recipe.terms = [@a/Term(), @b/Term()]
+    a/Term.kind = 'encoder_hidden'
+    b/Term.kind = 'decoder_cross'
+    b/Term.interpolation = @AdaptiveSchedule()
+  """)
+  built = R.recipe_from_gin()
+  assert built.terms[1].interpolation == R.AdaptiveSchedule()
+  gin.clear_config()
+  with pytest.raises(ValueError, match="No gin macro"):
+    R.recipe_from_gin()
+  with pytest.raises(ValueError, match="Unknown recipe 'nope'"):
+    R.get_recipe("nope")
+
+
+# ---------------------------------------------------------------------------
+# Configuration-time errors (pure Python on configs: nothing is traced).
+# ---------------------------------------------------------------------------
+
+
+def test_bad_terms_rejected_at_construction():
+  with pytest.raises(ValueError, match="unknown kind"):
+    R.Term("decoder_attention")
+  with pytest.raises(ValueError, match="pairs"):
+    R.Term("encoder_self", pairs=("qq", "xx"))
+  with pytest.raises(ValueError, match="pairs only apply"):
+    R.Term("logits", pairs=("qq",))
+  with pytest.raises(ValueError, match="causal=True only applies"):
+    R.Term("encoder_self", causal=True)
+  with pytest.raises(ValueError, match="appear more than once"):
+    R.Recipe(terms=(R.Term("decoder_self"), R.Term("decoder_self")))
+  R.Recipe(terms=(R.Term("decoder_self"), R.Term("decoder_self", name="dec2",
+                                                  teacher_layer=-2)))
+  with pytest.raises(ValueError, match="train nothing"):
+    R.Recipe(terms=(), ce_weight=0.0)
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    R.LinearRamp(start_value=-0.1)
+  with pytest.raises(ValueError, match="start_step < end_step"):
+    R.CosineRamp(start_step=5, end_step=5)
+
+
+def test_tap_the_model_cannot_give():
+  bad = R.Recipe(terms=(R.Term("decoder_cross", student_layer=2),))
+  with pytest.raises(ValueError, match=r"student_layer=2 .*decoder has 2 layers.*-2\.\.1"):
+    bad.resolve(tiny.TEACHER, tiny.STUDENT)
+  with pytest.raises(ValueError, match="student_layer=2"):
+    bad.required_taps(tiny.TEACHER, tiny.STUDENT)
+  bad = R.Recipe(terms=(R.Term("encoder_hidden", teacher_layer=-4),))
+  with pytest.raises(ValueError, match="teacher_layer=-4 .*encoder has 3 layers"):
+    bad.validate(tiny.TEACHER, tiny.STUDENT)
+
+
+def test_relation_heads_must_divide_widths():
+  # Teacher width 36, student width 16: 3 divides 36 but not 16.
+  bad = R.Recipe(terms=(R.Term("encoder_self", relation_heads=3),))
+  with pytest.raises(ValueError, match=r"relation_heads=3 must divide.*teacher 36.*student 16"):
+    bad.resolve(tiny.TEACHER, tiny.STUDENT)
+  # Default (student head count) is fine here; a student whose head count
+  # does not divide the teacher width is caught too.
+  student = tiny.config(num_heads=5, d_kv=4)
+  with pytest.raises(ValueError, match="relation_heads=5"):
+    R.get_recipe("minilm").resolve(tiny.TEACHER, student)
+
+
+def test_logits_need_one_vocabulary():
+  student = tiny.config(vocab_size=tiny.VOCAB + 3)
+  for name in ("kd_logits", "miniend_d", "miniend_e", "implicit"):
+    with pytest.raises(ValueError, match="vocab_size"):
+      R.get_recipe(name).validate(tiny.TEACHER, student)
+  R.get_recipe("miniend_e_nologit").validate(tiny.TEACHER, student)  # no logits
+
+
+def test_resolve_and_required_taps():
+  recipe = R.get_recipe("miniend_d").resolve(tiny.TEACHER, tiny.STUDENT)
+  assert recipe.is_resolved and not R.get_recipe("miniend_d").is_resolved
+  assert recipe.resolve(tiny.TEACHER, tiny.STUDENT) == recipe  # idempotent
+  assert [t.relation_heads for t in recipe.terms[1:]] == [2, 2]
+  t_taps, s_taps = R.get_recipe("miniend_d").required_taps(tiny.TEACHER, tiny.STUDENT)
+  assert t_taps == Taps(decoder_self=(2,), decoder_cross=(2,))
+  assert s_taps == Taps(decoder_self=(1,), decoder_cross=(1,))
+  t_taps, s_taps = R.get_recipe("miniend_e").required_taps(tiny.TEACHER, tiny.STUDENT)
+  assert t_taps == Taps(decoder_self=(2,), encoder_self=(2,))
+  assert R.get_recipe("scratch").required_taps(None, tiny.STUDENT) == (Taps(), Taps())
+  assert R.get_recipe("hidden_mse").required_taps(tiny.TEACHER, tiny.STUDENT)[1] == Taps(
+      encoder_hidden=(1,), decoder_hidden=(1,))
+  # 3B-style teacher (24 layers): the upper-middle layer 20 (the 21st).
+  big = tiny.config(num_layers=24, num_decoder_layers=24, num_heads=32, d_kv=4)
+  t_taps, _ = R.get_recipe("miniend_e_interpolated").required_taps(
+      big, tiny.config(num_heads=4, d_kv=16))
+  assert t_taps == Taps(encoder_self=(20,), decoder_self=(20,))
+
+
+# ---------------------------------------------------------------------------
+# Schedules.
+# ---------------------------------------------------------------------------
+
+
+def test_schedules():
+  lin = R.LinearRamp(start_value=0.2, end_value=1.0, start_step=10, end_step=20)
+  cos = R.CosineRamp(start_value=0.0, end_value=1.0, start_step=0, end_step=10)
+  steps = jnp.array([0, 10, 15, 20, 100])
+  np.testing.assert_allclose(jax.vmap(jax.jit(lin))(steps), [0.2, 0.2, 0.6, 1.0, 1.0],
+                             rtol=1e-6)
+  np.testing.assert_allclose([cos(s) for s in (0, 5, 10, 50)], [0.0, 0.5, 1.0, 1.0],
+                             atol=1e-6)
+  assert 0.0 < cos(2) < 0.2  # slower start than a linear ramp (0.2 at 2/10)
+  assert R.ConstantSchedule(0.3)(7) == jnp.float32(0.3)
+  ada = R.AdaptiveSchedule(min_value=0.1, max_value=0.9)
+  np.testing.assert_allclose(ada(0, student_loss=4.0, teacher_loss=2.0), 0.5)
+  np.testing.assert_allclose(ada(0, student_loss=8.0, teacher_loss=0.4), 0.1)
+  np.testing.assert_allclose(ada(0, student_loss=1.0, teacher_loss=2.0), 0.9)
+  g = jax.grad(lambda s: ada(0, student_loss=s, teacher_loss=2.0))(4.0)
+  assert g == 0.0  # stop-gradient: the schedule is not trained
+
+
+# ---------------------------------------------------------------------------
+# recipe_loss on tiny models.
+# ---------------------------------------------------------------------------
+
+
+def _outputs(recipe, t_cfg, s_cfg, t_params, s_params, b):
+  t_taps, s_taps = recipe.required_taps(t_cfg, s_cfg)
+  return tiny.apply(t_cfg, t_params, b, t_taps), tiny.apply(s_cfg, s_params, b, s_taps)
+
+
+def test_recipe_loss_matches_reference_wiring():
+  """Each term/pair equals the float64 reference on the tapped tensors, with
+  the masks of the right sides (cross: Q-Q decoder, K-K/V-V encoder)."""
+  recipe = R.Recipe(name="all", ce_weight=0.7, z_loss=1e-3, terms=(
+      R.Term("logits", temperature=2.0, weight=0.5),
+      R.Term("encoder_self", pairs=("qq", "kk", "vv", "qk"), teacher_layer=1),
+      R.Term("decoder_self", pairs=("qq", "qk")),
+      R.Term("decoder_cross", pairs=("qq", "kk", "vv", "qk"), weight=2.0),
+      R.Term("decoder_hidden", student_layer=0),
+  )).resolve(tiny.TEACHER, tiny.STUDENT)
+  b = tiny.batch()
+  tp, sp = tiny.params(tiny.TEACHER, 1), tiny.params(tiny.STUDENT, 2)
+  t_out, s_out = _outputs(recipe, tiny.TEACHER, tiny.STUDENT, tp, sp, b)
+  extra = recipe.init_extra_params(jax.random.key(3), tiny.TEACHER, tiny.STUDENT)
+  assert extra["decoder_hidden"]["kernel"].shape == (16, 20)
+  total, m = jax.jit(R.recipe_loss, static_argnums=0)(recipe, t_out, s_out, b, 5, extra)
+
+  enc = np.asarray(b["encoder_input_tokens"]) > 0
+  dec = np.asarray(b["decoder_target_tokens"]) > 0
+  sides = {"q": "query", "k": "key", "v": "value"}
+  expected_total = 0.0
+  ce = ref.span_corruption(s_out.logits, b["decoder_target_tokens"],
+                           b["decoder_loss_weights"], 1e-3)
+  np.testing.assert_allclose(m["loss/span_corruption"], ce[1], rtol=1e-5)
+  expected_total += 0.7 * ce[0]
+  want = ref.logits_kl(t_out.logits, s_out.logits, b["decoder_loss_weights"], 2.0)
+  np.testing.assert_allclose(m["loss/logits"], want, rtol=1e-5)
+  expected_total += 0.5 * want
+  for term in recipe.terms[1:4]:
+    t_tap = getattr(t_out, term.kind)[term.teacher_layer]
+    s_tap = getattr(s_out, term.kind)[term.student_layer]
+    term_sum = 0.0
+    for pair in term.pairs:
+      a_, b_ = sides[pair[0]], sides[pair[1]]
+      if term.kind == "encoder_self":
+        qm, km = enc, enc
+      elif term.kind == "decoder_self":
+        qm, km = dec, dec
+      else:
+        qm = dec if a_ == "query" else enc
+        km = dec if b_ == "query" else enc
+      want = ref.relation_kl(getattr(t_tap, a_), getattr(t_tap, b_),
+                             getattr(s_tap, a_), getattr(s_tap, b_), 2, qm, km,
+                             causal=term.kind == "decoder_self")
+      np.testing.assert_allclose(m[f"loss/{term.label}/{pair}"], want, rtol=1e-5,
+                                 atol=1e-7)
+      term_sum += want
+    np.testing.assert_allclose(m[f"loss/{term.label}"], term_sum, rtol=1e-5)
+    expected_total += term.weight * term_sum
+  want = ref.hidden_mse(t_out.decoder_hidden[2], s_out.decoder_hidden[0],
+                        extra["decoder_hidden"]["kernel"], dec)
+  np.testing.assert_allclose(m["loss/decoder_hidden"], want, rtol=1e-5)
+  expected_total += want
+  np.testing.assert_allclose(total, expected_total, rtol=1e-5)
+  np.testing.assert_allclose(m["loss/total"], total)
+
+
+@pytest.mark.parametrize("name", sorted(R.RECIPES))
+def test_every_term_zero_for_a_copy_of_the_teacher(name):
+  cfg = tiny.TEACHER
+  recipe = R.get_recipe(name)
+  if name == "miniend_e_interpolated":
+    # A copy reads the same layer on both sides (-4 for the 3B recipe), with
+    # 64 relation heads dividing the width, at an intermediate a.
+    cfg = tiny.DEEP
+    recipe = dataclasses.replace(recipe, terms=tuple(
+        dataclasses.replace(t, student_layer=-4,
+                            interpolation=R.ConstantSchedule(0.7))
+        for t in recipe.terms))
+  recipe = recipe.resolve(cfg, cfg)
+  p = tiny.params(cfg, 4)
+  b = tiny.batch(seed=1)
+  t_out, s_out = _outputs(recipe, cfg, cfg, p, p, b)
+  extra = {t.label: {"kernel": jnp.eye(cfg.d_model)}
+           for t in recipe.terms if t.kind in R.HIDDEN_KINDS}
+  total, m = R.recipe_loss(recipe, t_out if recipe.needs_teacher else None, s_out, b,
+                           0, extra)
+  for t in recipe.terms:
+    np.testing.assert_allclose(m[f"loss/{t.label}"], 0.0, atol=1e-6)
+  if name == "scratch":
+    assert total > 1.0 and set(m) == {"loss/span_corruption", "loss/z_loss",
+                                      "loss/total"}
+  else:
+    np.testing.assert_allclose(total, 0.0, atol=1e-5)
+    assert len(recipe.terms) >= 1
+
+
+@pytest.mark.parametrize("kind", ["logits", "decoder_self", "decoder_cross",
+                                  "encoder_self", "encoder_hidden"])
+def test_interpolation_endpoints_in_recipe(kind):
+  """a(step) = 1 is plain distillation; a = 0 gives exactly zero."""
+  plain = R.Recipe(terms=(R.Term(kind),), ce_weight=0.0).resolve(tiny.TEACHER,
+                                                                 tiny.STUDENT)
+  b = tiny.batch(seed=2)
+  t_out, s_out = _outputs(plain, tiny.TEACHER, tiny.STUDENT, tiny.params(tiny.TEACHER, 5),
+                          tiny.params(tiny.STUDENT, 6), b)
+  extra = plain.init_extra_params(jax.random.key(0), tiny.TEACHER, tiny.STUDENT)
+  base, _ = R.recipe_loss(plain, t_out, s_out, b, 0, extra)
+  assert base > 1e-4
+
+  def with_schedule(schedule):
+    term = dataclasses.replace(plain.terms[0], interpolation=schedule)
+    return dataclasses.replace(plain, terms=(term,))
+
+  one, m = R.recipe_loss(with_schedule(R.ConstantSchedule(1.0)), t_out, s_out, b, 0, extra)
+  np.testing.assert_allclose(one, base, rtol=1e-6)
+  assert m[f"interpolation/{kind}"] == 1.0
+  ramp = R.LinearRamp(start_value=0.0, end_value=1.0, start_step=0, end_step=100)
+  zero, _ = R.recipe_loss(with_schedule(ramp), t_out, s_out, b, 0, extra)
+  assert zero == 0.0
+  end, _ = R.recipe_loss(with_schedule(ramp), t_out, s_out, b, 100, extra)
+  np.testing.assert_allclose(end, base, rtol=1e-6)
+  half, _ = R.recipe_loss(with_schedule(ramp), t_out, s_out, b, 50, extra)
+  assert 0.0 < half < base
+  # Adaptive: reports the teacher's loss and an a in [min, max].
+  _, m = R.recipe_loss(with_schedule(R.AdaptiveSchedule(min_value=0.05)), t_out, s_out,
+                       b, 0, extra)
+  want_a = np.clip(m["teacher/span_corruption"] / m["loss/span_corruption"], 0.05, 1.0)
+  np.testing.assert_allclose(m[f"interpolation/{kind}"], want_a, rtol=1e-6)
+
+
+def test_no_gradient_into_teacher_params_and_clear_runtime_errors():
+  recipe = R.get_recipe("miniend_d").resolve(tiny.TEACHER, tiny.STUDENT)
+  t_taps, s_taps = recipe.required_taps(tiny.TEACHER, tiny.STUDENT)
+  b = tiny.batch(seed=3)
+  tp, sp = tiny.params(tiny.TEACHER, 7), tiny.params(tiny.STUDENT, 8)
+
+  def loss(tp, sp):
+    return R.recipe_loss(recipe, tiny.apply(tiny.TEACHER, tp, b, t_taps),
+                         tiny.apply(tiny.STUDENT, sp, b, s_taps), b, 0)[0]
+
+  gt, gs = jax.grad(loss, argnums=(0, 1))(tp, sp)
+  assert all(not np.any(g) for g in jax.tree.leaves(gt))
+  assert any(np.any(g) for g in jax.tree.leaves(gs))
+  # Unresolved recipe / missing taps / missing projections: clear errors.
+  t_out = tiny.apply(tiny.TEACHER, tp, b, t_taps)
+  s_out = tiny.apply(tiny.STUDENT, sp, b, s_taps)
+  with pytest.raises(ValueError, match="not resolved"):
+    R.recipe_loss(R.get_recipe("miniend_d"), t_out, s_out, b, 0)
+  with pytest.raises(ValueError, match="no encoder_self tap for layer 2"):
+    R.recipe_loss(R.get_recipe("miniend_e").resolve(tiny.TEACHER, tiny.STUDENT),
+                  t_out, s_out, b, 0)
+  hid = R.get_recipe("hidden_mse").resolve(tiny.TEACHER, tiny.STUDENT)
+  with pytest.raises(ValueError, match="init_extra_params"):
+    R.recipe_loss(hid, *_outputs(hid, tiny.TEACHER, tiny.STUDENT, tp, sp, b), b, 0)
+
+
+def test_teacher_assistant_chain():
+  """3B-like -> assistant -> student: the same recipe configures both runs."""
+  # Widths 64 -> 36 -> 16; 4 relation heads divide all three.
+  teacher, assistant, student = tiny.DEEP, tiny.TEACHER, tiny.STUDENT
+  base = R.get_recipe("miniend_e_interpolated")
+  recipe = dataclasses.replace(base, terms=tuple(
+      dataclasses.replace(t, relation_heads=4) for t in base.terms))
+  b = tiny.batch(seed=4)
+  ps = {"t": tiny.params(teacher, 9), "a": tiny.params(assistant, 10),
+        "s": tiny.params(student, 11)}
+  # Run 2's teacher (the assistant) is too shallow for layer -4; as the gin
+  # file says, it reads the assistant's last layer instead.
+  recipe_2 = dataclasses.replace(recipe, terms=tuple(
+      dataclasses.replace(t, teacher_layer=-1) for t in recipe.terms))
+  with pytest.raises(ValueError, match="teacher_layer=-4"):
+    recipe.resolve(assistant, student)
+  for stage, (t_cfg, tk), (s_cfg, sk), layer in [
+      (recipe, (teacher, "t"), (assistant, "a"), 0),
+      (recipe_2, (assistant, "a"), (student, "s"), 2)]:
+    stage = stage.resolve(t_cfg, s_cfg)
+    assert [t.teacher_layer for t in stage.terms] == [layer] * 2
+    t_out, s_out = _outputs(stage, t_cfg, s_cfg, ps[tk], ps[sk], b)
+    total, m = R.recipe_loss(stage, t_out, s_out, b, 5000)
+    assert np.isfinite(total) and total > 0
+    np.testing.assert_allclose(m["interpolation/encoder_self"], 0.6, rtol=1e-6)
