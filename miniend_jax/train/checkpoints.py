@@ -1,0 +1,539 @@
+"""Checkpoints of a run on orbax's `CheckpointManager`.
+
+A checkpoint step is one directory holding three orbax items:
+
+    <directory>/<step>/state/       the TrainState (params, opt_state, step) as
+                                    sharded arrays (tensorstore / OCDBT)
+    <directory>/<step>/data_state/  the data iterator position (JSON)
+    <directory>/<step>/metadata/    model config, run metadata, metrics (JSON)
+
+so the state, the data position and the facts needed to rebuild the model
+without gin are always saved and restored together.
+
+Safety comes from orbax: each step is written into
+`<step>.orbax-checkpoint-tmp-*` and renamed when complete (on GCS, committed
+with a commit_success.txt marker), so a crash never leaves a half-written step
+that looks finished; unfinished tmp directories are ignored and cleaned up.
+Old steps are deleted only after a newer one has been committed, by a
+preservation policy that keeps the last `max_to_keep` and the `keep_best`
+best by a metric. Restoring never deletes anything: a damaged step raises
+`CheckpointRestoreError` naming it, and `restore_latest_good` falls back to
+older steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import json
+import logging
+import math
+from typing import Any, Mapping
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from miniend_jax.model.t5 import T5Config
+
+PyTree = Any
+DataState = Mapping[str, Any] | bytes | None
+
+STATE, DATA_STATE, METADATA = "state", "data_state", "metadata"
+FORMAT = "miniend_jax.checkpoint/1"
+
+_ITEM_HANDLERS = lambda: {
+    STATE: ocp.StandardCheckpointHandler(),
+    DATA_STATE: ocp.JsonCheckpointHandler(),
+    METADATA: ocp.JsonCheckpointHandler(),
+}
+
+
+class NoCheckpointError(FileNotFoundError):
+  """The directory holds no (finished) checkpoint, or not the step asked for."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint step exists but cannot be read (damaged or incomplete files)."""
+
+  def __init__(self, message: str, *, step: int, directory: str):
+    super().__init__(message)
+    self.step = step
+    self.directory = directory
+
+
+def no_checkpoint_message(directory) -> str:
+  return (f"no checkpoint in {directory}; run `miniend distill` first or pass --init_from "
+          "(a checkpoint directory or a Hugging Face model).")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When to save and what to keep.
+
+  Attributes:
+    save_interval_steps: `save` writes only on multiples of this (or with force=True).
+    max_to_keep: how many of the most recent steps to keep (>= 1; None = all).
+    best_metric: a key of the `metrics` passed to `save`; the `keep_best` best
+      steps by it are kept in addition to the most recent ones. None = off.
+    best_mode: "min" (e.g. loss) or "max" (e.g. accuracy).
+    keep_best: how many best steps to keep.
+    async_save: write in a background thread; `save` returns once the arrays
+      are copied to host memory, so the train step may donate them right after.
+  """
+
+  save_interval_steps: int = 1000
+  max_to_keep: int | None = 3
+  best_metric: str | None = None
+  best_mode: str = "min"
+  keep_best: int = 1
+  async_save: bool = True
+
+  def __post_init__(self):
+    if not isinstance(self.save_interval_steps, int) or self.save_interval_steps < 1:
+      raise ValueError(f"CheckpointConfig.save_interval_steps={self.save_interval_steps!r} "
+                       "must be a positive integer.")
+    if self.max_to_keep is not None and (not isinstance(self.max_to_keep, int)
+                                         or self.max_to_keep < 1):
+      # 0 would let a save delete the only good checkpoint.
+      raise ValueError(f"CheckpointConfig.max_to_keep={self.max_to_keep!r} must be an "
+                       "integer >= 1 (or None to keep every checkpoint).")
+    if self.best_mode not in ("min", "max"):
+      raise ValueError(f"CheckpointConfig.best_mode={self.best_mode!r} must be 'min' or 'max'.")
+    if not isinstance(self.keep_best, int) or self.keep_best < 1:
+      raise ValueError(f"CheckpointConfig.keep_best={self.keep_best!r} must be an integer >= 1.")
+
+
+# ----------------------------------------------------------------------------
+# JSON encodings.
+
+
+def _encode_data_state(data_state: DataState) -> dict:
+  """The data iterator position as a JSON object; bytes go through base64."""
+  if data_state is None:
+    return {"kind": "none"}
+  if isinstance(data_state, (bytes, bytearray)):
+    return {"kind": "bytes", "base64": base64.b64encode(bytes(data_state)).decode("ascii")}
+  if isinstance(data_state, Mapping):
+    try:
+      value = json.loads(json.dumps(dict(data_state)))
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"data_state must be JSON-serialisable (or bytes): {e}") from e
+    return {"kind": "json", "value": value}
+  raise TypeError(f"data_state must be a dict, bytes or None, got {type(data_state).__name__}.")
+
+
+def _decode_data_state(encoded: Mapping | None) -> DataState:
+  if not encoded or encoded.get("kind") == "none":
+    return None
+  if encoded["kind"] == "bytes":
+    return base64.b64decode(encoded["base64"])
+  return encoded["value"]
+
+
+def _scalar_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
+  """Metrics as plain floats (JSON-able); they may arrive as jax / numpy scalars."""
+  if metrics is None:
+    return None
+  out = {}
+  for name, value in jax.device_get(dict(metrics)).items():
+    value = np.asarray(value)
+    if value.size != 1:
+      raise ValueError(f"Checkpoint metric {name!r} must be a scalar, got shape {value.shape}.")
+    out[str(name)] = float(value.reshape(()))
+  return out
+
+
+def _config_dict(model_config: T5Config | Mapping | None) -> dict | None:
+  if model_config is None:
+    return None
+  if isinstance(model_config, T5Config):
+    return model_config.to_dict()
+  return dict(model_config)
+
+
+def _short_error(error: Exception, limit: int = 500) -> str:
+  """The first line of an error, without tensorstore's (very long) spec dump."""
+  text = str(error).split(" [tensorstore_spec=")[0].strip().splitlines()
+  text = text[0] if text else ""
+  if len(text) > limit:
+    text = text[:limit] + " ..."
+  return f"{type(error).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------
+# Tree checks.
+
+
+def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  """{"a.b.c": shape} over the leaves of a pytree, named as orbax names them."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  # Leaves are arrays, ShapeDtypeStructs or orbax ArrayMetadata: all have .shape.
+  return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+          for path, leaf in leaves}
+
+
+def _check_matches(saved: PyTree, target: PyTree, step: int, directory) -> None:
+  """Raises ValueError when `target` asks for arrays the checkpoint lacks or shapes differ.
+
+  This separates "you are restoring the wrong thing" (a config error; no older
+  step would help) from damaged files.
+  """
+  saved_shapes, target_shapes = _flat_shapes(saved), _flat_shapes(target)
+  missing = sorted(set(target_shapes) - set(saved_shapes))
+  unexpected = sorted(set(saved_shapes) - set(target_shapes))
+  wrong = sorted(k for k in set(target_shapes) & set(saved_shapes)
+                 if saved_shapes[k] != target_shapes[k])
+  if not (missing or unexpected or wrong):
+    return
+  head = lambda names: f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+  details = []
+  if missing:
+    details.append(f"missing from the checkpoint: {head(missing)}")
+  if unexpected:
+    details.append(f"in the checkpoint but not the target: {head(unexpected)}")
+  if wrong:
+    details.append("shape differs: " + ", ".join(
+        f"{k} saved {saved_shapes[k]} vs target {target_shapes[k]}" for k in wrong[:5]))
+  raise ValueError(
+      f"Checkpoint step {step} in {directory} does not match the state to restore into "
+      f"({'; '.join(details)}). It was saved with another model config or optimizer; "
+      "build the target from the checkpoint's metadata (load_model_config) and the run's "
+      "optimizer settings.")
+
+
+# ----------------------------------------------------------------------------
+# The checkpointer.
+
+
+class Checkpointer:
+  """Saves and restores TrainStates, data positions and metadata in `directory`.
+
+    ckpt = Checkpointer(workdir / "checkpoints", CheckpointConfig(save_interval_steps=500),
+                        model_config=cfg, metadata={"recipe": "miniend_d"})
+    if ckpt.latest_step() is not None:
+      state, data_state = ckpt.restore(target_state=abstract_state)
+    for ...:
+      ckpt.save(step, state, data_state=it.get_state(), metrics={"loss": loss})
+    ckpt.save(step, state, data_state=..., force=True)   # at the end
+    ckpt.close()
+
+  Every process of a multi-host job must make the same calls. The data state
+  and metadata are JSON written by the primary process only, so in multi-host
+  runs `data_state` must describe the position of every process (e.g. a
+  deterministic, step-derived position) rather than one host's iterator.
+  """
+
+  def __init__(self, directory: str | epath.PathLike, config: CheckpointConfig = CheckpointConfig(),
+               *, model_config: T5Config | Mapping | None = None,
+               metadata: Mapping[str, Any] | None = None, read_only: bool = False):
+    """
+    Args:
+      directory: local path or gs:// URL; created if missing.
+      config: save and retention policy.
+      model_config: saved with each step so evaluate / export can rebuild the
+        model without gin.
+      metadata: any JSON-able run facts (recipe, teacher, git revision, ...).
+      read_only: for reading another run: never writes, deletes or creates
+        anything (not even `directory`).
+    """
+    self.directory = epath.Path(directory)
+    self.config = config
+    self._model_config = _config_dict(model_config)
+    self._run_metadata = json.loads(json.dumps(dict(metadata or {})))
+    options = (ocp.CheckpointManagerOptions(read_only=True, create=False) if read_only
+               else self._options(config))
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_handlers=_ITEM_HANDLERS(), options=options)
+
+  @staticmethod
+  def _options(config: CheckpointConfig) -> ocp.CheckpointManagerOptions:
+    policies = [ocp_managers.LatestN(n=config.max_to_keep)]
+    best_fn = None
+    if config.best_metric is not None:
+      # A step saved without the metric ranks last, so it never displaces the best.
+      worst = math.inf if config.best_mode == "min" else -math.inf
+      best_fn = lambda metrics: float((metrics or {}).get(config.best_metric, worst))
+      policies.append(ocp_managers.BestN(
+          get_metric_fn=best_fn, reverse=config.best_mode == "min", n=config.keep_best,
+          keep_checkpoints_without_metrics=False))
+    return ocp.CheckpointManagerOptions(
+        save_interval_steps=config.save_interval_steps,
+        # Keep-if-any-keeps: the last K and the best N. orbax's legacy
+        # max_to_keep + best_fn would keep only the best.
+        preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
+        # best_fn is still set so orbax writes each step's metrics to disk and
+        # the ranking survives a restart (and best_step() works).
+        best_fn=best_fn, best_mode=config.best_mode,
+        enable_async_checkpointing=config.async_save,
+        cleanup_tmp_directories=True,
+        create=True)
+
+  # -- Queries.
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The best step by `best_metric` (the latest when there is no metric)."""
+    return self._manager.best_step()
+
+  def step_directory(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  # -- Saving.
+
+  def save(self, step: int, state: PyTree, *, data_state: DataState = None,
+           metrics: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    """Saves `state` (a TrainState or any pytree of arrays) at `step`.
+
+    Writes only when `step` is a multiple of `save_interval_steps` or `force`
+    (use it for the final step and before preemption). A step that already
+    exists is left alone.
+
+    Args:
+      data_state: the data iterator position, a JSON-able dict or bytes.
+      metrics: scalars (e.g. {"eval_loss": ...}); `best_metric` ranks by them.
+    Returns:
+      Whether a checkpoint was started (it completes asynchronously).
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      logging.info("Checkpoint step %d already exists in %s; not saving again.", step,
+                   self.directory)
+      return False
+    if not force and not self._manager.should_save(step):
+      return False
+    metrics = _scalar_metrics(metrics)
+    metadata = {
+        "format": FORMAT,
+        "step": step,
+        "model_config": self._model_config,
+        "run": self._run_metadata,
+        "metrics": metrics,
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    args = ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        DATA_STATE: ocp.args.JsonSave(_encode_data_state(data_state)),
+        METADATA: ocp.args.JsonSave(metadata),
+    })
+    return self._manager.save(step, args=args, metrics=metrics, force=True)
+
+  def wait_until_finished(self) -> None:
+    """Blocks until pending asynchronous saves (and their old-step cleanup) are done."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- Restoring.
+
+  def _require_step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if not steps:
+      raise NoCheckpointError(no_checkpoint_message(self.directory))
+    if step is None:
+      return steps[-1]
+    if int(step) not in steps:
+      raise NoCheckpointError(
+          f"no checkpoint for step {step} in {self.directory}; available steps: {steps}.")
+    return int(step)
+
+  def _restore_error(self, step: int, error: Exception) -> CheckpointRestoreError:
+    earlier = [s for s in self.all_steps() if s < step]
+    if earlier:
+      advice = (f"restore an earlier step with --restore_step={earlier[-1]} (available: "
+                f"{self.all_steps()}) or Checkpointer.restore_latest_good(), or ")
+    else:
+      advice = ""
+    return CheckpointRestoreError(
+        f"Checkpoint step {step} in {self.directory} could not be read: its files are damaged "
+        f"or incomplete. To continue, {advice}move {self.step_directory(step)} out of the "
+        f"directory. Nothing was deleted. Cause: {_short_error(error)}",
+        step=step, directory=str(self.directory))
+
+  def restore(self, step: int | None = None, target_state: PyTree = None
+              ) -> tuple[PyTree, DataState]:
+    """Restores a step (default: the latest) and its data iterator position.
+
+    Args:
+      step: which step; None = latest.
+      target_state: the state's structure with `jax.ShapeDtypeStruct` (or
+        array) leaves carrying shardings, e.g. `state.abstract_train_state(...)`.
+        Arrays are read straight into those shardings, so the mesh may differ
+        from the one that saved. None restores the saved tree as nested dicts
+        with the saved shardings (same devices only).
+    Returns:
+      (state, data_state): the state shaped like `target_state`, and the
+      data_state given to `save` (dict, bytes or None).
+    Raises:
+      NoCheckpointError: no checkpoint, or not that step.
+      ValueError: the checkpoint does not match `target_state`.
+      CheckpointRestoreError: the step's files are damaged.
+    """
+    self.wait_until_finished()
+    step = self._require_step(step)
+    if target_state is not None:
+      try:
+        saved = self._manager.item_metadata(step)[STATE]
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._restore_error(step, e) from e
+      if saved is None:
+        raise self._restore_error(step, FileNotFoundError("the state item's metadata is missing"))
+      _check_matches(getattr(saved, "tree", saved), target_state, step, self.directory)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(target_state),
+          DATA_STATE: ocp.args.JsonRestore(),
+      }))
+    except Exception as e:  # pylint: disable=broad-except
+      # orbax / tensorstore raise many types for unreadable files.
+      raise self._restore_error(step, e) from e
+    return restored[STATE], _decode_data_state(restored[DATA_STATE])
+
+  def restore_latest_good(self, target_state: PyTree = None) -> tuple[PyTree, DataState]:
+    """Restores the newest step that reads cleanly, skipping damaged ones.
+
+    Damaged steps are logged and left on disk (never deleted). Raises
+    NoCheckpointError when there is no step, and CheckpointRestoreError
+    (about the newest step) when none reads.
+    """
+    errors = []
+    for step in reversed(self._require_steps_list()):
+      try:
+        restored = self.restore(step, target_state)
+      except CheckpointRestoreError as e:
+        logging.warning("Skipping unreadable checkpoint: %s", e)
+        errors.append(e)
+        continue
+      if errors:
+        logging.warning("Restored step %d of %s after skipping damaged steps %s.", step,
+                        self.directory, [e.step for e in errors])
+      return restored
+    raise CheckpointRestoreError(
+        f"No checkpoint step in {self.directory} could be read (tried "
+        f"{[e.step for e in errors]}). The newest failed with: {errors[0]}",
+        step=errors[0].step, directory=str(self.directory))
+
+  def _require_steps_list(self) -> list[int]:
+    self.wait_until_finished()
+    steps = self.all_steps()
+    if not steps:
+      raise NoCheckpointError(no_checkpoint_message(self.directory))
+    return steps
+
+  def metadata(self, step: int | None = None) -> dict:
+    """The metadata JSON saved with a step (model_config, run, metrics, ...)."""
+    self.wait_until_finished()
+    step = self._require_step(step)
+    try:
+      return self._manager.restore(
+          step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._restore_error(step, e) from e
+
+
+# ----------------------------------------------------------------------------
+# Starting from another run's checkpoint.
+
+
+def _read_only(directory) -> Checkpointer:
+  return Checkpointer(directory, read_only=True)
+
+
+def latest_step(directory) -> int | None:
+  """The newest finished step in `directory` (None if there is none or no directory)."""
+  if not epath.Path(directory).exists():
+    return None
+  return _read_only(directory).latest_step()
+
+
+def require_checkpoint(directory, step: int | None = None) -> int:
+  """The step to load (latest by default); NoCheckpointError with advice if absent."""
+  if not epath.Path(directory).exists():
+    raise NoCheckpointError(no_checkpoint_message(directory))
+  return _read_only(directory)._require_step(step)
+
+
+def load_metadata(directory, step: int | None = None) -> dict:
+  """The metadata JSON of a step (latest by default)."""
+  require_checkpoint(directory, step)
+  return _read_only(directory).metadata(step)
+
+
+def load_model_config(directory, step: int | None = None) -> T5Config:
+  """The T5Config a checkpoint was saved with, for evaluate / export without gin."""
+  meta = load_metadata(directory, step)
+  if not meta.get("model_config"):
+    raise ValueError(f"The checkpoint in {directory} was saved without a model config; "
+                     "pass model_config= to Checkpointer when saving.")
+  return T5Config(**meta["model_config"])
+
+
+def load_params_from_checkpoint(directory, step: int | None = None, *,
+                                target_params: PyTree = None) -> PyTree:
+  """The model parameters of a saved TrainState, without its optimizer state.
+
+  Reads `params["model"]` when the state's params are {"model": ...,
+  "distill": ...} (a distillation run), else `params`; nothing else is read
+  from disk. Use it to finetune from a distilled student.
+
+  Args:
+    directory: a Checkpointer directory.
+    step: which step (default latest).
+    target_params: optional abstract params (`jax.ShapeDtypeStruct`s with
+      shardings) to read straight into; default: host numpy arrays.
+  """
+  step = require_checkpoint(directory, step)
+  path = epath.Path(directory) / str(step) / STATE
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    saved = checkpointer.metadata(path).item_metadata.tree
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_only(directory)._restore_error(step, e) from e
+  if "params" not in saved:
+    raise ValueError(f"Checkpoint step {step} in {directory} holds no TrainState params "
+                     f"(top-level keys: {sorted(saved)}).")
+  params = saved["params"]
+  prefix = ("params", "model") if isinstance(params, Mapping) and "model" in params else ("params",)
+  saved_model = params["model"] if len(prefix) == 2 else params
+
+  if target_params is None:
+    target = saved_model
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_model)
+  else:
+    _check_matches(saved_model, target_params, step, directory)
+    target = target_params
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target_params)
+
+  def nest(tree):
+    for key in reversed(prefix):
+      tree = {key: tree}
+    return tree
+
+  try:
+    # partial_restore: read only this subtree, never the optimizer state.
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=nest(target), restore_args=nest(restore_args), partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_only(directory)._restore_error(step, e) from e
+  for key in prefix:
+    restored = restored[key]
+  return restored
