@@ -1,0 +1,261 @@
+# shellcheck shell=bash
+# Shared helpers for the tpu_scripts/*.sh launchers. Sourced, never run.
+#
+# What lives here:
+#   - die / usage_error / require_flag: clear errors that name the flag and show an example
+#   - run: echo the exact command in --dry-run, execute it otherwise
+#   - gcloud_tpu: every gcloud call goes through it so --zone/--project are never forgotten
+#   - a small per-TPU state file (~/.miniend_tpu/<name>.env) so resume.sh can replay
+#     create/setup/launch with the same flags after a preemption
+#   - accelerator-type helpers (default runtime image, number of hosts)
+#
+# NAME, ZONE, PROJECT and MODE are set by the script that sources this file, which also
+# uses the REMOTE_* paths; those are literal '$HOME/...' strings, expanded on the workers.
+# shellcheck disable=SC2034,SC2153,SC2016
+
+# Empty arrays under `set -u`, `declare -g` and `read -d ''` need bash >= 4.4.
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+  echo "$(basename "$0"): error: needs bash >= 4.4, this is $BASH_VERSION (macOS: brew install bash)" >&2
+  exit 1
+fi
+
+# The gcloud binary; tests put a fake one first on PATH, users may point at another.
+GCLOUD=${GCLOUD:-gcloud}
+# Where per-TPU flags are remembered between scripts (overridable for tests / CI).
+MINIEND_TPU_STATE_DIR=${MINIEND_TPU_STATE_DIR:-$HOME/.miniend_tpu}
+# Paths on the TPU workers.
+REMOTE_SRC='$HOME/miniend_jax'
+REMOTE_VENV='$HOME/miniend_venv'
+REMOTE_LOGS='$HOME/miniend_logs'
+
+DRY_RUN=0
+SCRIPT_NAME=$(basename "$0")
+
+die() {
+  echo "$SCRIPT_NAME: error: $*" >&2
+  exit 1
+}
+
+# Usage errors exit 2 (like argparse) and point at --help.
+usage_error() {
+  echo "$SCRIPT_NAME: error: $*" >&2
+  echo "Run '$SCRIPT_NAME --help' for usage." >&2
+  exit 2
+}
+
+info() {
+  echo "$SCRIPT_NAME: $*" >&2
+}
+
+# require_flag VALUE FLAG EXAMPLE: fail naming the flag when VALUE is empty.
+require_flag() {
+  if [[ -z "$1" ]]; then
+    usage_error "missing required flag $2 (e.g. $2 $3)"
+  fi
+}
+
+# need_value FLAG NUM_REMAINING_ARGS: a flag given as the last argument has no value.
+need_value() {
+  if (( $2 < 2 )); then
+    usage_error "flag $1 needs a value"
+  fi
+}
+
+# shell_quote ARG...: quote for a POSIX shell, leaving plain words readable
+# (so --dry-run output is copy-pasteable and still easy to read).
+shell_quote() {
+  local out=() a
+  for a in "$@"; do
+    if [[ -n "$a" && "$a" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+      out+=("$a")
+    else
+      out+=("'${a//\'/\'\\\'\'}'")
+    fi
+  done
+  echo "${out[*]}"
+}
+
+# run CMD...: in --dry-run print the command (one line, quoted) on stdout and do
+# nothing; otherwise show it on stderr (so users see what happens) and run it.
+run() {
+  if (( DRY_RUN )); then
+    shell_quote "$@"
+  else
+    echo "+ $(shell_quote "$@")" >&2
+    "$@"
+  fi
+}
+
+# Extra gcloud flags applied to every call (e.g. --project). Set by load_common_flags.
+GCLOUD_FLAGS=()
+
+# gcloud_tpu SUBCOMMAND...: `gcloud compute tpus SUBCOMMAND... --zone Z [--project P]`.
+gcloud_tpu() {
+  run "$GCLOUD" compute tpus "$@" --zone "$ZONE" "${GCLOUD_FLAGS[@]}"
+}
+
+# Extra ssh/scp flags from the environment, e.g. MINIEND_TPU_SSH_FLAGS='--tunnel-through-iap'
+# or '--internal-ip' for VPCs without external IPs. Word-split on purpose.
+SSH_FLAGS=()
+if [[ -n "${MINIEND_TPU_SSH_FLAGS:-}" ]]; then
+  read -r -a SSH_FLAGS <<<"$MINIEND_TPU_SSH_FLAGS"
+fi
+
+# tpu_ssh WORKER REMOTE_COMMAND: run REMOTE_COMMAND on one worker or on all of them.
+tpu_ssh() {
+  gcloud_tpu tpu-vm ssh "$NAME" --worker="$1" "${SSH_FLAGS[@]}" --command "$2"
+}
+
+# ---------------------------------------------------------------- names and flags
+
+# TPU names become file names and remote paths; GCP allows lowercase, digits and '-'.
+validate_name() {
+  if [[ ! "$1" =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]]; then
+    usage_error "invalid --name '$1': use lowercase letters, digits and '-', starting with a letter (e.g. --name miniend-v4-8)"
+  fi
+}
+
+# ---------------------------------------------------------------- state file
+
+state_file() {
+  echo "$MINIEND_TPU_STATE_DIR/$1.env"
+}
+
+# state_load NAME: source the state file if there is one; returns 1 when absent.
+state_load() {
+  local f
+  f=$(state_file "$1")
+  [[ -f "$f" ]] || return 1
+  # shellcheck disable=SC1090
+  source "$f"
+}
+
+# state_save NAME VAR...: (re)write the named variables (scalars or arrays) in the
+# state file, keeping the others (create, setup and launch each own their keys).
+state_save() {
+  local name=$1 f tmp var decl flags
+  shift
+  f=$(state_file "$name")
+  mkdir -p "$MINIEND_TPU_STATE_DIR"
+  tmp=$(mktemp "$f.XXXXXX")
+  if [[ -f "$f" ]]; then
+    cp "$f" "$tmp"
+  else
+    echo "# miniend tpu_scripts state for TPU '$name' (written by create/setup/launch; read by resume)" >"$tmp"
+  fi
+  for var in "$@"; do
+    # Drop the old definition, then append `declare -p` output, which bash re-reads
+    # exactly (arrays and quoting included). `-g` so sourcing inside a function sets globals.
+    grep -v -E "^declare -[-a-zA-Z]* $var=" "$tmp" >"$tmp.new" || true
+    mv "$tmp.new" "$tmp"
+    decl=$(declare -p "$var")
+    decl=${decl#declare -}
+    flags=${decl%% *}
+    echo "declare -g${flags//-/} ${decl#* }" >>"$tmp"
+  done
+  mv "$tmp" "$f"
+}
+
+# ---------------------------------------------------------------- accelerator types
+
+# default_runtime_version ACCELERATOR_TYPE: the TPU VM image for that generation.
+# See https://cloud.google.com/tpu/docs/runtimes (JAX uses the plain base images).
+default_runtime_version() {
+  case "$1" in
+    v2-* | v3-* | v4-*) echo "tpu-ubuntu2204-base" ;;
+    v5litepod-* | v5e-*) echo "v2-alpha-tpuv5-lite" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    *) return 1 ;;
+  esac
+}
+
+# num_hosts ACCELERATOR_TYPE: how many TPU VM workers a slice has.
+# v2/v3/v4/v5p suffixes count TensorCores, 8 per host (v4-8 = 1 host, v5p-32 = 4);
+# v5e/v6e suffixes count chips: up to 8 on one host, then 4 chips per host.
+num_hosts() {
+  local gen=${1%-*} n=${1##*-}
+  [[ "$n" =~ ^[0-9]+$ ]] || return 1
+  case "$gen" in
+    v2 | v3 | v4 | v5p) echo $(((n + 7) / 8)) ;;
+    v5litepod | v5e | v6e) if ((n <= 8)); then echo 1; else echo $((n / 4)); fi ;;
+    *) return 1 ;;
+  esac
+}
+
+# describe_state: the current state of the node (VM mode) or queued resource, or
+# NOT_FOUND when gcloud cannot describe it. Never runs in dry-run mode.
+describe_state() {
+  local out
+  if [[ "$MODE" == queued ]]; then
+    out=$("$GCLOUD" compute tpus queued-resources describe "$NAME" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
+      --format='value(state.state)' 2>/dev/null) || out=NOT_FOUND
+  else
+    out=$("$GCLOUD" compute tpus tpu-vm describe "$NAME" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
+      --format='value(state)' 2>/dev/null) || out=NOT_FOUND
+  fi
+  echo "${out:-UNKNOWN}"
+}
+
+# The gcloud describe command describe_state runs, for --dry-run output.
+describe_command() {
+  if [[ "$MODE" == queued ]]; then
+    shell_quote "$GCLOUD" compute tpus queued-resources describe "$NAME" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
+      --format='value(state.state)'
+  else
+    shell_quote "$GCLOUD" compute tpus tpu-vm describe "$NAME" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
+      --format='value(state)'
+  fi
+}
+
+# ready_state: what describe says once the TPU can be used.
+ready_state() {
+  if [[ "$MODE" == queued ]]; then echo ACTIVE; else echo READY; fi
+}
+
+# set_gcloud_flags: derive the per-call gcloud flags from PROJECT.
+set_gcloud_flags() {
+  GCLOUD_FLAGS=()
+  if [[ -n "${PROJECT:-}" ]]; then
+    GCLOUD_FLAGS=(--project "$PROJECT")
+  fi
+}
+
+# load_defaults_from_state: for scripts run after create.sh, fill --zone/--project/mode
+# from the state file so users only pass --name. Flags given explicitly win.
+load_defaults_from_state() {
+  local zone=$ZONE project=$PROJECT
+  if state_load "$NAME"; then
+    ZONE=${zone:-${CREATE_ZONE:-}}
+    PROJECT=${project:-${CREATE_PROJECT:-}}
+    if [[ "${CREATE_QUEUED:-0}" == 1 ]]; then MODE=queued; else MODE=vm; fi
+  fi
+}
+
+# States after which a TPU never becomes usable without being deleted and re-created.
+DEAD_STATES="FAILED SUSPENDED SUSPENDING PREEMPTED TERMINATED STOPPED DELETING"
+
+# wait_until_ready TIMEOUT POLL_INTERVAL: poll describe until READY (queued: ACTIVE).
+# Queued resources pass through ACCEPTED/WAITING_FOR_RESOURCES/PROVISIONING (hours, for
+# big slices); TPU VMs through CREATING. Fails fast on states that never lead to ready,
+# and after TIMEOUT seconds (0 = never) with a message saying what to do next.
+wait_until_ready() {
+  local timeout=$1 interval=$2 want state last="" start=$SECONDS
+  want=$(ready_state)
+  info "waiting for $NAME to become $want (timeout ${timeout}s; 0 = none)"
+  while :; do
+    state=$(describe_state)
+    if [[ "$state" != "$last" ]]; then
+      info "$NAME: $state"
+      last=$state
+    fi
+    [[ "$state" == "$want" ]] && return 0
+    if [[ " $DEAD_STATES " == *" $state "* ]]; then
+      die "$NAME entered state $state while waiting for $want. Check with: $(describe_command). Delete it with: tpu_scripts/teardown.sh --name $NAME"
+    fi
+    if ((timeout > 0 && SECONDS - start >= timeout)); then
+      die "timed out after ${timeout}s waiting for $NAME to become $want (last state: $state). It may still come up: check with: $(describe_command); or retry with a larger --timeout; or delete it with: tpu_scripts/teardown.sh --name $NAME"
+    fi
+    sleep "$interval"
+  done
+}

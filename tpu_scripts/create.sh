@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Create a Cloud TPU VM or pod slice for miniend_jax and wait until it can be used.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<'EOF'
+Usage: create.sh --name NAME --zone ZONE --accelerator-type TYPE [options] [-- EXTRA_GCLOUD_FLAGS...]
+
+Create a TPU VM (single host, e.g. v4-8) or a pod slice (several hosts, e.g. v5p-32)
+and wait until it is READY (queued resources: ACTIVE).
+
+Required:
+  --name NAME               TPU node name (lowercase, digits, '-'), e.g. miniend-v4-8
+  --zone ZONE               e.g. us-central2-b (v4), us-east5-a (v5p), us-west4-a (v5e)
+  --accelerator-type TYPE   e.g. v4-8, v4-32, v5litepod-16, v5p-32, v6e-8
+
+Options:
+  --project PROJECT         GCP project (default: gcloud's configured project)
+  --runtime-version V       TPU VM image. Default by generation:
+                              v2/v3/v4 -> tpu-ubuntu2204-base
+                              v5e (v5litepod) -> v2-alpha-tpuv5-lite
+                              v5p -> v2-alpha-tpuv5
+                              v6e -> v2-alpha-tpuv6e
+  --spot                    Spot capacity: much cheaper, can be preempted at any time
+                            (resume.sh brings the run back from its last checkpoint).
+  --queued                  Use a queued resource (gcloud compute tpus queued-resources):
+                            the request waits in a queue until capacity exists instead of
+                            failing; the usual way to get large slices. Combines with --spot.
+  --timeout SECONDS         Give up waiting for READY/ACTIVE after this long (default 3600;
+                            0 waits forever). The TPU is not deleted on timeout.
+  --poll-interval SECONDS   Seconds between state checks (default 30).
+  --no-wait                 Return right after the create request.
+  --dry-run                 Print the gcloud commands instead of running them.
+  -h, --help                Show this help.
+  -- FLAGS...               Passed to the gcloud create command unchanged
+                            (e.g. -- --network my-vpc --reserved --valid-until-duration 12h).
+
+The flags are remembered in ~/.miniend_tpu/NAME.env so setup.sh, launch.sh, logs.sh,
+resume.sh and teardown.sh only need --name.
+
+Examples:
+  tpu_scripts/create.sh --name miniend-v4-8 --zone us-central2-b --accelerator-type v4-8 --spot
+  tpu_scripts/create.sh --name miniend-v5p-32 --zone us-east5-a --accelerator-type v5p-32 --queued --spot
+EOF
+}
+
+NAME="" ZONE="" PROJECT="" ACCELERATOR_TYPE="" RUNTIME_VERSION=""
+SPOT=0 QUEUED=0 TIMEOUT=3600 POLL_INTERVAL=30 WAIT=1
+EXTRA_ARGS=()
+while (($#)); do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --name) need_value "$1" $#; NAME=$2; shift 2 ;;
+    --name=*) NAME=${1#*=}; shift ;;
+    --zone) need_value "$1" $#; ZONE=$2; shift 2 ;;
+    --zone=*) ZONE=${1#*=}; shift ;;
+    --project) need_value "$1" $#; PROJECT=$2; shift 2 ;;
+    --project=*) PROJECT=${1#*=}; shift ;;
+    --accelerator-type) need_value "$1" $#; ACCELERATOR_TYPE=$2; shift 2 ;;
+    --accelerator-type=*) ACCELERATOR_TYPE=${1#*=}; shift ;;
+    --runtime-version) need_value "$1" $#; RUNTIME_VERSION=$2; shift 2 ;;
+    --runtime-version=*) RUNTIME_VERSION=${1#*=}; shift ;;
+    --timeout) need_value "$1" $#; TIMEOUT=$2; shift 2 ;;
+    --timeout=*) TIMEOUT=${1#*=}; shift ;;
+    --poll-interval) need_value "$1" $#; POLL_INTERVAL=$2; shift 2 ;;
+    --poll-interval=*) POLL_INTERVAL=${1#*=}; shift ;;
+    --spot) SPOT=1; shift ;;
+    --queued) QUEUED=1; shift ;;
+    --no-wait) WAIT=0; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --) shift; EXTRA_ARGS=("$@"); break ;;
+    *) usage_error "unknown argument '$1'" ;;
+  esac
+done
+
+require_flag "$NAME" --name miniend-v4-8
+require_flag "$ZONE" --zone us-central2-b
+require_flag "$ACCELERATOR_TYPE" --accelerator-type v4-8
+validate_name "$NAME"
+[[ "$TIMEOUT" =~ ^[0-9]+$ ]] || usage_error "--timeout must be a whole number of seconds, got '$TIMEOUT'"
+[[ "$POLL_INTERVAL" =~ ^[0-9]+(\.[0-9]+)?$ ]] || usage_error "--poll-interval must be a number of seconds, got '$POLL_INTERVAL'"
+if [[ -z "$RUNTIME_VERSION" ]]; then
+  RUNTIME_VERSION=$(default_runtime_version "$ACCELERATOR_TYPE") ||
+    usage_error "no default runtime for accelerator type '$ACCELERATOR_TYPE'; pass --runtime-version (e.g. --runtime-version tpu-ubuntu2204-base)"
+fi
+if ((QUEUED)); then MODE=queued; else MODE=vm; fi
+set_gcloud_flags
+
+spot_flag=()
+if ((SPOT)); then spot_flag=(--spot); fi
+
+# Remember the flags first, so resume.sh/teardown.sh work even if this script is
+# interrupted while waiting. setup.sh and launch.sh add their own keys later.
+if ! ((DRY_RUN)); then
+  # shellcheck disable=SC2034  # saved by name
+  CREATE_ZONE=$ZONE CREATE_PROJECT=$PROJECT CREATE_ACCELERATOR_TYPE=$ACCELERATOR_TYPE
+  # shellcheck disable=SC2034
+  CREATE_RUNTIME_VERSION=$RUNTIME_VERSION CREATE_SPOT=$SPOT CREATE_QUEUED=$QUEUED
+  # shellcheck disable=SC2034
+  CREATE_EXTRA_ARGS=("${EXTRA_ARGS[@]}")
+  state_save "$NAME" CREATE_ZONE CREATE_PROJECT CREATE_ACCELERATOR_TYPE CREATE_RUNTIME_VERSION \
+    CREATE_SPOT CREATE_QUEUED CREATE_EXTRA_ARGS
+fi
+
+if [[ "$MODE" == queued ]]; then
+  # The queued resource and its node share the name: one thing for users to remember.
+  gcloud_tpu queued-resources create "$NAME" --node-id "$NAME" \
+    --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$RUNTIME_VERSION" \
+    "${spot_flag[@]}" "${EXTRA_ARGS[@]}"
+else
+  gcloud_tpu tpu-vm create "$NAME" \
+    --accelerator-type "$ACCELERATOR_TYPE" --version "$RUNTIME_VERSION" \
+    "${spot_flag[@]}" "${EXTRA_ARGS[@]}"
+fi
+
+if ! ((WAIT)); then exit 0; fi
+want=$(ready_state)
+if ((DRY_RUN)); then
+  echo "# then poll every ${POLL_INTERVAL}s (timeout ${TIMEOUT}s) until $want: $(describe_command)"
+  exit 0
+fi
+
+wait_until_ready "$TIMEOUT" "$POLL_INTERVAL"
+info "$NAME is $want. Next: tpu_scripts/setup.sh --name $NAME --repo URL (or --scp-local)"

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Install miniend_jax on every worker of a TPU VM / pod slice.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<'EOF'
+Usage: setup.sh --name NAME (--repo URL [--ref REF] | --scp-local) [options]
+
+On every worker (--worker=all): get the code into ~/miniend_jax, create the virtual
+environment ~/miniend_venv with `pip install -e '.[tpu]'` (jax[tpu]), and check that
+JAX sees the TPU (`python -c 'import jax; print(jax.device_count())'`).
+Safe to run again (e.g. to update the code before a new launch).
+
+Required:
+  --name NAME           TPU node name given to create.sh
+  and one source of code:
+  --repo URL            git URL to clone on the workers (they need access to it)
+  --scp-local           copy this local checkout instead (tracked and untracked files
+                        that git does not ignore, so .venv/ and caches stay behind), with
+                        `gcloud compute tpus tpu-vm scp --recurse --worker=all`
+                        (after a first run, setup.sh --name NAME reuses the same choice)
+
+Options:
+  --ref REF             branch, tag or commit to check out with --repo (default: the
+                        remote's default branch)
+  --python VERSION      Python for the venv (default 3.11; the TPU images ship Ubuntu
+                        22.04's Python 3.10, too old, so uv installs a standalone one)
+  --skip-verify         Do not run the jax.device_count() check
+  --zone ZONE           default: as given to create.sh
+  --project PROJECT     default: as given to create.sh
+  --dry-run             Print the gcloud commands instead of running them
+  -h, --help            Show this help
+
+Environment: MINIEND_TPU_SSH_FLAGS adds flags to every ssh/scp (e.g. '--tunnel-through-iap').
+
+Examples:
+  tpu_scripts/setup.sh --name miniend-v4-8 --repo https://github.com/ORG/miniend_jax.git --ref main
+  tpu_scripts/setup.sh --name miniend-v5p-32 --scp-local
+EOF
+}
+
+NAME="" ZONE="" PROJECT="" MODE=vm REPO="" REF="" SCP_LOCAL=0 PYTHON_VERSION="" VERIFY=1
+while (($#)); do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --name) need_value "$1" $#; NAME=$2; shift 2 ;;
+    --name=*) NAME=${1#*=}; shift ;;
+    --zone) need_value "$1" $#; ZONE=$2; shift 2 ;;
+    --zone=*) ZONE=${1#*=}; shift ;;
+    --project) need_value "$1" $#; PROJECT=$2; shift 2 ;;
+    --project=*) PROJECT=${1#*=}; shift ;;
+    --repo) need_value "$1" $#; REPO=$2; shift 2 ;;
+    --repo=*) REPO=${1#*=}; shift ;;
+    --ref) need_value "$1" $#; REF=$2; shift 2 ;;
+    --ref=*) REF=${1#*=}; shift ;;
+    --python) need_value "$1" $#; PYTHON_VERSION=$2; shift 2 ;;
+    --python=*) PYTHON_VERSION=${1#*=}; shift ;;
+    --scp-local) SCP_LOCAL=1; shift ;;
+    --skip-verify) VERIFY=0; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    *) usage_error "unknown argument '$1'" ;;
+  esac
+done
+
+require_flag "$NAME" --name miniend-v4-8
+validate_name "$NAME"
+load_defaults_from_state
+require_flag "$ZONE" --zone us-central2-b
+set_gcloud_flags
+
+# No source given: reuse the one recorded by the previous setup (resume.sh relies on this).
+if [[ -z "$REPO" ]] && ((!SCP_LOCAL)); then
+  REPO=${SETUP_REPO:-}
+  REF=${REF:-${SETUP_REF:-}}
+  SCP_LOCAL=${SETUP_SCP_LOCAL:-0}
+fi
+if [[ -n "$REPO" ]] && ((SCP_LOCAL)); then
+  usage_error "--repo and --scp-local are mutually exclusive"
+fi
+if [[ -z "$REPO" ]] && ((!SCP_LOCAL)); then
+  usage_error "missing required flag --repo (e.g. --repo https://github.com/ORG/miniend_jax.git) or --scp-local"
+fi
+if [[ -n "$REF" && -z "$REPO" ]]; then
+  usage_error "--ref only applies with --repo"
+fi
+PYTHON_VERSION=${PYTHON_VERSION:-${SETUP_PYTHON:-3.11}}
+# --scp-local copies the checkout these scripts live in.
+LOCAL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+if ! ((DRY_RUN)); then
+  # shellcheck disable=SC2034  # saved by name
+  SETUP_REPO=$REPO SETUP_REF=$REF SETUP_SCP_LOCAL=$SCP_LOCAL SETUP_PYTHON=$PYTHON_VERSION
+  state_save "$NAME" SETUP_REPO SETUP_REF SETUP_SCP_LOCAL SETUP_PYTHON
+fi
+
+# ------------------------------------------------------------------ the remote script
+# One line of ';'-separated shell run by the workers' login shell (bash on TPU images).
+steps=("set -euo pipefail"
+  # uv's installer uses ~/.local/bin (older ones ~/.cargo/bin).
+  "export PATH=\"\$HOME/.local/bin:\$HOME/.cargo/bin:\$PATH\"")
+if [[ -n "$REPO" ]]; then
+  # Fetch REF into an existing clone or a fresh one: works for branches, tags and
+  # commits, and re-running setup updates the code in place.
+  steps+=("if [ ! -d \"$REMOTE_SRC/.git\" ]; then rm -rf \"$REMOTE_SRC\"; git clone --quiet $(shell_quote "$REPO") \"$REMOTE_SRC\"; fi"
+    "git -C \"$REMOTE_SRC\" fetch --quiet origin $(shell_quote "${REF:-HEAD}")"
+    "git -C \"$REMOTE_SRC\" checkout --quiet --force FETCH_HEAD")
+fi
+steps+=("cd \"$REMOTE_SRC\""
+  # miniend_jax needs Python >= 3.11; uv provides one without sudo or PPAs.
+  "if ! command -v uv >/dev/null 2>&1; then python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh; fi"
+  "if [ ! -x \"$REMOTE_VENV/bin/python\" ]; then uv venv --quiet --seed --python $(shell_quote "$PYTHON_VERSION") \"$REMOTE_VENV\"; fi"
+  "\"$REMOTE_VENV/bin/pip\" install --quiet --upgrade pip"
+  "\"$REMOTE_VENV/bin/pip\" install --quiet -e '.[tpu]'")
+if ((VERIFY)); then
+  # All workers run this at once, as a pod slice needs; device_count() is the global count.
+  steps+=("echo \"\$(hostname): jax.device_count() = \$(\"$REMOTE_VENV/bin/python\" -c 'import jax; print(jax.device_count())')\"")
+fi
+install_cmd=$(printf '%s; ' "${steps[@]}")
+install_cmd=${install_cmd%; }
+
+# ------------------------------------------------------------------ run it
+if ((SCP_LOCAL)); then
+  if ((DRY_RUN)); then
+    echo "# stage the tracked + untracked (not ignored) files of $LOCAL_DIR into STAGING_DIR/miniend_jax"
+    stage="STAGING_DIR"
+  else
+    git -C "$LOCAL_DIR" rev-parse --git-dir >/dev/null 2>&1 ||
+      die "--scp-local needs $LOCAL_DIR to be a git checkout (git decides what to copy, so .venv/ and caches stay behind)"
+    stage=$(mktemp -d "${TMPDIR:-/tmp}/miniend_stage.XXXXXX")
+    trap 'rm -rf "$stage"' EXIT
+    mkdir "$stage/miniend_jax"
+    # Files deleted in the working tree are still listed by --cached: skip them.
+    while IFS= read -r -d '' f; do
+      if [[ -e "$LOCAL_DIR/$f" || -L "$LOCAL_DIR/$f" ]]; then printf '%s\0' "$f"; fi
+    done < <(git -C "$LOCAL_DIR" ls-files -z --cached --others --exclude-standard) >"$stage/files"
+    tar -C "$LOCAL_DIR" --null -T "$stage/files" -cf - | tar -C "$stage/miniend_jax" -xf -
+    info "copying $(tr -cd '\0' <"$stage/files" | wc -c | tr -d ' ') files from $LOCAL_DIR"
+  fi
+  # Start from an empty directory so files deleted locally do not linger remotely.
+  tpu_ssh all "rm -rf \"$REMOTE_SRC\""
+  gcloud_tpu tpu-vm scp --recurse "$stage/miniend_jax" "$NAME:miniend_jax" --worker=all "${SSH_FLAGS[@]}"
+fi
+tpu_ssh all "$install_cmd"
+if ! ((DRY_RUN)); then
+  info "setup done on every worker of $NAME. Next: tpu_scripts/launch.sh --name $NAME --workdir gs://BUCKET/RUN -- distill ..."
+fi
