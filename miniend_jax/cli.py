@@ -1,43 +1,187 @@
-"""The `miniend` command line (also `python -m miniend_jax`)."""
+"""The `miniend` command line (also `python -m miniend_jax`).
+
+  miniend distill  --gin_file gin_configs/runs/X.gin [--gin.NAME=VALUE ...] --workdir DIR
+  miniend pretrain | finetune   (same flags)
+  miniend evaluate --workdir DIR [--task T] [--gin.evaluate.num_beams=4]
+  miniend export   --workdir DIR --out_dir HF_DIR
+  miniend models   (presets and student shapes with sizes)
+
+Every setting is a gin binding; the flags --recipe, --teacher, --init_from,
+--task and --num_steps are shorthands for the bindings they name.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
+
+_SHORTHANDS = {
+    "recipe": "train.recipe",
+    "teacher": "ModelSetup.teacher",
+    "student_shape": "ModelSetup.student_shape",
+    "init_from": "ModelSetup.init_from",
+    "task": "TrainConfig.task",
+    "num_steps": "TrainConfig.num_steps",
+}
 
 
 def _models(args) -> int:
   from miniend_jax.model import presets  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model.student import student_config  # pylint: disable=import-outside-toplevel
   from miniend_jax.model.t5 import count_params  # pylint: disable=import-outside-toplevel
+
+  def row(name, cfg):
+    print(f"{name:<16} {cfg.num_layers:>6} {cfg.d_model:>7} {cfg.num_heads:>5} {cfg.d_ff:>6} "
+          f"{count_params(cfg):>14,}")
+
   print(f"{'preset':<16} {'layers':>6} {'d_model':>7} {'heads':>5} {'d_ff':>6} {'params':>14}")
   for name, cfg in presets.MODEL_PRESETS.items():
-    print(f"{name:<16} {cfg.num_layers:>6} {cfg.d_model:>7} {cfg.num_heads:>5} {cfg.d_ff:>6} "
-          f"{count_params(cfg):>14,}")
-  print()
+    row(name, cfg)
   teacher = presets.get_model_config(args.teacher)
-  from miniend_jax.model.student import student_config  # pylint: disable=import-outside-toplevel
-  print(f"student shapes (family and vocabulary of {args.teacher}):")
+  print(f"\nstudent shapes (family and vocabulary of {args.teacher}):")
   for name in presets.STUDENT_SHAPES:
-    cfg = student_config(teacher, name)
-    print(f"{name:<16} {cfg.num_layers:>6} {cfg.d_model:>7} {cfg.num_heads:>5} {cfg.d_ff:>6} "
-          f"{count_params(cfg):>14,}")
+    row(name, student_config(teacher, name))
+  return 0
+
+
+class GinError(ValueError):
+  """A gin file or binding that cannot be applied."""
+
+
+def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
+  """Parses gin files and NAME=VALUE bindings (after importing every configurable)."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel,unused-import
+
+  search = [os.getcwd(), os.path.join(os.path.dirname(os.path.dirname(__file__)))]
+  for path in search:
+    gin.add_config_file_search_path(path)
+  for f in gin_files:
+    if not os.path.exists(f) and not any(os.path.exists(os.path.join(p, f)) for p in search):
+      raise GinError(f"gin file {f!r} not found (looked in {search}).")
+  try:
+    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
+  except (ValueError, KeyError, SyntaxError) as e:
+    raise GinError(f"Invalid gin configuration: {e}\nCheck the binding's name against the "
+                   "configurables in README.md (e.g. TrainConfig.num_steps=100) and quote "
+                   "strings (--gin.TrainConfig.task=\"'pydoc_span_corruption'\").") from e
+
+
+def _split_gin_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates --gin.NAME=VALUE flags (gin bindings) from the other arguments."""
+  rest, bindings = [], []
+  for arg in argv:
+    if arg.startswith("--gin."):
+      name, sep, value = arg[len("--gin."):].partition("=")
+      if not sep:
+        raise GinError(f"{arg!r}: write --gin.NAME=VALUE.")
+      bindings.append(f"{name} = {value}")
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+def _shorthand_bindings(args) -> list[str]:
+  out = []
+  for flag, binding in _SHORTHANDS.items():
+    value = getattr(args, flag, None)
+    if value is not None:
+      out.append(f"{binding} = {value!r}")
+  return out
+
+
+def _train(args, bindings) -> int:
+  import gin  # pylint: disable=import-outside-toplevel
+  from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
+  parse_gin(args.gin_file, bindings + _shorthand_bindings(args))
+  os.makedirs(args.workdir, exist_ok=True)
+  with open(os.path.join(args.workdir, f"{args.command}_config.gin"), "w") as f:
+    f.write(gin.config_str())
+  summary = loop.train(args.command, args.workdir, progress=not args.no_progress)
+  print(json.dumps(summary, indent=2))
+  return 0
+
+
+def _evaluate(args, bindings) -> int:
+  from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
+  parse_gin(args.gin_file, bindings)
+  kwargs = {k: v for k, v in (("task", args.task), ("checkpoint_dir", args.checkpoint_dir))
+            if v is not None}
+  print(json.dumps(loop.evaluate(args.workdir, **kwargs), indent=2))
+  return 0
+
+
+def _export(args, bindings) -> int:
+  from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
+  parse_gin(args.gin_file, bindings)
+  out = loop.export(args.workdir, args.out_dir, checkpoint_dir=args.checkpoint_dir,
+                    step=args.step, dtype=args.dtype)
+  print(f"Wrote a Hugging Face checkpoint to {out}")
   return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="miniend", description="Task-agnostic distillation of T5 models (MiniEnD) in JAX.")
+      prog="miniend", description="Task-agnostic distillation of T5 models (MiniEnD) in JAX.",
+      epilog="Any --gin.NAME=VALUE flag is a gin binding, e.g. --gin.TrainConfig.num_steps=500.")
   sub = parser.add_subparsers(dest="command", required=True)
-  models = sub.add_parser("models", help="List model presets and student shapes with sizes.")
-  models.add_argument("--teacher", default="t5-v1_1-base",
-                      help="Teacher preset whose family the student shapes take.")
-  models.set_defaults(func=_models)
+
+  def common(p, workdir_required=True):
+    p.add_argument("--workdir", required=workdir_required,
+                   help="run directory (checkpoints, logs, results); local or gs://")
+    p.add_argument("--gin_file", action="append", default=[],
+                   help="gin file (repeatable), e.g. gin_configs/runs/quickstart_distill.gin")
+
+  for mode, text in (("distill", "Distil a student from a teacher (a recipe)."),
+                     ("pretrain", "Train a model from scratch on span corruption."),
+                     ("finetune", "Finetune a model (e.g. a distilled student) on a task.")):
+    p = sub.add_parser(mode, help=text, description=text)
+    common(p)
+    p.add_argument("--recipe", help="distillation recipe, e.g. miniend_d (= --gin.train.recipe)")
+    p.add_argument("--teacher", help="teacher: Hugging Face dir / hub id or miniend checkpoint dir")
+    p.add_argument("--student_shape", help="student shape, e.g. 6L-384H")
+    p.add_argument("--init_from", help="finetune: initial weights (checkpoint or HF dir)")
+    p.add_argument("--task", help="seqio task or mixture")
+    p.add_argument("--num_steps", type=int, help="training steps")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+  p = sub.add_parser("evaluate", help="Score a checkpoint with its task's metrics.")
+  common(p)
+  p.add_argument("--task", help="seqio task (default: the one the checkpoint trained on)")
+  p.add_argument("--checkpoint_dir", help="default: WORKDIR/checkpoints")
+  p.set_defaults(func=_evaluate)
+
+  p = sub.add_parser("export", help="Write a checkpoint as a Hugging Face T5 directory.")
+  common(p)
+  p.add_argument("--out_dir", required=True)
+  p.add_argument("--checkpoint_dir", help="default: WORKDIR/checkpoints")
+  p.add_argument("--step", type=int, help="default: the latest")
+  p.add_argument("--dtype", help="cast weights, e.g. bfloat16")
+  p.set_defaults(func=_export)
+
+  p = sub.add_parser("models", help="List model presets and student shapes with sizes.")
+  p.add_argument("--teacher", default="t5-v1_1-base",
+                 help="teacher preset whose family the student shapes take")
+  p.set_defaults(func=lambda args, bindings: _models(args))
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  return args.func(args)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # orbax and seqio log every file operation through absl at INFO.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    rest, bindings = _split_gin_flags(argv)
+    args = build_parser().parse_args(rest)
+    return args.func(args, bindings)
+  except GinError as e:
+    print(f"miniend: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

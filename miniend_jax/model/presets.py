@@ -28,6 +28,9 @@ MODEL_PRESETS: dict[str, T5Config] = {
     "t5-v1_1-large": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16, **_V1_1),
     "t5-v1_1-xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, **_V1_1),
     "t5-v1_1-xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, **_V1_1),
+    # Small v1.1-style teachers for the offline quickstart and tests (CPU-sized).
+    "t5-v1_1-mini": T5Config(d_model=128, d_kv=32, d_ff=384, num_layers=4, num_heads=4, **_V1_1),
+    "t5-v1_1-tiny": T5Config(d_model=64, d_kv=16, d_ff=192, num_layers=2, num_heads=4, **_V1_1),
 }
 
 

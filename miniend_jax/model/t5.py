@@ -689,3 +689,23 @@ def param_shapes(config: T5Config) -> dict:
 
 def count_params(config: T5Config) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(config))))
+
+
+def forward_flops(config: T5Config, batch: int, input_len: int, target_len: int) -> float:
+  """Matmul FLOPs of one forward pass (2 per multiply-add), the usual MFU numerator.
+
+  Counts projections, feed-forward, attention scores and mixing (full square,
+  as computed) and the output head; ignores norms, softmax and elementwise ops.
+  A training step costs about 3x its forward (backward = 2x).
+  """
+  d, inner, ff = config.d_model, config.inner_dim, config.d_ff
+  ff_mats = 3 if config.is_gated else 2
+  enc_tokens, dec_tokens = batch * input_len, batch * target_len
+  encoder = config.num_layers * (
+      enc_tokens * (4 * d * inner + ff_mats * d * ff) + enc_tokens * 2 * input_len * inner)
+  decoder = config.num_decoder_layers * (
+      dec_tokens * (6 * d * inner + ff_mats * d * ff)      # self q,k,v,o; cross q,o; mlp
+      + enc_tokens * 2 * d * inner                          # cross k,v over the encoder output
+      + dec_tokens * 2 * (target_len + input_len) * inner)  # self and cross scores + mixing
+  head = dec_tokens * d * config.vocab_size
+  return 2.0 * (encoder + decoder + head)

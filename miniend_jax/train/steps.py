@@ -1,0 +1,241 @@
+"""The jitted programs of a run: distillation / training step, eval step, prediction.
+
+`make_distill_step` builds ONE XLA program per step: the teacher's forward
+(frozen, no gradients, bf16 by default), the student's forward with the
+recipe's taps, the recipe loss, gradients, and the optimizer update, with
+explicit input/output shardings and the student state donated. A recipe with
+no distillation terms (`scratch`, finetuning) skips the teacher, so the same
+step serves pretraining and finetuning.
+
+The step never takes a non-finite update: if the loss, a gradient or an updated
+parameter is NaN/inf the old state is returned unchanged and `metrics["nonfinite"]` is 1, so the run
+loop can stop with the last good state still in hand.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from miniend_jax.distill import losses
+from miniend_jax.distill.recipe import Recipe, recipe_loss
+from miniend_jax.model.t5 import T5, T5Config, Taps
+from miniend_jax.train import decoding, partitioning
+from miniend_jax.train.state import TrainState
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+# Batch features the model reads; the rest (positions, loss weights) go to the loss.
+_MODEL_FEATURES = ("encoder_segment_ids", "decoder_segment_ids")
+
+
+def _forward(config: T5Config, params, batch: Batch, taps: Taps, *, dropout_rng=None):
+  kwargs = {k: batch[k] for k in _MODEL_FEATURES if k in batch}
+  rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+  return T5(config).apply(
+      {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+      batch["decoder_target_tokens"], enable_dropout=dropout_rng is not None, taps=taps,
+      rngs=rngs, **kwargs)
+
+
+def gradient_norms(grads) -> dict[str, Array]:
+  """Global L2 norms of gradient groups: the encoder's and the decoder's separately
+  (the paper's stability diagnostic), the shared embedding, the output head, the
+  recipe's own parameters, and the total."""
+  model = grads["model"]
+  groups = {
+      "encoder": model.get("encoder"),
+      "decoder": model.get("decoder"),
+      "embedding": model.get("shared"),
+      "head": model.get("lm_head"),
+      "distill": grads.get("distill") or None,
+  }
+  norms = {f"grad_norm/{k}": optax.tree.norm(v) for k, v in groups.items() if v}
+  norms["grad_norm/total"] = optax.tree.norm(grads)
+  return norms
+
+
+def _all_finite(tree) -> Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
+                       teacher_config: T5Config | None = None,
+                       learning_rate_fn: Callable[[Array], Array] | None = None):
+  """The pure (unjitted) step: (state, teacher_params, batch, rng) -> (state, metrics).
+
+  Args:
+    student_config: the student (its `dtype` is the compute dtype).
+    recipe: a resolved recipe (`recipe.resolve(teacher_config, student_config)`).
+    teacher_config: the teacher, with its compute dtype (bf16 by default in runs);
+      None when the recipe has no distillation terms.
+    learning_rate_fn: the optimizer's schedule, to report the learning rate.
+
+  `state.params` is {"model": student params, "distill": recipe params}.
+  Batch: int32 `encoder_input_tokens` [batch, in_len], `decoder_input_tokens`,
+  `decoder_target_tokens`, float `decoder_loss_weights` [batch, tgt_len], and
+  segment ids when packed. `rng` is a base key; the step folds in its step
+  number, so a resumed run draws the same dropout masks.
+  """
+  if recipe.needs_teacher and teacher_config is None:
+    raise ValueError(f"Recipe {recipe.name!r} distils from a teacher: pass teacher_config.")
+  recipe = recipe.resolve(teacher_config, student_config)
+  teacher_taps, student_taps = (recipe.required_taps(teacher_config, student_config)
+                                if recipe.needs_teacher else (Taps(), Taps()))
+
+  def step_fn(state: TrainState, teacher_params, batch: Batch, rng: Array):
+    teacher_out = None
+    if recipe.needs_teacher:
+      teacher_out = _forward(teacher_config, jax.lax.stop_gradient(teacher_params), batch,
+                             teacher_taps)
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+      student_out = _forward(student_config, params["model"], batch, student_taps,
+                             dropout_rng=dropout_rng if student_config.dropout_rate else None)
+      return recipe_loss(recipe, teacher_out, student_out, batch, state.step,
+                         params.get("distill"))
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads)
+    # A finite loss can still give an infinite update (e.g. a learning-rate blow-up).
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_state.params)
+    # Keep the last good state rather than step into NaN.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = dict(metrics)
+    metrics.update(gradient_norms(grads))
+    metrics["loss"] = loss
+    metrics["nonfinite"] = (~finite).astype(jnp.int32)
+    metrics["param_norm"] = optax.tree.norm(state.params["model"])
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = learning_rate_fn(state.step)
+    return new_state, metrics
+
+  return step_fn
+
+
+def make_distill_step(student_config: T5Config, recipe: Recipe, *, mesh: Mesh,
+                      state_sharding, teacher_config: T5Config | None = None,
+                      teacher_sharding=None,
+                      rules: partitioning.LogicalRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
+                      learning_rate_fn=None):
+  """`distill_step(state, teacher_params, batch, rng) -> (state, metrics)` as one jitted
+  program: explicit in/out shardings, the student state donated.
+
+  Args:
+    state_sharding: the TrainState's NamedShardings (`state.state_shardings`).
+    teacher_sharding: the teacher params' NamedShardings (None without a teacher).
+    Other arguments as in `make_train_step_fn`.
+  """
+  step_fn = make_train_step_fn(student_config, recipe, teacher_config=teacher_config,
+                               learning_rate_fn=learning_rate_fn)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  data = partitioning.batch_sharding(mesh, rules)
+  jitted = jax.jit(step_fn,
+                   in_shardings=(state_sharding, teacher_sharding, data, replicated),
+                   out_shardings=(state_sharding, replicated),
+                   donate_argnums=(0,))
+
+  @functools.wraps(step_fn)
+  def distill_step(state, teacher_params, batch, rng):
+    with partitioning.mesh_context(mesh, rules):
+      return jitted(state, teacher_params, batch, rng)
+
+  distill_step.jitted = jitted
+  distill_step.lower = lambda *args: _lower(jitted, mesh, rules, *args)
+  return distill_step
+
+
+def _lower(jitted, mesh, rules, *args):
+  with partitioning.mesh_context(mesh, rules):
+    return jitted.lower(*args)
+
+
+PEAK_FLOPS = {  # dense bf16 FLOP/s per device, from the vendors' data sheets
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def device_peak_flops(device_kind: str) -> float | None:
+  """Peak FLOP/s of one device of this kind, or None when unknown (e.g. CPUs)."""
+  for name, flops in PEAK_FLOPS.items():
+    if device_kind.startswith(name):
+      return flops
+  return None
+
+
+def compiled_flops(lowered) -> float | None:
+  """FLOPs of one call of a lowered program by XLA's cost analysis (None if unknown)."""
+  try:
+    analysis = lowered.compile().cost_analysis()
+  except Exception:  # Some backends do not implement cost analysis.
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+
+
+def make_eval_step(config: T5Config):
+  """(params, batch) -> sums of token loss, correct tokens and weights, so that
+  means over many batches are exact: loss = loss_sum / weight_sum."""
+
+  def eval_step(params, batch: Batch):
+    logits = _forward(config, params, batch, Taps()).logits
+    targets = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights")
+    weights = (targets > 0) if weights is None else weights
+    weights = weights.astype(jnp.float32)
+    ce = losses.span_corruption_loss(logits, targets, weights, z_loss=0.0).cross_entropy
+    weight_sum = jnp.sum(weights)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
+    return {"loss_sum": ce * weight_sum, "weight_sum": weight_sum, "correct_sum": correct}
+
+  return eval_step
+
+
+def make_score_fn(config: T5Config):
+  """(params, batch) -> float32 [batch] log-likelihood of each example's targets
+  (seqio's `score_fn`, for rank classification)."""
+
+  def score(params, batch: Batch):
+    logits = _forward(config, params, batch, Taps()).logits.astype(jnp.float32)
+    targets = batch["decoder_target_tokens"]
+    log_p = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None],
+                                axis=-1)[..., 0]
+    return jnp.sum(log_p * (targets > 0), axis=-1)
+
+  return score
+
+
+def make_predict_fn(config: T5Config, *, max_decode_length: int, num_beams: int = 1,
+                    alpha: float = 0.6):
+  """(params, batch) -> int32 [batch, max_decode_length] generated tokens (greedy when
+  num_beams == 1, else the best beam)."""
+
+  def predict(params, batch: Batch):
+    inputs = batch["encoder_input_tokens"]
+    if num_beams == 1:
+      return decoding.greedy_decode(config, params, inputs, max_decode_length=max_decode_length)[0]
+    tokens, _ = decoding.beam_search(config, params, inputs, max_decode_length=max_decode_length,
+                                     num_beams=num_beams, alpha=alpha)
+    return tokens[:, 0]
+
+  return predict
+
+
+def tree_device_bytes(tree: Any) -> int:
+  """Bytes a pytree of arrays occupies in total (all shards)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))

@@ -1,0 +1,87 @@
+"""The run loop: resume equals an uninterrupted run, NaN handling, errors before compiling."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from miniend_jax.train import checkpoints, loop, writers
+from tests.train import loop_testing
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return loop_testing.shared_data_dir(tmp_path_factory)
+
+
+def _losses(workdir):
+  return [(r["step"], r["loss"]) for r in
+          writers.read_jsonl(os.path.join(workdir, "logs", "train_metrics.jsonl")) if "loss" in r]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, data_dir):
+  straight = str(tmp_path / "straight")
+  loop_testing.run("pretrain", straight, data_dir, num_steps=6)
+  resumed = str(tmp_path / "resumed")
+  first = loop_testing.run("pretrain", resumed, data_dir, num_steps=3)
+  assert first["step"] == 3
+  second = loop_testing.run("pretrain", resumed, data_dir, num_steps=6)
+  assert second["step"] == 6
+  # Same batches in the same order and the same updates: equal parameters.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               loop_testing.final_params(resumed), loop_testing.final_params(straight))
+  # Logged losses are means since the previous log (every 2 steps); steps 5-6 are
+  # an interval in both runs.
+  straight_losses, resumed_losses = dict(_losses(straight)), dict(_losses(resumed))
+  np.testing.assert_allclose(resumed_losses[6], straight_losses[6], rtol=1e-6)
+  assert straight_losses[6] < straight_losses[2]  # it learns
+
+
+def test_nonfinite_update_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+  workdir = str(tmp_path / "nan")
+  loop_testing.run("pretrain", workdir, data_dir, num_steps=2)
+  good = loop_testing.final_params(workdir)
+  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite at step \d.*last good checkpoint"):
+    loop.train("pretrain", workdir,
+               train_config=loop.TrainConfig(num_steps=4, data_dir=data_dir,
+                                             **loop_testing.TINY_TRAIN),
+               model=loop.ModelSetup(preset="t5-v1_1-tiny"),
+               # A learning rate of 1e30 makes the weights overflow within two updates.
+               optimizer=loop.state_lib.OptimizerConfig(learning_rate=1e30),
+               checkpoint=checkpoints.CheckpointConfig(save_interval_steps=2, async_save=False),
+               mesh=loop.partitioning.MeshConfig(data=-1), progress=False)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert checkpoints.latest_step(ckpt_dir) == 2
+  restored = loop_testing.final_params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, restored, good)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
+
+
+def test_distill_from_a_pretrained_teacher_trains_every_recipe_term(tmp_path, data_dir):
+  teacher = str(tmp_path / "teacher")
+  loop_testing.run("pretrain", teacher, data_dir, num_steps=2)
+  student = str(tmp_path / "student")
+  summary = loop_testing.run("distill", student, data_dir, num_steps=2, teacher=teacher,
+                             student_shape="1L-32H")
+  for key in ("loss/logits", "loss/decoder_self", "loss/decoder_cross", "grad_norm/encoder",
+              "grad_norm/decoder", "perf/tokens_per_s", "eval/loss"):
+    assert key in summary["train"] or key in summary["eval"], key
+  meta = checkpoints.load_metadata(os.path.join(student, "checkpoints"))
+  assert meta["run"]["recipe"] == "miniend_d"
+  assert meta["model_config"]["num_layers"] == 1
+
+
+def test_bad_setups_fail_before_compiling(tmp_path, data_dir):
+  workdir = str(tmp_path / "bad")
+  with pytest.raises(ValueError, match="distill needs a teacher"):
+    loop_testing.run("distill", workdir, data_dir, num_steps=1)
+  with pytest.raises(checkpoints.NoCheckpointError, match="no checkpoint in"):
+    loop_testing.run("distill", workdir, data_dir, num_steps=1, teacher=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+    loop_testing.run("finetune", workdir, data_dir, num_steps=1,
+                     init_from=str(tmp_path / "missing"))
+  # A model whose vocabulary is smaller than the task's.
+  with pytest.raises(ValueError, match="vocab_size=128, but the task's vocabulary has"):
+    loop_testing.run("pretrain", workdir, data_dir, num_steps=1, overrides={"vocab_size": 128})
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))

@@ -1,0 +1,159 @@
+"""The jitted distillation step: mesh independence, frozen teacher, NaN guard, eval."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from miniend_jax.distill.recipe import get_recipe
+from miniend_jax.model import student, t5
+from miniend_jax.train import partitioning, state as state_lib, steps
+
+TEACHER = t5.T5Config(vocab_size=128, d_model=32, d_kv=4, d_ff=64, num_layers=2, num_heads=8,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+STUDENT = TEACHER.replace(num_layers=1, num_decoder_layers=1, d_model=16, d_kv=2, d_ff=32)
+OPTIMIZER = state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=0, total_steps=100,
+                                      decay="constant")
+
+
+def make_batch(seed=0, batch=8, input_len=12, target_len=6):
+  rng = np.random.default_rng(seed)
+  enc = rng.integers(2, TEACHER.vocab_size, size=(batch, input_len)).astype(np.int32)
+  targets = rng.integers(2, TEACHER.vocab_size, size=(batch, target_len)).astype(np.int32)
+  for b in range(batch):
+    enc[b, rng.integers(input_len // 2, input_len + 1):] = 0
+    targets[b, rng.integers(target_len // 2, target_len + 1):] = 0
+  return {"encoder_input_tokens": enc, "decoder_target_tokens": targets,
+          "decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32),
+                                                  targets[:, :-1]], axis=1),
+          "decoder_loss_weights": (targets > 0).astype(np.float32)}
+
+
+def run_steps(mesh_config, recipe_name, num_steps=3, devices=None):
+  mesh = partitioning.make_mesh(mesh_config, devices=devices)
+  recipe = get_recipe(recipe_name).resolve(TEACHER, STUDENT)
+  tx = state_lib.make_optimizer(OPTIMIZER)
+  extra_shapes = jax.eval_shape(lambda: recipe.init_extra_params(jax.random.key(0), TEACHER, STUDENT))
+
+  def init(rng):
+    return {"model": t5.init_params(STUDENT, rng),
+            "distill": recipe.init_extra_params(rng, TEACHER, STUDENT)}
+
+  specs = {"model": t5.param_logical_axes(STUDENT),
+           "distill": jax.tree.map(lambda _: jax.sharding.PartitionSpec(), extra_shapes)}
+  state = state_lib.create_sharded_state(init, tx, mesh, logical_specs=specs,
+                                         init_args=(jax.random.key(1),))
+  teacher_sharding = partitioning.logical_to_sharding(t5.param_logical_axes(TEACHER), mesh)
+  teacher_host = t5.init_params(TEACHER, jax.random.key(0))
+  teacher_params = jax.device_put(teacher_host, teacher_sharding)
+  step = steps.make_distill_step(STUDENT, recipe, mesh=mesh,
+                                 state_sharding=state_lib.state_shardings(state),
+                                 teacher_config=TEACHER, teacher_sharding=teacher_sharding)
+  losses = []
+  for i in range(num_steps):
+    batch = partitioning.host_local_to_global(make_batch(seed=i), mesh)
+    state, metrics = step(state, teacher_params, batch, jax.random.key(5))
+    losses.append(float(metrics["loss"]))
+    assert int(metrics["nonfinite"]) == 0
+  return losses, jax.device_get(state.params), teacher_host, jax.device_get(teacher_params), metrics
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return run_steps(partitioning.MeshConfig(data=1), "miniend_d", devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_config", [
+    partitioning.MeshConfig(data=8),
+    partitioning.MeshConfig(data=2, fsdp=2, model=2),
+    partitioning.MeshConfig(data=1, fsdp=1, model=8),
+], ids=["data8", "data2-fsdp2-model2", "model8"])
+def test_sharded_steps_equal_one_device(mesh_config, single_device_run):
+  ref_losses, ref_params, _, _, _ = single_device_run
+  losses, params, teacher_before, teacher_after, _ = run_steps(mesh_config, "miniend_d")
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  assert losses[-1] != losses[0]  # it trained
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params,
+               ref_params)
+  # The teacher is frozen: bitwise unchanged.
+  jax.tree.map(np.testing.assert_array_equal, teacher_after, teacher_before)
+
+
+def test_step_reports_split_gradient_norms_and_every_term(single_device_run):
+  *_, metrics = single_device_run
+  for key in ("grad_norm/encoder", "grad_norm/decoder", "grad_norm/embedding", "grad_norm/total",
+              "loss/logits", "loss/decoder_self", "loss/decoder_cross", "loss/span_corruption"):
+    assert key in metrics and np.isfinite(float(metrics[key])), key
+  enc, dec = float(metrics["grad_norm/encoder"]), float(metrics["grad_norm/decoder"])
+  assert enc > 0 and dec > 0
+  total = float(metrics["grad_norm/total"])
+  assert total >= max(enc, dec)
+
+
+def test_nonfinite_loss_keeps_the_last_good_state():
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
+  recipe = get_recipe("kd_logits").resolve(TEACHER, STUDENT)
+  tx = state_lib.make_optimizer(OPTIMIZER)
+  state = state_lib.create_sharded_state(
+      lambda rng: {"model": t5.init_params(STUDENT, rng), "distill": {}}, tx, mesh,
+      init_args=(jax.random.key(1),))
+  before = jax.device_get(state.params)
+  teacher_params = t5.init_params(TEACHER, jax.random.key(0))
+  # A NaN in the teacher makes the loss NaN.
+  teacher_params["shared"]["embedding"] = teacher_params["shared"]["embedding"].at[3].set(jnp.nan)
+  step = steps.make_distill_step(STUDENT, recipe, mesh=mesh,
+                                 state_sharding=state_lib.state_shardings(state),
+                                 teacher_config=TEACHER,
+                                 teacher_sharding=partitioning.logical_to_sharding(
+                                     t5.param_logical_axes(TEACHER), mesh))
+  batch = make_batch()
+  batch["encoder_input_tokens"][0, 0] = 3
+  state, metrics = step(state, teacher_params, partitioning.host_local_to_global(batch, mesh),
+                        jax.random.key(0))
+  assert int(metrics["nonfinite"]) == 1
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+
+
+def test_scratch_recipe_needs_no_teacher_and_lowers_the_loss():
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
+  recipe = get_recipe("scratch")
+  tx = state_lib.make_optimizer(OPTIMIZER.replace(learning_rate=1e-2))
+  state = state_lib.create_sharded_state(
+      lambda rng: {"model": t5.init_params(STUDENT, rng), "distill": {}}, tx, mesh,
+      init_args=(jax.random.key(1),))
+  step = steps.make_distill_step(STUDENT, recipe, mesh=mesh,
+                                 state_sharding=state_lib.state_shardings(state))
+  batch = partitioning.host_local_to_global(make_batch(), mesh)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, None, batch, jax.random.key(0))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.7 * losses[0]
+
+
+def test_eval_step_and_score_fn_match_a_direct_computation():
+  params = t5.init_params(STUDENT, jax.random.key(0))
+  batch = {k: jnp.asarray(v) for k, v in make_batch(seed=3).items()}
+  logits = t5.T5(STUDENT).apply({"params": params}, batch["encoder_input_tokens"],
+                                batch["decoder_input_tokens"]).logits
+  log_p = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+  targets = np.asarray(batch["decoder_target_tokens"])
+  token_log_p = np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+  mask = targets > 0
+  sums = steps.make_eval_step(STUDENT)(params, batch)
+  np.testing.assert_allclose(float(sums["weight_sum"]), mask.sum())
+  np.testing.assert_allclose(float(sums["loss_sum"]), -(token_log_p * mask).sum(), rtol=1e-5)
+  correct = ((log_p.argmax(-1) == targets) & mask).sum()
+  assert float(sums["correct_sum"]) == correct
+  scores = steps.make_score_fn(STUDENT)(params, batch)
+  np.testing.assert_allclose(np.asarray(scores), (token_log_p * mask).sum(-1), rtol=1e-5)
+
+
+def test_distill_step_without_teacher_config_fails_before_compiling():
+  with pytest.raises(ValueError, match="distils from a teacher"):
+    steps.make_train_step_fn(STUDENT, get_recipe("miniend_e"))
+  with pytest.raises(ValueError, match="vocab"):
+    steps.make_train_step_fn(STUDENT.replace(vocab_size=64), get_recipe("kd_logits"),
+                             teacher_config=TEACHER)
