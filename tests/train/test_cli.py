@@ -1,0 +1,110 @@
+"""`miniend` from the command line: distill -> finetune -> evaluate -> export, preemption, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from miniend_jax import cli
+from miniend_jax.model import hf
+from miniend_jax.model.t5 import T5
+from miniend_jax.train import checkpoints
+from tests.train import loop_testing
+
+TINY_FLAGS = ["--no_progress", "--gin.TrainConfig.inputs_length=32",
+              "--gin.TrainConfig.targets_length=8", "--gin.TrainConfig.batch_size=8",
+              "--gin.TrainConfig.log_every=2", "--gin.TrainConfig.eval_batches=2",
+              "--gin.CheckpointConfig.save_interval_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return loop_testing.shared_data_dir(tmp_path_factory)
+
+
+def miniend(*args, data_dir, check=True, **popen):
+  command = [sys.executable, "-m", "miniend_jax", *args,
+             f"--gin.TrainConfig.data_dir='{data_dir}'"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  if popen:
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+  proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  if check:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def test_distill_finetune_evaluate_export_from_the_command_line(tmp_path, data_dir):
+  teacher = str(tmp_path / "teacher")
+  loop_testing.run("pretrain", teacher, data_dir, num_steps=4)
+  student = str(tmp_path / "student")
+  miniend("distill", "--workdir", student, "--teacher", teacher, "--student_shape", "1L-32H",
+          "--recipe", "miniend_e", "--num_steps", "4", *TINY_FLAGS, data_dir=data_dir)
+  assert checkpoints.latest_step(os.path.join(student, "checkpoints")) == 4
+  assert json.load(open(os.path.join(student, "summary.json")))["step"] == 4
+  assert "loss/encoder_self" in open(os.path.join(student, "logs", "train_metrics.jsonl")).read()
+
+  finetuned = str(tmp_path / "finetuned")
+  miniend("finetune", "--workdir", finetuned, "--init_from", student, "--task", "pydoc_topic",
+          "--num_steps", "4", *TINY_FLAGS, data_dir=data_dir)
+
+  proc = miniend("evaluate", "--workdir", finetuned, "--gin.evaluate.num_examples=8",
+                 "--gin.evaluate.inputs_length=32", "--gin.evaluate.targets_length=8",
+                 f"--gin.evaluate.data_dir='{data_dir}'", data_dir=data_dir)
+  results = json.load(open(os.path.join(finetuned, "eval", "pydoc_topic.json")))
+  assert 0.0 <= results["pydoc_topic"]["accuracy"] <= 100.0
+  assert "accuracy" in proc.stdout
+
+  exported = str(tmp_path / "hf")
+  miniend("export", "--workdir", finetuned, "--out_dir", exported, data_dir=data_dir)
+  model = transformers.T5ForConditionalGeneration.from_pretrained(exported).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+  ids = tokenizer(["topic: Return the absolute value of a number."], return_tensors="pt")
+  config = checkpoints.load_model_config(os.path.join(finetuned, "checkpoints"))
+  params = checkpoints.load_params_from_checkpoint(os.path.join(finetuned, "checkpoints"))
+  dec = np.zeros((1, 3), np.int32)
+  ours = T5(config).apply({"params": params}, jnp.asarray(ids["input_ids"].numpy(), jnp.int32),
+                          jnp.asarray(dec)).logits
+  with torch.no_grad():
+    theirs = model(**ids, decoder_input_ids=torch.as_tensor(dec, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_sigterm_saves_a_checkpoint_the_run_resumes_from(tmp_path, data_dir):
+  workdir = str(tmp_path / "preempted")
+  proc = miniend("pretrain", "--workdir", workdir, "--gin.ModelSetup.preset='t5-v1_1-tiny'",
+                 "--num_steps", "100000", *TINY_FLAGS, data_dir=data_dir, popen=True)
+  metrics = os.path.join(workdir, "logs", "train_metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, "the run never logged a step"
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["preempted"] and 0 < summary["step"] < 100000
+  assert checkpoints.latest_step(os.path.join(workdir, "checkpoints")) == summary["step"]
+  # Re-running the same command resumes from there (a short total so it finishes).
+  resumed = loop_testing.run("pretrain", workdir, data_dir, num_steps=summary["step"] + 2)
+  assert resumed["step"] == summary["step"] + 2 and not resumed["preempted"]
+
+
+def test_bad_gin_bindings_fail_with_a_clear_message(tmp_path, capsys):
+  code = cli.main(["pretrain", "--workdir", str(tmp_path), "--gin.TrainConfig.num_stepz=3"])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "num_stepz" in err and "Invalid gin configuration" in err
+  assert cli.main(["pretrain", "--workdir", str(tmp_path), "--gin_file", "nope.gin"]) == 2
+  assert "gin file 'nope.gin' not found" in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
