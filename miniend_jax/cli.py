@@ -4,6 +4,8 @@
   miniend pretrain | finetune   (same flags)
   miniend evaluate --workdir DIR [--task T] [--gin.evaluate.num_beams=4]
   miniend export   --workdir DIR --out_dir HF_DIR
+  miniend quickstart [--workdir DIR]   (the offline end-to-end demo)
+  miniend sweep    --gin_file F --sweep NAME=v1,v2 [...] --workdir DIR
   miniend models   (presets and student shapes with sizes)
 
 Every setting is a gin binding; the flags --recipe, --teacher, --init_from,
@@ -97,9 +99,10 @@ def _train(args, bindings) -> int:
   import gin  # pylint: disable=import-outside-toplevel
   from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
   parse_gin(args.gin_file, bindings + _shorthand_bindings(args))
-  os.makedirs(args.workdir, exist_ok=True)
-  with open(os.path.join(args.workdir, f"{args.command}_config.gin"), "w") as f:
-    f.write(gin.config_str())
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  workdir = epath.Path(args.workdir)  # local or gs://
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / f"{args.command}_config.gin").write_text(gin.config_str())
   summary = loop.train(args.command, args.workdir, progress=not args.no_progress)
   print(json.dumps(summary, indent=2))
   return 0
@@ -162,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int, help="default: the latest")
   p.add_argument("--dtype", help="cast weights, e.g. bfloat16")
   p.set_defaults(func=_export)
+
+  # Imported lazily by their run functions; only the flag definitions load here.
+  from miniend_jax import quickstart, sweep  # pylint: disable=import-outside-toplevel
+  p = quickstart.add_arguments(sub.add_parser(
+      "quickstart", help="Offline end-to-end demo: teacher, students along several paths, table.",
+      description="Pretrain a small teacher on the embedded corpus, distil students along "
+                  "several paths at equal steps, finetune and score them, print the table."))
+  p.set_defaults(func=lambda args, bindings: quickstart.run_from_args(args, bindings))
+  p = sweep.add_arguments(sub.add_parser(
+      "sweep", help="A grid of gin bindings, one resumable run each, collected in a table."))
+  p.set_defaults(func=lambda args, bindings: sweep.run_from_args(args, bindings))
 
   p = sub.add_parser("models", help="List model presets and student shapes with sizes.")
   p.add_argument("--teacher", default="t5-v1_1-base",

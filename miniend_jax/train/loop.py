@@ -24,6 +24,7 @@ import gin
 import jax
 import numpy as np
 import seqio
+from etils import epath  # local paths and gs:// alike (multi-host runs need gs://)
 
 from miniend_jax.data import local_corpus, tasks as tasks_lib, vocab as vocab_lib
 from miniend_jax.distill.recipe import Recipe, get_recipe
@@ -108,7 +109,8 @@ class ModelSetup:
 
 def load_model(source: str, **config_overrides) -> tuple[t5.T5Config, dict]:
   """(config, params) from a miniend checkpoint directory or a Hugging Face one / hub id."""
-  if os.path.isdir(source) and not os.path.exists(os.path.join(source, hf.CONFIG_NAME)):
+  path = epath.Path(source)
+  if path.is_dir() and not (path / hf.CONFIG_NAME).exists():
     candidates = [source, os.path.join(source, "checkpoints")]
     for directory in candidates:
       if checkpoints.latest_step(directory) is not None:
@@ -406,8 +408,7 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   summary = {"mode": mode, "step": final_step, "preempted": preempted, "train": last_train,
              "eval": last_eval, "workdir": workdir}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    epath.Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
 
@@ -443,13 +444,14 @@ def _summarise(pending: list, step_number: int, writer) -> dict:
 
 def _prune_input_states(root: str, ckpt: checkpoints.Checkpointer) -> None:
   """Deletes saved iterator positions whose checkpoint step is gone (never a kept one)."""
-  if jax.process_index() != 0 or not os.path.isdir(root):
+  root = epath.Path(root)
+  if jax.process_index() != 0 or not root.is_dir():
     return
   keep = {str(s) for s in ckpt.all_steps()}
-  for name in os.listdir(root):
-    if name.isdigit() and name not in keep and int(name) < max(map(int, keep or {"0"})):
-      import shutil  # pylint: disable=import-outside-toplevel
-      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+  for child in root.iterdir():
+    if child.name.isdigit() and child.name not in keep and int(child.name) < max(
+        map(int, keep or {"0"})):
+      child.rmtree(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------
@@ -503,9 +505,10 @@ def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | Non
       score_fn=lambda ds: run_model(score, ds))
   results = {name: {k: _to_float(v) for k, v in metrics.items()}
              for name, metrics in all_metrics.result().items()}
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  with open(os.path.join(workdir, "eval", f"{task}.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  if jax.process_index() == 0:
+    out_dir = epath.Path(workdir, "eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{task}.json").write_text(json.dumps(results, indent=2))
   return results
 
 

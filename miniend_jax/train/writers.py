@@ -14,20 +14,33 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from clu import metric_writers
+from etils import epath
 
 
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends one JSON object per `write_scalars` call: {"step": s, name: value, ...}."""
 
   def __init__(self, path: str):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    self._path = path
-    self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._path = epath.Path(path)
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    # Object stores (gs://) cannot append: keep the lines and rewrite the small file.
+    self._remote = "://" in str(path)
+    if self._remote:
+      self._lines = self._path.read_text().splitlines(True) if self._path.exists() else []
+    else:
+      self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+
+  def _write(self, line: str) -> None:
+    if self._remote:
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))
+    else:
+      self._file.write(line)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {"step": int(step)}
     record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + "\n")
+    self._write(json.dumps(record) + "\n")
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -51,19 +64,20 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
   def write_hparams(self, hparams):
-    self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+    self._write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
 
   def flush(self):
-    self._file.flush()
+    if not self._remote:
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    if not self._remote:
+      self._file.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
   """The records a JsonlWriter wrote (for plots and tests)."""
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
 def create_writer(logdir: str, name: str = "train") -> metric_writers.MetricWriter:
