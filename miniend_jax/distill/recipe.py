@@ -126,35 +126,24 @@ class LinearRamp:
   needs_losses = False
 
   def __post_init__(self):
-    _check_ramp("LinearRamp", self.start_value, self.end_value,
+    _check_ramp(type(self).__name__, self.start_value, self.end_value,
                 self.start_step, self.end_step)
+
+  def _shape(self, frac):
+    return frac
 
   def __call__(self, step, *, student_loss=None, teacher_loss=None) -> Array:
     del student_loss, teacher_loss
     frac = _ramp_fraction(step, self.start_step, self.end_step)
-    return self.start_value + (self.end_value - self.start_value) * frac
+    return self.start_value + (self.end_value - self.start_value) * self._shape(frac)
 
 
 @dataclasses.dataclass(frozen=True)
-class CosineRamp:
+class CosineRamp(LinearRamp):
   """Like `LinearRamp` with a half-cosine shape: slow at both ends."""
 
-  start_value: float = 0.0
-  end_value: float = 1.0
-  start_step: int = 0
-  end_step: int = 10_000
-
-  needs_losses = False
-
-  def __post_init__(self):
-    _check_ramp("CosineRamp", self.start_value, self.end_value,
-                self.start_step, self.end_step)
-
-  def __call__(self, step, *, student_loss=None, teacher_loss=None) -> Array:
-    del student_loss, teacher_loss
-    frac = _ramp_fraction(step, self.start_step, self.end_step)
-    shape = 0.5 * (1.0 - jnp.cos(math.pi * frac))
-    return self.start_value + (self.end_value - self.start_value) * shape
+  def _shape(self, frac):
+    return 0.5 * (1.0 - jnp.cos(math.pi * frac))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -162,13 +162,6 @@ class Taps:
       changes[field.name] = tuple(sorted(indices))
     return dataclasses.replace(self, **changes)
 
-  def union(self, other: "Taps") -> "Taps":
-    return Taps(**{f.name: tuple(sorted(set(getattr(self, f.name)) | set(getattr(other, f.name))))
-                   for f in dataclasses.fields(self)})
-
-  @property
-  def empty(self) -> bool:
-    return not any(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 @flax.struct.dataclass

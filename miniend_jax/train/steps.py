@@ -15,7 +15,7 @@ loop can stop with the last good state still in hand.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -148,13 +148,7 @@ def make_distill_step(student_config: T5Config, recipe: Recipe, *, mesh: Mesh,
       return jitted(state, teacher_params, batch, rng)
 
   distill_step.jitted = jitted
-  distill_step.lower = lambda *args: _lower(jitted, mesh, rules, *args)
   return distill_step
-
-
-def _lower(jitted, mesh, rules, *args):
-  with partitioning.mesh_context(mesh, rules):
-    return jitted.lower(*args)
 
 
 PEAK_FLOPS = {  # dense bf16 FLOP/s per device, from the vendors' data sheets
@@ -170,18 +164,6 @@ def device_peak_flops(device_kind: str) -> float | None:
     if device_kind.startswith(name):
       return flops
   return None
-
-
-def compiled_flops(lowered) -> float | None:
-  """FLOPs of one call of a lowered program by XLA's cost analysis (None if unknown)."""
-  try:
-    analysis = lowered.compile().cost_analysis()
-  except Exception:  # Some backends do not implement cost analysis.
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  flops = (analysis or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
 
 
 # ----------------------------------------------------------------------------
@@ -234,8 +216,3 @@ def make_predict_fn(config: T5Config, *, max_decode_length: int, num_beams: int 
     return tokens[:, 0]
 
   return predict
-
-
-def tree_device_bytes(tree: Any) -> int:
-  """Bytes a pytree of arrays occupies in total (all shards)."""
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
