@@ -26,6 +26,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 Array = jax.Array
@@ -36,11 +37,18 @@ _MASK_BIAS = -1e10
 
 _FEED_FORWARD_KINDS = ("relu", "gated-gelu", "gated-relu", "gelu")
 
+# The dense projections run through `matmul`'s custom VJP, which remat policies
+# do not see as a dot, so its outputs are named and saved by name as well.
+_MATMUL_NAME = "t5_matmul"
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots,
+        jax.checkpoint_policies.save_only_these_names(_MATMUL_NAME)),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(_MATMUL_NAME)),
 }
 
 
@@ -242,6 +250,58 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _dot_f32(lhs: Array, rhs: Array, contracting: tuple[int, int], out_dtype: Any) -> Array:
+  """2-D dot contracting lhs axis `contracting[0]` with rhs axis `contracting[1]`."""
+  dims = (((contracting[0],), (contracting[1],)), ((), ()))
+  return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+@jax.custom_vjp
+def _matmul_2d(lhs: Array, rhs: Array) -> Array:
+  """[m, k] @ [k, n] -> [m, n] in lhs.dtype, accumulated in float32."""
+  return _dot_f32(lhs, rhs, (1, 0), lhs.dtype)
+
+
+def _matmul_2d_fwd(lhs, rhs):
+  return _matmul_2d(lhs, rhs), (lhs, rhs)
+
+
+def _matmul_2d_bwd(residuals, grad):
+  lhs, rhs = residuals
+  grad = grad.astype(lhs.dtype)
+  return (_dot_f32(grad, rhs, (1, 1), lhs.dtype),   # [m, n] x [k, n] -> [m, k]
+          _dot_f32(lhs, grad, (0, 0), rhs.dtype))   # [m, k] x [m, n] -> [k, n]
+
+
+_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
+
+
+def matmul(x: Array, kernel: Array, num_contracting: int) -> Array:
+  """Contracts the trailing `num_contracting` axes of x with the leading ones of kernel.
+
+  x: [*batch, *in_shape]; kernel: [*in_shape, *out_shape] -> [*batch, *out_shape],
+  in x's dtype (x and kernel share it), accumulated in float32.
+
+  Written as one 2-D matmul with its own VJP rather than a plain
+  `lax.dot_general` for XLA:CPU's sake (TPU and GPU compile either form to the
+  same thing): (1) a bf16 dot asked for a bf16 result is upcast and run as a
+  float32 dot, while one asked for a float32 result runs on the bf16 (AMX)
+  kernels, ~4x faster on a Sapphire Rapids core, and autodiff's gradient dots
+  ask for bf16 results; (2) the weight gradient of a dot over [batch, length, d]
+  contracts two axes, which XLA:CPU lowers through a strided transpose of the
+  output gradient, ~2x slower for a whole MLP block than the 2-D form.
+  benchmarks/README.md has the measurements.
+  """
+  in_shape = kernel.shape[:num_contracting]
+  batch_shape = x.shape[:x.ndim - num_contracting]
+  if x.shape[x.ndim - num_contracting:] != in_shape:
+    raise ValueError(f"matmul: input shape {x.shape} does not end with kernel input {in_shape}")
+  out_shape = kernel.shape[num_contracting:]
+  k, n = math.prod(in_shape), math.prod(out_shape)
+  out = _matmul_2d(x.reshape(-1, k), kernel.reshape(k, n))
+  return checkpoint_name(out, _MATMUL_NAME).reshape(batch_shape + out_shape)
+
+
 class Dense(nn.Module):
   """Bias-free projection contracting the trailing `in_dims` axes of the input.
 
@@ -259,10 +319,7 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = _param(self, "kernel", nn.initializers.normal(self.init_std),
                     self.in_shape + self.out_shape, self.kernel_axes, self.param_dtype)
-    n_in = len(self.in_shape)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                               (contract, ((), ())))
+    return matmul(x.astype(self.dtype), kernel.astype(self.dtype), len(self.in_shape))
 
 
 class RMSNorm(nn.Module):
@@ -337,10 +394,12 @@ class Attention(nn.Module):
     if self.decode:
       key, value = self._update_cache(key, value)
 
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) + bias
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                        preferred_element_type=jnp.float32) + bias
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
+                         preferred_element_type=jnp.float32).astype(dtype)
     out = Dense(heads_shape, (cfg.d_model,), ("heads", "kv", "embed"),
                 cfg.inner_dim ** -0.5, dtype, param_dtype, name="out")(context)
 
@@ -650,7 +709,9 @@ class T5(nn.Module):
     cfg = self.config
     if cfg.tie_word_embeddings:
       # Mesh TensorFlow's T5 rescales before the tied output projection.
-      logits = self.shared.attend(decoded * (cfg.d_model ** -0.5))
+      embedding = self.shared.embedding.astype(self.shared.dtype)
+      logits = matmul((decoded * (cfg.d_model ** -0.5)).astype(self.shared.dtype),
+                      embedding.T, 1)
     else:
       logits = self.lm_head(decoded)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
