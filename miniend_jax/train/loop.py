@@ -396,6 +396,7 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   if bar is not None:
     bar.close()
   final_step = int(state.step)
+  _check_finite(jax.device_get(pending), final_step)  # steps since the last check, if any
   if not preempted and final_step == cfg.num_steps:
     last_eval = evaluate_now(final_step) or last_eval
   save(final_step, metrics=last_eval or None, force=True)

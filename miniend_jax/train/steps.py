@@ -7,9 +7,11 @@ explicit input/output shardings and the student state donated. A recipe with
 no distillation terms (`scratch`, finetuning) skips the teacher, so the same
 step serves pretraining and finetuning.
 
-The step never takes a non-finite update: if the loss, a gradient or an updated
-parameter is NaN/inf the old state is returned unchanged and `metrics["nonfinite"]` is 1, so the run
-loop can stop with the last good state still in hand.
+The step never takes a non-finite update: if the loss or a gradient is NaN/inf
+the old state is returned unchanged and `metrics["nonfinite"]` is 1. If finite
+gradients overflow the weights (an enormous learning rate), `nonfinite` is 1 as
+well; the run loop stops at a reported step and never checkpoints past one, so
+the last good checkpoint is always kept.
 """
 
 from __future__ import annotations
@@ -61,10 +63,6 @@ def gradient_norms(grads) -> dict[str, Array]:
   return norms
 
 
-def _all_finite(tree) -> Array:
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
                        teacher_config: T5Config | None = None,
                        learning_rate_fn: Callable[[Array], Array] | None = None):
@@ -103,16 +101,21 @@ def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
                          params.get("distill"))
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads)
-    # A finite loss can still give an infinite update (e.g. a learning-rate blow-up).
-    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_state.params)
-    # Keep the last good state rather than step into NaN.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    norms = gradient_norms(grads)
+    # A NaN/inf anywhere in the gradients makes their global norm non-finite, so
+    # this scalar decides before the update, and the select below fuses into the
+    # optimizer's elementwise update instead of costing another pass over the state.
+    finite = jnp.isfinite(loss) & jnp.isfinite(norms["grad_norm/total"])
+    updated = state.apply_gradients(grads)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    # Finite gradients can still overflow the weights (e.g. a huge learning rate);
+    # that step is reported, and the loop never checkpoints past a reported step.
+    new_param_norm = optax.tree.norm(new_state.params["model"])
     metrics = dict(metrics)
-    metrics.update(gradient_norms(grads))
+    metrics.update(norms)
     metrics["loss"] = loss
-    metrics["nonfinite"] = (~finite).astype(jnp.int32)
-    metrics["param_norm"] = optax.tree.norm(state.params["model"])
+    metrics["nonfinite"] = (~(finite & jnp.isfinite(new_param_norm))).astype(jnp.int32)
+    metrics["param_norm"] = new_param_norm
     if learning_rate_fn is not None:
       metrics["learning_rate"] = learning_rate_fn(state.step)
     return new_state, metrics

@@ -116,6 +116,24 @@ def test_nonfinite_loss_keeps_the_last_good_state():
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
 
+def test_an_overflowing_update_is_reported():
+  # Finite loss and gradients, but a learning rate that throws the weights past
+  # float32's range: the step must say so, so the loop stops before saving.
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
+  recipe = get_recipe("scratch").resolve(None, STUDENT)
+  tx = state_lib.make_optimizer(OPTIMIZER.__class__(learning_rate=1e38, warmup_steps=0,
+                                                    total_steps=100, decay="constant"))
+  state = state_lib.create_sharded_state(
+      lambda rng: {"model": t5.init_params(STUDENT, rng), "distill": {}}, tx, mesh,
+      init_args=(jax.random.key(1),))
+  step = steps.make_distill_step(STUDENT, recipe, mesh=mesh,
+                                 state_sharding=state_lib.state_shardings(state))
+  _, metrics = step(state, None, partitioning.host_local_to_global(make_batch(), mesh),
+                    jax.random.key(0))
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm/total"]))
+  assert int(metrics["nonfinite"]) == 1
+
+
 def test_scratch_recipe_needs_no_teacher_and_lowers_the_loss():
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
   recipe = get_recipe("scratch")
