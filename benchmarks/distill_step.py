@@ -8,11 +8,15 @@ tokens_per_s (input + target tokens), compile_s (first step), peak_rss_mb and
 mfu (analytic matmul FLOPs: teacher forward + 3x student forward, over the
 device's peak; on CPU the peak is this machine's measured float32 matmul rate).
 `--impl both` runs each in its own process (so peak RSS is each one's own) and
-then prints a line with the ratio.
+then prints a line with the ratio. `first_loss` is the loss of the first step
+(before any update): the two implementations must agree on it, which checks
+that they compute the same thing.
 
 The PyTorch step is Hugging Face's T5ForConditionalGeneration for teacher and
 student (same random weights as ours, exported with save_hf), q/k/v captured
-with forward hooks, the recipe's terms written in torch, AdamW. Only the
+with forward hooks, the recipe's terms written in torch, AdamW; the teacher is
+cast to `--teacher_dtype`, and `--dtype bfloat16` runs the student under
+torch.autocast (bf16 matmuls, float32 weights), as ours does. Only the
 recipes' term kinds logits / encoder_self / decoder_self / decoder_cross are
 implemented there.
 
@@ -127,6 +131,7 @@ def run_jax(args) -> dict:
   state, metrics = step(state, teacher_params, batch, rng)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
+  first_loss = float(metrics["loss"])
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
@@ -135,8 +140,8 @@ def run_jax(args) -> dict:
     times.append(time.perf_counter() - start)
   device = jax.devices()[0]
   return _result("jax", args, teacher, student_cfg, recipe, statistics.median(times), compile_s,
-                 float(metrics["loss"]), str(device.device_kind), jax.default_backend(),
-                 jax.device_count())
+                 first_loss, float(metrics["loss"]), str(device.device_kind),
+                 jax.default_backend(), jax.device_count())
 
 
 def _torch_relation(a, b, a_t, b_t, heads, row_mask, key_mask, causal):
@@ -214,7 +219,8 @@ def run_torch(args) -> dict:
     if "teacher" in models:
       with torch.no_grad():
         teacher_logits = forward(models["teacher"]).float()
-    logits = forward(student_model).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+      logits = forward(student_model).float()
     log_p = torch.log_softmax(logits, -1)
     weights = batch["decoder_loss_weights"]
     ce = -(log_p.gather(-1, batch["decoder_target_tokens"][..., None])[..., 0] * weights).sum() / weights.sum()
@@ -242,11 +248,12 @@ def run_torch(args) -> dict:
             term.relation_heads, rows, keys, causal)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
+    torch.nn.utils.clip_grad_norm_(student_model.parameters(), 1.0)  # as ours (grad_clip_norm)
     optimizer.step()
     return float(total)
 
   start = time.perf_counter()
-  loss = step()
+  first_loss = step()
   compile_s = time.perf_counter() - start
   times = []
   for _ in range(args.steps):
@@ -254,11 +261,11 @@ def run_torch(args) -> dict:
     loss = step()
     times.append(time.perf_counter() - start)
   return _result("torch", args, teacher, student_cfg, recipe, statistics.median(times), compile_s,
-                 loss, "cpu", "cpu", 1, torch_threads=torch.get_num_threads())
+                 first_loss, loss, "cpu", "cpu", 1, torch_threads=torch.get_num_threads())
 
 
-def _result(impl, args, teacher, student_cfg, recipe, step_s, compile_s, loss, device_kind,
-            backend, devices, **extra) -> dict:
+def _result(impl, args, teacher, student_cfg, recipe, step_s, compile_s, first_loss, loss,
+            device_kind, backend, devices, **extra) -> dict:
   peak, peak_source = _peak_flops(device_kind, backend)
   flops = _flops(teacher, student_cfg, recipe, args)
   tokens = args.batch * (args.inputs + args.targets)
@@ -269,7 +276,7 @@ def _result(impl, args, teacher, student_cfg, recipe, step_s, compile_s, loss, d
               tokens_per_s=round(tokens / step_s, 1), compile_s=round(compile_s, 3),
               peak_rss_mb=round(_peak_rss_mb(), 1), step_tflops=round(flops / 1e12, 4),
               mfu=round(flops / step_s / peak, 4), peak_flops_source=peak_source,
-              loss=round(loss, 4), **extra)
+              first_loss=round(first_loss, 4), loss=round(loss, 4), **extra)
 
 
 def main():
