@@ -3,6 +3,7 @@
 #
 # What lives here:
 #   - die / usage_error / require_flag: clear errors that name the flag and show an example
+#   - flag_value / common_flag / resolve_existing_tpu: the flags every script shares
 #   - run: echo the exact command in --dry-run, execute it otherwise
 #   - gcloud_tpu: every gcloud call goes through it so --zone/--project are never forgotten
 #   - a small per-TPU state file (~/.miniend_tpu/<name>.env) so resume.sh can replay
@@ -59,6 +60,32 @@ need_value() {
   if (( $2 < 2 )); then
     usage_error "flag $1 needs a value"
   fi
+}
+
+# flag_value "$@": the value of a flag given as '--flag VALUE' or '--flag=VALUE' goes to
+# FLAG_VALUE, and FLAG_SHIFT says how many arguments it took.
+flag_value() {
+  if [[ "$1" == *=* ]]; then
+    FLAG_VALUE=${1#*=} FLAG_SHIFT=1
+  else
+    need_value "$1" $#
+    FLAG_VALUE=$2 FLAG_SHIFT=2
+  fi
+}
+
+# common_flag "$@": the flags every script takes (-h/--help, --name, --zone, --project,
+# --dry-run); anything else is an unknown argument (UNKNOWN_FLAG_HINT is appended to that
+# error). Each script's loop matches its own flags first, then calls this and shifts
+# FLAG_SHIFT arguments.
+common_flag() {
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --name | --name=*) flag_value "$@"; NAME=$FLAG_VALUE ;;
+    --zone | --zone=*) flag_value "$@"; ZONE=$FLAG_VALUE ;;
+    --project | --project=*) flag_value "$@"; PROJECT=$FLAG_VALUE ;;
+    --dry-run) DRY_RUN=1 FLAG_SHIFT=1 ;;
+    *) usage_error "unknown argument '$1'${UNKNOWN_FLAG_HINT:-}" ;;
+  esac
 }
 
 # shell_quote ARG...: quote for a POSIX shell, leaving plain words readable
@@ -230,6 +257,15 @@ load_defaults_from_state() {
     PROJECT=${project:-${CREATE_PROJECT:-}}
     if [[ "${CREATE_QUEUED:-0}" == 1 ]]; then MODE=queued; else MODE=vm; fi
   fi
+}
+
+# resolve_existing_tpu: for the scripts run after create.sh: --name is required and valid,
+# and --zone/--project/mode default to what create.sh recorded.
+resolve_existing_tpu() {
+  require_flag "$NAME" --name miniend-v4-8
+  validate_name "$NAME"
+  load_defaults_from_state
+  require_flag "$ZONE" --zone us-central2-b
 }
 
 # States after which a TPU never becomes usable without being deleted and re-created.

@@ -51,28 +51,17 @@ SPOT=0 QUEUED=0 TIMEOUT=3600 POLL_INTERVAL=30 WAIT=1
 EXTRA_ARGS=()
 while (($#)); do
   case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" $#; NAME=$2; shift 2 ;;
-    --name=*) NAME=${1#*=}; shift ;;
-    --zone) need_value "$1" $#; ZONE=$2; shift 2 ;;
-    --zone=*) ZONE=${1#*=}; shift ;;
-    --project) need_value "$1" $#; PROJECT=$2; shift 2 ;;
-    --project=*) PROJECT=${1#*=}; shift ;;
-    --accelerator-type) need_value "$1" $#; ACCELERATOR_TYPE=$2; shift 2 ;;
-    --accelerator-type=*) ACCELERATOR_TYPE=${1#*=}; shift ;;
-    --runtime-version) need_value "$1" $#; RUNTIME_VERSION=$2; shift 2 ;;
-    --runtime-version=*) RUNTIME_VERSION=${1#*=}; shift ;;
-    --timeout) need_value "$1" $#; TIMEOUT=$2; shift 2 ;;
-    --timeout=*) TIMEOUT=${1#*=}; shift ;;
-    --poll-interval) need_value "$1" $#; POLL_INTERVAL=$2; shift 2 ;;
-    --poll-interval=*) POLL_INTERVAL=${1#*=}; shift ;;
-    --spot) SPOT=1; shift ;;
-    --queued) QUEUED=1; shift ;;
-    --no-wait) WAIT=0; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
+    --accelerator-type | --accelerator-type=*) flag_value "$@"; ACCELERATOR_TYPE=$FLAG_VALUE ;;
+    --runtime-version | --runtime-version=*) flag_value "$@"; RUNTIME_VERSION=$FLAG_VALUE ;;
+    --timeout | --timeout=*) flag_value "$@"; TIMEOUT=$FLAG_VALUE ;;
+    --poll-interval | --poll-interval=*) flag_value "$@"; POLL_INTERVAL=$FLAG_VALUE ;;
+    --spot) SPOT=1 FLAG_SHIFT=1 ;;
+    --queued) QUEUED=1 FLAG_SHIFT=1 ;;
+    --no-wait) WAIT=0 FLAG_SHIFT=1 ;;
     --) shift; EXTRA_ARGS=("$@"); break ;;
-    *) usage_error "unknown argument '$1'" ;;
+    *) common_flag "$@" ;;
   esac
+  shift "$FLAG_SHIFT"
 done
 
 require_flag "$NAME" --name miniend-v4-8

@@ -43,35 +43,22 @@ EOF
 
 NAME="" ZONE="" PROJECT="" MODE=vm WORKDIR="" TFDS_DIR="" ACCEL="" RESTART=0 RELAUNCH=0
 ENV_VARS=() MINIEND_ARGS=() HAVE_ARGS=0
+UNKNOWN_FLAG_HINT=" (miniend's own flags go after '--')"
 while (($#)); do
   case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" $#; NAME=$2; shift 2 ;;
-    --name=*) NAME=${1#*=}; shift ;;
-    --zone) need_value "$1" $#; ZONE=$2; shift 2 ;;
-    --zone=*) ZONE=${1#*=}; shift ;;
-    --project) need_value "$1" $#; PROJECT=$2; shift 2 ;;
-    --project=*) PROJECT=${1#*=}; shift ;;
-    --workdir) need_value "$1" $#; WORKDIR=$2; shift 2 ;;
-    --workdir=*) WORKDIR=${1#*=}; shift ;;
-    --tfds-data-dir) need_value "$1" $#; TFDS_DIR=$2; shift 2 ;;
-    --tfds-data-dir=*) TFDS_DIR=${1#*=}; shift ;;
-    --env) need_value "$1" $#; ENV_VARS+=("$2"); shift 2 ;;
-    --env=*) ENV_VARS+=("${1#*=}"); shift ;;
-    --accelerator-type) need_value "$1" $#; ACCEL=$2; shift 2 ;;
-    --accelerator-type=*) ACCEL=${1#*=}; shift ;;
-    --restart) RESTART=1; shift ;;
-    --relaunch) RELAUNCH=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
+    --workdir | --workdir=*) flag_value "$@"; WORKDIR=$FLAG_VALUE ;;
+    --tfds-data-dir | --tfds-data-dir=*) flag_value "$@"; TFDS_DIR=$FLAG_VALUE ;;
+    --env | --env=*) flag_value "$@"; ENV_VARS+=("$FLAG_VALUE") ;;
+    --accelerator-type | --accelerator-type=*) flag_value "$@"; ACCEL=$FLAG_VALUE ;;
+    --restart) RESTART=1 FLAG_SHIFT=1 ;;
+    --relaunch) RELAUNCH=1 FLAG_SHIFT=1 ;;
     --) shift; MINIEND_ARGS=("$@"); HAVE_ARGS=1; break ;;
-    *) usage_error "unknown argument '$1' (miniend's own flags go after '--')" ;;
+    *) common_flag "$@" ;;
   esac
+  shift "$FLAG_SHIFT"
 done
 
-require_flag "$NAME" --name miniend-v4-8
-validate_name "$NAME"
-load_defaults_from_state
-require_flag "$ZONE" --zone us-central2-b
+resolve_existing_tpu
 set_gcloud_flags
 
 if ((RELAUNCH)); then

@@ -32,27 +32,15 @@ EOF
 NAME="" ZONE="" PROJECT="" MODE=vm WORKER=0 LINES=100 FOLLOW=1
 while (($#)); do
   case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" $#; NAME=$2; shift 2 ;;
-    --name=*) NAME=${1#*=}; shift ;;
-    --zone) need_value "$1" $#; ZONE=$2; shift 2 ;;
-    --zone=*) ZONE=${1#*=}; shift ;;
-    --project) need_value "$1" $#; PROJECT=$2; shift 2 ;;
-    --project=*) PROJECT=${1#*=}; shift ;;
-    --worker) need_value "$1" $#; WORKER=$2; shift 2 ;;
-    --worker=*) WORKER=${1#*=}; shift ;;
-    --lines) need_value "$1" $#; LINES=$2; shift 2 ;;
-    --lines=*) LINES=${1#*=}; shift ;;
-    --no-follow) FOLLOW=0; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    *) usage_error "unknown argument '$1'" ;;
+    --worker | --worker=*) flag_value "$@"; WORKER=$FLAG_VALUE ;;
+    --lines | --lines=*) flag_value "$@"; LINES=$FLAG_VALUE ;;
+    --no-follow) FOLLOW=0 FLAG_SHIFT=1 ;;
+    *) common_flag "$@" ;;
   esac
+  shift "$FLAG_SHIFT"
 done
 
-require_flag "$NAME" --name miniend-v4-8
-validate_name "$NAME"
-load_defaults_from_state
-require_flag "$ZONE" --zone us-central2-b
+resolve_existing_tpu
 set_gcloud_flags
 [[ "$WORKER" == all || "$WORKER" =~ ^[0-9]+$ ]] || usage_error "--worker must be a number or 'all', got '$WORKER'"
 [[ "$LINES" =~ ^[0-9]+$ ]] || usage_error "--lines must be a number, got '$LINES'"

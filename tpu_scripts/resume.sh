@@ -36,18 +36,14 @@ USAGE
 NAME="" ZONE="" PROJECT="" MODE=vm TIMEOUT=3600 POLL_INTERVAL=30 WATCH=""
 while (($#)); do
   case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" $#; NAME=$2; shift 2 ;;
-    --name=*) NAME=${1#*=}; shift ;;
-    --timeout) need_value "$1" $#; TIMEOUT=$2; shift 2 ;;
-    --timeout=*) TIMEOUT=${1#*=}; shift ;;
-    --poll-interval) need_value "$1" $#; POLL_INTERVAL=$2; shift 2 ;;
-    --poll-interval=*) POLL_INTERVAL=${1#*=}; shift ;;
-    --watch) need_value "$1" $#; WATCH=$2; shift 2 ;;
-    --watch=*) WATCH=${1#*=}; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    *) usage_error "unknown argument '$1'" ;;
+    --timeout | --timeout=*) flag_value "$@"; TIMEOUT=$FLAG_VALUE ;;
+    --poll-interval | --poll-interval=*) flag_value "$@"; POLL_INTERVAL=$FLAG_VALUE ;;
+    --watch | --watch=*) flag_value "$@"; WATCH=$FLAG_VALUE ;;
+    --zone | --zone=* | --project | --project=*)
+      usage_error "unknown argument '$1' (resume.sh uses the zone and project create.sh recorded)" ;;
+    *) common_flag "$@" ;;
   esac
+  shift "$FLAG_SHIFT"
 done
 
 require_flag "$NAME" --name miniend-v4-8

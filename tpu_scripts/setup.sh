@@ -44,30 +44,17 @@ EOF
 NAME="" ZONE="" PROJECT="" MODE=vm REPO="" REF="" SCP_LOCAL=0 PYTHON_VERSION="" VERIFY=1
 while (($#)); do
   case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" $#; NAME=$2; shift 2 ;;
-    --name=*) NAME=${1#*=}; shift ;;
-    --zone) need_value "$1" $#; ZONE=$2; shift 2 ;;
-    --zone=*) ZONE=${1#*=}; shift ;;
-    --project) need_value "$1" $#; PROJECT=$2; shift 2 ;;
-    --project=*) PROJECT=${1#*=}; shift ;;
-    --repo) need_value "$1" $#; REPO=$2; shift 2 ;;
-    --repo=*) REPO=${1#*=}; shift ;;
-    --ref) need_value "$1" $#; REF=$2; shift 2 ;;
-    --ref=*) REF=${1#*=}; shift ;;
-    --python) need_value "$1" $#; PYTHON_VERSION=$2; shift 2 ;;
-    --python=*) PYTHON_VERSION=${1#*=}; shift ;;
-    --scp-local) SCP_LOCAL=1; shift ;;
-    --skip-verify) VERIFY=0; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    *) usage_error "unknown argument '$1'" ;;
+    --repo | --repo=*) flag_value "$@"; REPO=$FLAG_VALUE ;;
+    --ref | --ref=*) flag_value "$@"; REF=$FLAG_VALUE ;;
+    --python | --python=*) flag_value "$@"; PYTHON_VERSION=$FLAG_VALUE ;;
+    --scp-local) SCP_LOCAL=1 FLAG_SHIFT=1 ;;
+    --skip-verify) VERIFY=0 FLAG_SHIFT=1 ;;
+    *) common_flag "$@" ;;
   esac
+  shift "$FLAG_SHIFT"
 done
 
-require_flag "$NAME" --name miniend-v4-8
-validate_name "$NAME"
-load_defaults_from_state
-require_flag "$ZONE" --zone us-central2-b
+resolve_existing_tpu
 set_gcloud_flags
 
 # No source given: reuse the one recorded by the previous setup (resume.sh relies on this).

@@ -31,24 +31,14 @@ USAGE
 NAME="" ZONE="" PROJECT="" MODE=vm QUEUED=0 KEEP_STATE=0
 while (($#)); do
   case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" $#; NAME=$2; shift 2 ;;
-    --name=*) NAME=${1#*=}; shift ;;
-    --zone) need_value "$1" $#; ZONE=$2; shift 2 ;;
-    --zone=*) ZONE=${1#*=}; shift ;;
-    --project) need_value "$1" $#; PROJECT=$2; shift 2 ;;
-    --project=*) PROJECT=${1#*=}; shift ;;
-    --queued) QUEUED=1; shift ;;
-    --keep-state) KEEP_STATE=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    *) usage_error "unknown argument '$1'" ;;
+    --queued) QUEUED=1 FLAG_SHIFT=1 ;;
+    --keep-state) KEEP_STATE=1 FLAG_SHIFT=1 ;;
+    *) common_flag "$@" ;;
   esac
+  shift "$FLAG_SHIFT"
 done
 
-require_flag "$NAME" --name miniend-v4-8
-validate_name "$NAME"
-load_defaults_from_state
-require_flag "$ZONE" --zone us-central2-b
+resolve_existing_tpu
 if ((QUEUED)); then MODE=queued; fi
 set_gcloud_flags
 
