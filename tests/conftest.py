@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _clear_gin():
   """Gin bindings are process-global; no test sees another's."""
-  yield
   import gin  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  yield
   gin.clear_config()

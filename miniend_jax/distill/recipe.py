@@ -290,26 +290,15 @@ class Term:
     return self.kind != "logits"
 
 
-def _num_layers(cfg, kind: str) -> int:
-  if kind.startswith("encoder"):
-    return cfg.num_layers
-  return cfg.num_decoder_layers or cfg.num_layers
-
-
 def _attention_width(cfg) -> int:
   return cfg.num_heads * cfg.d_kv
 
 
 def _resolve_layer(term: Term, side: str, cfg) -> int:
+  from miniend_jax.model.t5 import layer_index  # pylint: disable=import-outside-toplevel
   layer = getattr(term, f"{side}_layer")
-  num = _num_layers(cfg, term.kind)
-  if not -num <= layer < num:
-    stack = "encoder" if term.kind.startswith("encoder") else "decoder"
-    raise ValueError(
-        f"Term {term.label!r} asks for {side}_layer={layer} of {term.kind}, "
-        f"which the {side} cannot give: its {stack} has {num} layers, so valid "
-        f"indices are {-num}..{num - 1}.")
-  return layer % num
+  return layer_index(cfg, term.kind, layer, f"Term {term.label!r} {side}_layer={layer}",
+                     owner=f"the {side}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,10 +403,6 @@ class Recipe:
         changes["relation_heads"] = heads
       resolved.append(dataclasses.replace(term, **changes))
     return dataclasses.replace(self, terms=tuple(resolved))
-
-  def validate(self, teacher_cfg, student_cfg) -> None:
-    """Raises a ValueError if the recipe cannot run on these two models."""
-    self.resolve(teacher_cfg, student_cfg)
 
   def required_taps(self, teacher_cfg, student_cfg):
     """The `Taps` each model must return for this recipe: (teacher, student).
@@ -613,45 +598,37 @@ def recipe_loss(
 # ---------------------------------------------------------------------------
 
 
-def _logits(**kw) -> Term:
-  return Term("logits", **kw)
-
-
-def _rel(kind: str, **kw) -> Term:
-  return Term(kind, **kw)
-
-
 # Relation-based presets distil the student from the teacher alone
 # (ce_weight=0), as MiniLM/MiniLMv2 task-agnostic distillation does; the
 # paper does not say whether it adds the student's own span-corruption loss.
 # Set `Recipe.ce_weight` (gin or Python) to add it.
 RECIPES: dict[str, Recipe] = {
     "scratch": Recipe(name="scratch", terms=(), ce_weight=1.0),
-    "kd_logits": Recipe(name="kd_logits", terms=(_logits(),), ce_weight=0.0),
+    "kd_logits": Recipe(name="kd_logits", terms=(Term("logits"),), ce_weight=0.0),
     "minilm": Recipe(
         name="minilm", ce_weight=0.0,
-        terms=(_rel("encoder_self"), _rel("decoder_self"))),
+        terms=(Term("encoder_self"), Term("decoder_self"))),
     "kd_logits_minilm": Recipe(
         name="kd_logits_minilm", ce_weight=0.0,
-        terms=(_logits(), _rel("encoder_self"), _rel("decoder_self"))),
+        terms=(Term("logits"), Term("encoder_self"), Term("decoder_self"))),
     "implicit": Recipe(
         name="implicit", ce_weight=0.0,
-        terms=(_logits(), _rel("decoder_self"))),
+        terms=(Term("logits"), Term("decoder_self"))),
     "hidden_mse": Recipe(
         name="hidden_mse", ce_weight=0.0,
         terms=(Term("encoder_hidden"), Term("decoder_hidden"))),
     "miniend_d": Recipe(
         name="miniend_d", ce_weight=0.0,
-        terms=(_logits(), _rel("decoder_self"), _rel("decoder_cross"))),
+        terms=(Term("logits"), Term("decoder_self"), Term("decoder_cross"))),
     "miniend_d_nologit": Recipe(
         name="miniend_d_nologit", ce_weight=0.0,
-        terms=(_rel("decoder_self"), _rel("decoder_cross"))),
+        terms=(Term("decoder_self"), Term("decoder_cross"))),
     "miniend_e": Recipe(
         name="miniend_e", ce_weight=0.0,
-        terms=(_logits(), _rel("decoder_self"), _rel("encoder_self"))),
+        terms=(Term("logits"), Term("decoder_self"), Term("encoder_self"))),
     "miniend_e_nologit": Recipe(
         name="miniend_e_nologit", ce_weight=0.0,
-        terms=(_rel("decoder_self"), _rel("encoder_self"))),
+        terms=(Term("decoder_self"), Term("encoder_self"))),
     # For a 3B (24+24 layer) teacher: MiniLMv2 reads an upper-middle layer of
     # large teachers (the 21st of 24, index -4) with 64 relation heads, which
     # divide the widths of T5 small/base/large/3B and of 384/512-wide
@@ -659,7 +636,7 @@ RECIPES: dict[str, Recipe] = {
     "miniend_e_interpolated": Recipe(
         name="miniend_e_interpolated", ce_weight=0.0,
         terms=tuple(
-            _rel(kind, teacher_layer=-4, relation_heads=64,
+            Term(kind, teacher_layer=-4, relation_heads=64,
                  interpolation=LinearRamp(start_value=0.2, end_value=1.0,
                                           start_step=0, end_step=10_000))
             for kind in ("decoder_self", "encoder_self"))),

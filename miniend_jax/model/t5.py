@@ -156,20 +156,27 @@ class Taps:
     Raises:
       ValueError: naming the tap and the valid range, for a layer that does not exist.
     """
-    changes = {}
-    for field in dataclasses.fields(self):
-      num = config.num_layers if field.name.startswith("encoder") else config.num_decoder_layers
-      indices = set()
-      for i in getattr(self, field.name):
-        if not -num <= i < num:
-          raise ValueError(
-              f"Tap {field.name}={i} asks for a layer that does not exist: the model has "
-              f"{num} {field.name.split('_')[0]} layers, so valid indices are "
-              f"{-num}..{num - 1}.")
-        indices.add(i % num)
-      changes[field.name] = tuple(sorted(indices))
-    return dataclasses.replace(self, **changes)
+    return dataclasses.replace(self, **{
+        field.name: tuple(sorted({
+            layer_index(config, field.name, i, f"Tap {field.name}={i}")
+            for i in getattr(self, field.name)}))
+        for field in dataclasses.fields(self)})
 
+
+def layer_index(config: T5Config, kind: str, index: int, what: str,
+                owner: str = "the model") -> int:
+  """`index` of a layer of the stack `kind` names ("encoder_*" or "decoder_*"), made
+  non-negative (negative indices count from the last layer).
+
+  Raises:
+    ValueError: starting with `what`, naming the stack's size and the valid range.
+  """
+  stack = "encoder" if kind.startswith("encoder") else "decoder"
+  num = config.num_layers if stack == "encoder" else config.num_decoder_layers
+  if not -num <= index < num:
+    raise ValueError(f"{what} asks for a layer that does not exist: {owner}'s {stack} has "
+                     f"{num} layers, so valid indices are {-num}..{num - 1}.")
+  return index % num
 
 
 @flax.struct.dataclass

@@ -190,7 +190,7 @@ def test_attention_kl_matches_reference(dtype, causal, a):
 
 @pytest.mark.parametrize("dtype,temperature,chunk", [
     (jnp.float32, 1.0, None),
-    (jnp.float32, 2.0, 3),  # 7 positions in chunks of 3: padded last chunk
+    (jnp.float32, 2.0, 3),  # 7 positions in chunks of 3: a shorter last chunk
     (jnp.bfloat16, 1.5, 2),
 ])
 def test_logits_kl_matches_reference(dtype, temperature, chunk):

@@ -22,13 +22,6 @@ REQUIRED = ("scratch", "kd_logits", "minilm", "kd_logits_minilm", "implicit",
             "miniend_e_nologit", "miniend_e_interpolated")
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
-
 # ---------------------------------------------------------------------------
 # Presets and gin.
 # ---------------------------------------------------------------------------
@@ -129,7 +122,7 @@ def test_tap_the_model_cannot_give():
     bad.required_taps(tiny.TEACHER, tiny.STUDENT)
   bad = R.Recipe(terms=(R.Term("encoder_hidden", teacher_layer=-4),))
   with pytest.raises(ValueError, match="teacher_layer=-4 .*encoder has 3 layers"):
-    bad.validate(tiny.TEACHER, tiny.STUDENT)
+    bad.resolve(tiny.TEACHER, tiny.STUDENT)
 
 
 def test_relation_heads_must_divide_widths():
@@ -148,8 +141,8 @@ def test_logits_need_one_vocabulary():
   student = tiny.config(vocab_size=tiny.VOCAB + 3)
   for name in ("kd_logits", "miniend_d", "miniend_e", "implicit"):
     with pytest.raises(ValueError, match="vocab_size"):
-      R.get_recipe(name).validate(tiny.TEACHER, student)
-  R.get_recipe("miniend_e_nologit").validate(tiny.TEACHER, student)  # no logits
+      R.get_recipe(name).resolve(tiny.TEACHER, student)
+  R.get_recipe("miniend_e_nologit").resolve(tiny.TEACHER, student)  # no logits
 
 
 def test_resolve_and_required_taps():

@@ -152,7 +152,7 @@ def test_dropout_only_when_enabled():
 
 def test_taps_on_missing_layers_fail_clearly():
   params = init_params(TINY, jax.random.key(0))
-  with pytest.raises(ValueError, match=r"decoder_cross=2 .* 2 decoder layers.*-2\.\.1"):
+  with pytest.raises(ValueError, match=r"decoder_cross=2 .*decoder has 2 layers.*-2\.\.1"):
     T5(TINY).apply({"params": params}, *_tokens(), taps=Taps(decoder_cross=(2,)))
   with pytest.raises(ValueError, match=r"encoder_self=-4"):
     Taps(encoder_self=(-4,)).normalize(TINY)

@@ -15,13 +15,6 @@ RUNS = sorted(glob.glob(os.path.join(ROOT, "gin_configs", "runs", "*.gin")))
 MODELS = sorted(glob.glob(os.path.join(ROOT, "gin_configs", "models", "*.gin")))
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
-
 def _build_all():
   """Instantiates every configurable as gin binds it (runs each config's own checks)."""
   return (loop.TrainConfig(), loop.ModelSetup(), state_lib.OptimizerConfig(),
