@@ -328,12 +328,6 @@ def harvest_pydoc_corpus(
   return manifest
 
 
-def _read_texts(path: str, key: str) -> Iterator[str]:
-  with tf.io.gfile.GFile(path, "r") as f:
-    for line in f:
-      yield json.loads(line)[key]
-
-
 def train_pydoc_vocabulary(
     data_dir: str,
     vocab_dir: Optional[str] = None,
@@ -366,7 +360,7 @@ def train_pydoc_vocabulary(
       )
     lines = (
         line
-        for text in _read_texts(text_path, "text")
+        for text in tasks.read_jsonl_files([text_path], ["text"])["text"]
         for line in text.split("\n")
     )
     vocab_lib.train_sentencepiece(lines, spm_path, vocab_size=vocab_size)
@@ -406,30 +400,17 @@ def register_pydoc_tasks(
   """
   vocab_lib.validate_vocabulary(vocabulary)
   features = tasks.output_features(vocabulary)
-  span_task = seqio.Task(
-      TASK_SPAN_CORRUPTION,
-      source=tasks.JsonlDataSource(
-          _split_files(data_dir, TASK_SPAN_CORRUPTION), fields=("text",)
-      ),
-      output_features=features,
-      preprocessors=tasks.span_corruption_preprocessors("text"),
-      metric_fns=[],
-  )
+  span_task = tasks.span_corruption_task(
+      TASK_SPAN_CORRUPTION, vocabulary, _split_files(data_dir, TASK_SPAN_CORRUPTION),
+      "jsonl", validate_files=False, register=False)  # the harvest wrote valid files
   summary_task = seqio.Task(
       TASK_SUMMARY,
       source=tasks.JsonlDataSource(
           _split_files(data_dir, TASK_SUMMARY), fields=("body", "summary")
       ),
       output_features=features,
-      preprocessors=[
-          functools.partial(
-              preprocessors.summarize, article_key="body",
-              summary_key="summary",
-          ),
-          seqio.preprocessors.tokenize,
-          seqio.CacheDatasetPlaceholder(),
-          seqio.preprocessors.append_eos_after_trim,
-      ],
+      preprocessors=tasks.text_to_text_preprocessors(functools.partial(
+          preprocessors.summarize, article_key="body", summary_key="summary")),
       postprocess_fn=metrics.strip_text,
       metric_fns=[metrics.rouge],
   )
@@ -439,15 +420,9 @@ def register_pydoc_tasks(
           _split_files(data_dir, TASK_TOPIC), fields=("text", "package")
       ),
       output_features=features,
-      preprocessors=[
-          functools.partial(
-              preprocessors.classify_text, prefix="topic:", text_key="text",
-              label_key="package",
-          ),
-          seqio.preprocessors.tokenize,
-          seqio.CacheDatasetPlaceholder(),
-          seqio.preprocessors.append_eos_after_trim,
-      ],
+      preprocessors=tasks.text_to_text_preprocessors(functools.partial(
+          preprocessors.classify_text, prefix="topic:", text_key="text",
+          label_key="package")),
       postprocess_fn=functools.partial(
           metrics.string_label_to_class_id, label_classes=list(TOPIC_PACKAGES)
       ),
@@ -455,7 +430,7 @@ def register_pydoc_tasks(
   )
   names = []
   for task in (span_task, summary_task, topic_task):
-    tasks._register(task)  # pylint: disable=protected-access
+    tasks.add_to_registry(task)
     names.append(task.name)
   return names
 

@@ -466,23 +466,6 @@ GLUE_LABEL_NAMES: Mapping[str, Optional[tuple[str, ...]]] = {
     "ax": ("entailment", "neutral", "contradiction"),
 }
 
-# Text features of each GLUE config, in T5's order (sorted names).
-GLUE_TEXT_FEATURES: Mapping[str, tuple[str, ...]] = {
-    "cola": ("sentence",),
-    "sst2": ("sentence",),
-    "mrpc": ("sentence1", "sentence2"),
-    "qqp": ("question1", "question2"),
-    "stsb": ("sentence1", "sentence2"),
-    "mnli": ("hypothesis", "premise"),
-    "mnli_mismatched": ("hypothesis", "premise"),
-    "mnli_matched": ("hypothesis", "premise"),
-    "qnli": ("question", "sentence"),
-    "rte": ("sentence1", "sentence2"),
-    "wnli": ("sentence1", "sentence2"),
-    "ax": ("hypothesis", "premise"),
-}
-
-
 def glue_benchmark_name(config_name: str) -> str:
   """The task prefix T5 writes: MNLI variants and AX are all "mnli"."""
   if "mnli" in config_name or config_name == "ax":
@@ -563,7 +546,6 @@ def glue_text_preprocessor(config_name: str):
       glue,
       benchmark_name=glue_benchmark_name(config_name),
       label_names=GLUE_LABEL_NAMES[config_name],
-      feature_names=GLUE_TEXT_FEATURES[config_name],
   )
 
 

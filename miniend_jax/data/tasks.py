@@ -214,24 +214,38 @@ class OfflineTfdsDataSource(seqio.TfdsDataSource):
       return []
 
 
-def _read_jsonl_files(
+def parse_jsonl_record(path: str, line_number: int, line: str,
+                       fields: Sequence[str]) -> dict:
+  """One JSONL line as a dict whose `fields` are strings; errors name the line."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+        f"{path}:{line_number} is not valid JSON ({e}); JSONL needs "
+        "one JSON object per line."
+    ) from None
+  if not isinstance(record, dict) or not all(
+      isinstance(record.get(field), str) for field in fields
+  ):
+    wanted = (f"a string {fields[0]!r} field" if len(fields) == 1
+              else "string fields " + ", ".join(map(repr, fields)))
+    raise ValueError(f"{path}:{line_number}: expected a JSON object with {wanted}.")
+  return record
+
+
+def read_jsonl_files(
     files: Sequence[str], fields: Sequence[str]
 ) -> dict[str, list[str]]:
+  """The string `fields` of every record of JSONL `files`, as columns."""
   columns = {field: [] for field in fields}
   for path in files:
     with tf.io.gfile.GFile(path, "r") as f:
       for line_number, line in enumerate(f, start=1):
         if not line.strip():
           continue
-        record = json.loads(line)
+        record = parse_jsonl_record(path, line_number, line, fields)
         for field in fields:
-          value = record.get(field)
-          if not isinstance(value, str):
-            raise ValueError(
-                f"{path}:{line_number}: field {field!r} is missing or not a "
-                "string."
-            )
-          columns[field].append(value)
+          columns[field].append(record[field])
   return columns
 
 
@@ -282,7 +296,7 @@ class JsonlDataSource(seqio.DataSource):
     if shuffle:
       files = [files[i] for i in np.random.RandomState(seed).permutation(
           len(files))]
-    columns = _read_jsonl_files(files, self._fields)
+    columns = read_jsonl_files(files, self._fields)
     return tf.data.Dataset.from_tensor_slices(
         {k: tf.constant(v, dtype=tf.string, shape=[len(v)])
          for k, v in columns.items()}
@@ -359,20 +373,7 @@ def validate_text_files(
         if file_format == "text":
           has_text = True
           continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(
-              f"{path}:{line_number} is not valid JSON ({e}); JSONL needs "
-              "one JSON object per line."
-          ) from None
-        if not isinstance(record, dict) or not isinstance(
-            record.get(text_key), str
-        ):
-          raise ValueError(
-              f"{path}:{line_number}: expected a JSON object with a string "
-              f"{text_key!r} field."
-          )
+        record = parse_jsonl_record(path, line_number, line, (text_key,))
         has_text = has_text or bool(record[text_key].strip())
       if not has_text:
         raise ValueError(
@@ -421,7 +422,7 @@ def span_corruption_feature_lengths(
   return {"inputs": inputs_length, "targets": targets_length}
 
 
-def _register(provider: Union[seqio.Task, seqio.Mixture]) -> None:
+def add_to_registry(provider: Union[seqio.Task, seqio.Mixture]) -> None:
   """Adds or replaces a task / mixture, so registration is idempotent."""
   registry = (
       seqio.TaskRegistry
@@ -493,7 +494,7 @@ def span_corruption_task(
       metric_fns=[],
   )
   if register:
-    _register(task)
+    add_to_registry(task)
   return task
 
 
@@ -502,7 +503,8 @@ def span_corruption_task(
 # ----------------------------------------------------------------------------
 
 
-def _text_to_text_preprocessors(text_preprocessor) -> list:
+def text_to_text_preprocessors(text_preprocessor) -> list:
+  """The steps of a text-to-text task after its own `text_preprocessor`."""
   return [
       text_preprocessor,
       seqio.preprocessors.tokenize,
@@ -532,7 +534,7 @@ def glue_task(
           tfds_data_dir=tfds_data_dir,
       ),
       output_features=output_features(vocabulary),
-      preprocessors=_text_to_text_preprocessors(
+      preprocessors=text_to_text_preprocessors(
           preprocessors.glue_text_preprocessor(config_name)
       ),
       postprocess_fn=postprocess_fn,
@@ -586,7 +588,7 @@ def register_tfds_tasks(
                 tfds_data_dir=tfds_data_dir,
             ),
             output_features=features,
-            preprocessors=_text_to_text_preprocessors(
+            preprocessors=text_to_text_preprocessors(
                 functools.partial(
                     preprocessors.summarize,
                     article_key=article_key,
@@ -598,13 +600,13 @@ def register_tfds_tasks(
         )
     )
   for task in tasks:
-    _register(task)
+    add_to_registry(task)
   # A mixture holds its task objects, so it is rebuilt with the new tasks.
   glue_mixture = seqio.Mixture(
       "glue",
       [(f"glue_{c}", rate) for c, rate in GLUE_TRAIN_EXAMPLES.items()],
   )
-  _register(glue_mixture)
+  add_to_registry(glue_mixture)
   return [t.name for t in tasks] + [glue_mixture.name]
 
 
@@ -688,14 +690,8 @@ class DatasetIterator:
   """
 
   def __init__(self, dataset: tf.data.Dataset):
-    self._dataset = dataset
     self._iterator = iter(dataset)
     self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
-
-  @property
-  def element_spec(self):
-    """The dataset's element spec (feature name -> tf.TensorSpec)."""
-    return self._dataset.element_spec
 
   def __iter__(self):
     return self

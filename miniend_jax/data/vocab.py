@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import seqio
 import tensorflow as tf
 import sentencepiece
-from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
+from sentencepiece import SentencePieceTrainer
 from sentencepiece import sentencepiece_model_pb2
 
 # The T5 conventions every checkpoint and task in this package relies on.
@@ -129,12 +129,13 @@ def validate_vocabulary(vocabulary: seqio.Vocabulary) -> None:
   Raises:
     ValueError: if it does not have 100 extra ids or pad=0/eos=1/unk=2.
   """
-  _check_extra_ids(vocabulary.extra_ids)
   if isinstance(vocabulary, seqio.SentencePieceVocabulary):
-    validate_sentencepiece_model(
+    validate_sentencepiece_model(  # checks the extra ids too
         vocabulary.sentencepiece_model_file, vocabulary.extra_ids
     )
-  elif (vocabulary.pad_id, vocabulary.eos_id) != (PAD_ID, EOS_ID):
+    return
+  _check_extra_ids(vocabulary.extra_ids)
+  if (vocabulary.pad_id, vocabulary.eos_id) != (PAD_ID, EOS_ID):
     raise ValueError(
         f"Vocabulary {vocabulary} has pad={vocabulary.pad_id}, "
         f"eos={vocabulary.eos_id}; T5 needs pad=0, eos=1."
@@ -213,23 +214,19 @@ def get_vocabulary(
       the vocabulary.
   """
   path = os.fspath(path)
-  if not validate:
+  if validate:
+    spm_path = resolve_sentencepiece_path(path)
+    validate_sentencepiece_model(spm_path, extra_ids)  # checks extra_ids too
+  else:
     _check_extra_ids(extra_ids)
     spm_path = path
     # Only touch the file system for local paths: `gs://` must stay lazy.
     if "://" not in path and os.path.isdir(path):
       spm_path = os.path.join(path, HF_SPM_FILENAME)
-    return seqio.SentencePieceVocabulary(
-        spm_path, extra_ids=extra_ids, use_fast_tokenizer=use_fast_tokenizer
-    )
-
-  spm_path = resolve_sentencepiece_path(path)
-  validate_sentencepiece_model(spm_path, extra_ids)
   vocabulary = seqio.SentencePieceVocabulary(
       spm_path, extra_ids=extra_ids, use_fast_tokenizer=use_fast_tokenizer
   )
-
-  if tf.io.gfile.isdir(path):
+  if validate and spm_path != path:  # a Hugging Face checkpoint directory
     declared = _hf_declared_extra_ids(path)
     if declared is not None and declared != extra_ids:
       raise ValueError(
@@ -247,12 +244,6 @@ def get_vocabulary(
           "embedding. The spiece.model does not belong to this checkpoint."
       )
   return vocabulary
-
-
-def sentinel_ids(vocabulary: seqio.Vocabulary) -> list[int]:
-  """Ids of `<extra_id_0>`, `<extra_id_1>`, ... in T5 (descending) order."""
-  top = vocabulary.vocab_size - 1
-  return [top - i for i in range(vocabulary.extra_ids)]
 
 
 def padded_vocab_size(vocabulary: seqio.Vocabulary, multiple: int = 128) -> int:
@@ -365,11 +356,3 @@ def save_hf_tokenizer(vocabulary_or_path, out_dir: str) -> str:
   )
   tokenizer.save_pretrained(out_dir)
   return out_dir
-
-
-def piece_count(spm_path: str) -> int:
-  """Number of pieces in a SentencePiece model file (without extra ids)."""
-  processor = SentencePieceProcessor()
-  with tf.io.gfile.GFile(spm_path, "rb") as f:
-    processor.LoadFromSerializedProto(f.read())
-  return processor.GetPieceSize()

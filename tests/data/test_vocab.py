@@ -10,7 +10,7 @@ import sentencepiece
 import tensorflow as tf
 import transformers
 
-from miniend_jax.data import local_corpus
+from miniend_jax.data import local_corpus, preprocessors
 from miniend_jax.data import vocab as vocab_lib
 
 SAMPLES = [
@@ -46,7 +46,7 @@ def test_layout(pydoc_vocab, hf_tokenizer):
   assert (hf_tokenizer.pad_token_id, hf_tokenizer.eos_token_id,
           hf_tokenizer.unk_token_id) == (0, 1, 2)
   # Sentinels at the top, <extra_id_0> highest, in both libraries.
-  sentinels = vocab_lib.sentinel_ids(pydoc_vocab)
+  sentinels = [preprocessors.sentinel_id(pydoc_vocab) - i for i in range(100)]
   assert sentinels[0] == pydoc_vocab.vocab_size - 1
   assert sentinels == hf_tokenizer.convert_tokens_to_ids(
       [f"<extra_id_{i}>" for i in range(100)])
@@ -104,7 +104,7 @@ def test_train_sentencepiece_is_deterministic(tmp_path):
   a = vocab_lib.train_sentencepiece(lines, str(tmp_path / "a.model"), 30)
   b = vocab_lib.train_sentencepiece(lines, str(tmp_path / "b.model"), 30)
   assert open(a, "rb").read() == open(b, "rb").read()
-  assert vocab_lib.piece_count(a) == 30
+  assert sentencepiece.SentencePieceProcessor(model_file=a).GetPieceSize() == 30
   vocabulary = vocab_lib.get_vocabulary(a)
   assert vocabulary.vocab_size == 130
   assert vocabulary.decode(vocabulary.encode("the cat sat")) == "the cat sat"
