@@ -55,8 +55,9 @@ def _measured_cpu_peak() -> float:
 
 def _peak_flops(device_kind: str, backend: str) -> tuple[float, str]:
   from miniend_jax.train.steps import device_peak_flops  # pylint: disable=import-outside-toplevel
-  if device_peak_flops(device_kind):
-    return device_peak_flops(device_kind), "datasheet"
+  peak = device_peak_flops(device_kind)
+  if peak:
+    return peak, "datasheet"
   if backend == "cpu":
     return _measured_cpu_peak(), "measured_cpu_f32_matmul"
   return float("nan"), "unknown"
@@ -85,10 +86,9 @@ def _batch(vocab, args):
 
 
 def _flops(teacher, student_cfg, recipe, args) -> float:
-  from miniend_jax.model.t5 import forward_flops  # pylint: disable=import-outside-toplevel
-  shape = (args.batch, args.inputs, args.targets)
-  teacher_flops = forward_flops(teacher, *shape) if recipe.needs_teacher else 0.0
-  return teacher_flops + 3 * forward_flops(student_cfg, *shape)
+  from miniend_jax.train.steps import step_flops  # pylint: disable=import-outside-toplevel
+  return step_flops(student_cfg, teacher if recipe.needs_teacher else None, args.batch,
+                    args.inputs, args.targets)
 
 
 def run_jax(args) -> dict:

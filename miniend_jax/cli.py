@@ -58,7 +58,7 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
   import gin  # pylint: disable=import-outside-toplevel
   from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel,unused-import
 
-  search = [os.getcwd(), os.path.join(os.path.dirname(os.path.dirname(__file__)))]
+  search = [os.getcwd(), os.path.dirname(os.path.dirname(__file__))]
   for path in search:
     gin.add_config_file_search_path(path)
   for f in gin_files:
@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
       epilog="Any --gin.NAME=VALUE flag is a gin binding, e.g. --gin.TrainConfig.num_steps=500.")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  def common(p, workdir_required=True):
-    p.add_argument("--workdir", required=workdir_required,
+  def common(p):
+    p.add_argument("--workdir", required=True,
                    help="run directory (checkpoints, logs, results); local or gs://")
     p.add_argument("--gin_file", action="append", default=[],
                    help="gin file (repeatable), e.g. gin_configs/runs/quickstart_distill.gin")

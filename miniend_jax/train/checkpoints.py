@@ -359,8 +359,9 @@ class Checkpointer:
   def _restore_error(self, step: int, error: Exception) -> CheckpointRestoreError:
     earlier = [s for s in self.all_steps() if s < step]
     if earlier:
-      advice = (f"restore an earlier step with --restore_step={earlier[-1]} (available: "
-                f"{self.all_steps()}) or Checkpointer.restore_latest_good(), or ")
+      advice = (f"restore an earlier step with Checkpointer.restore(step={earlier[-1]}) "
+                f"(available: {self.all_steps()}) or Checkpointer.restore_latest_good() (what "
+                "a resumed run does), or ")
     else:
       advice = ""
     return CheckpointRestoreError(

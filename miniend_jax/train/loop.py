@@ -142,11 +142,6 @@ def check_vocabulary(config: t5.T5Config, vocabulary: seqio.Vocabulary, who: str
         "vocabulary, or a task tokenised with the model's own spiece.model.")
 
 
-def _mfu_peak() -> float | None:
-  kind = jax.devices()[0].device_kind
-  return steps.device_peak_flops(kind)
-
-
 def _recipe_from(value: str | Recipe) -> Recipe:
   return get_recipe(value) if isinstance(value, str) else value
 
@@ -275,7 +270,9 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
     raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over the "
                      f"data x fsdp = {device_mesh.shape['data'] * device_mesh.shape['fsdp']} "
                      "data-parallel devices.")
-  optimizer = optimizer.replace(total_steps=optimizer.total_steps or cfg.num_steps)
+  # The schedule counts optimizer updates; num_steps counts micro-batches.
+  accum = optimizer.grad_accum_steps
+  optimizer = optimizer.replace(total_steps=optimizer.total_steps or max(cfg.num_steps // accum, 1))
   schedule = state_lib.make_schedule(optimizer)
   tx = state_lib.make_optimizer(optimizer)
   extra_init = lambda rng: run.recipe.init_extra_params(rng, run.teacher_config, run.config)
@@ -323,31 +320,30 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
                                     state_sharding=shardings,
                                     teacher_config=run.teacher_config if run.recipe.needs_teacher else None,
                                     teacher_sharding=teacher_sharding, rules=rules,
-                                    learning_rate_fn=schedule)
+                                    learning_rate_fn=lambda step: schedule(step // accum))
   eval_step = jax.jit(steps.make_eval_step(run.config))
   writer = writers.create_writer(os.path.join(workdir, "logs"))
   tokens_per_step = cfg.batch_size * (cfg.inputs_length + cfg.targets_length)
-  shape = (cfg.batch_size, cfg.inputs_length, cfg.targets_length)
-  flops = 3 * t5.forward_flops(run.config, *shape) + (
-      t5.forward_flops(run.teacher_config, *shape) if run.recipe.needs_teacher else 0.0)
-  peak = _mfu_peak()
+  flops = steps.step_flops(run.config, run.teacher_config if run.recipe.needs_teacher else None,
+                           cfg.batch_size, cfg.inputs_length, cfg.targets_length)
+  peak = steps.device_peak_flops(jax.devices()[0].device_kind)
   rng = jax.random.key(cfg.seed + 1)
 
-  def save(step_number: int, metrics=None, force=False) -> bool:
-    if not force and step_number % checkpoint.save_interval_steps:
-      return False
+  def save(step_number: int, metrics=None) -> None:
     directory = os.path.join(input_state_root, str(step_number))
     iterator.save(directory)
-    saved = ckpt.save(step_number, state, data_state={"directory": directory},
-                      metrics=metrics, force=True)
+    ckpt.save(step_number, state, data_state={"directory": directory}, metrics=metrics,
+              force=True)
     _prune_input_states(input_state_root, ckpt)
-    return saved
 
   def evaluate_now(step_number: int) -> dict:
     eval_iter = _dataset_iterator(cfg, cfg.eval_split, shuffle=False, num_epochs=1)
     sums = None
     for _, batch in zip(range(cfg.eval_batches), eval_iter):
-      out = eval_step(state.params["model"], batch)
+      # Each host holds its own slice of the eval batch, as in training.
+      batch = partitioning.host_local_to_global(batch, device_mesh, rules)
+      with partitioning.mesh_context(device_mesh, rules):
+        out = eval_step(state.params["model"], batch)
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
     if sums is None:
       return {}
@@ -371,7 +367,8 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
       pending.append(metrics)
       interval_steps += 1
       done = step_number + 1
-      save_due = done % checkpoint.save_interval_steps == 0
+      # The last step is saved after the loop, with the final evaluation's metrics.
+      save_due = done % checkpoint.save_interval_steps == 0 and done < cfg.num_steps
       if save_due and done % cfg.log_every:
         _check_finite(jax.device_get(pending), done)  # never checkpoint past a bad step
       if done % cfg.log_every == 0 or done == cfg.num_steps:
@@ -392,14 +389,15 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
         bar.update(1)
       if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
         last_eval = evaluate_now(done)
-      save(done, metrics=last_eval or None)
+      if save_due:
+        save(done, metrics=last_eval or None)
   if bar is not None:
     bar.close()
   final_step = int(state.step)
   _check_finite(jax.device_get(pending), final_step)  # steps since the last check, if any
   if not preempted and final_step == cfg.num_steps:
     last_eval = evaluate_now(final_step) or last_eval
-  save(final_step, metrics=last_eval or None, force=True)
+  save(final_step, metrics=last_eval or None)
   ckpt.wait_until_finished()
   ckpt.close()
   writer.flush()

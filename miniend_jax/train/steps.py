@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from miniend_jax.distill import losses
 from miniend_jax.distill.recipe import Recipe, recipe_loss
-from miniend_jax.model.t5 import T5, T5Config, Taps
+from miniend_jax.model.t5 import T5, T5Config, Taps, forward_flops
 from miniend_jax.train import decoding, partitioning
 from miniend_jax.train.state import TrainState
 
@@ -56,7 +56,7 @@ def gradient_norms(grads) -> dict[str, Array]:
       "decoder": model.get("decoder"),
       "embedding": model.get("shared"),
       "head": model.get("lm_head"),
-      "distill": grads.get("distill") or None,
+      "distill": grads.get("distill"),
   }
   norms = {f"grad_norm/{k}": optax.tree.norm(v) for k, v in groups.items() if v}
   norms["grad_norm/total"] = optax.tree.norm(grads)
@@ -150,8 +150,17 @@ def make_distill_step(student_config: T5Config, recipe: Recipe, *, mesh: Mesh,
     with partitioning.mesh_context(mesh, rules):
       return jitted(state, teacher_params, batch, rng)
 
-  distill_step.jitted = jitted
   return distill_step
+
+
+def step_flops(student_config: T5Config, teacher_config: T5Config | None, batch: int,
+               inputs_length: int, targets_length: int) -> float:
+  """Matmul FLOPs of one step on [batch, inputs_length] / [batch, targets_length]:
+  the student's forward and backward (3x its forward) plus the teacher's forward
+  (None: a step without a teacher). The numerator of MFU."""
+  shape = (batch, inputs_length, targets_length)
+  teacher = forward_flops(teacher_config, *shape) if teacher_config is not None else 0.0
+  return 3 * forward_flops(student_config, *shape) + teacher
 
 
 PEAK_FLOPS = {  # dense bf16 FLOP/s per device, from the vendors' data sheets

@@ -238,7 +238,7 @@ def test_corrupt_checkpoint_error_and_fallback(tmp_path, how):
       ckpt.restore(target_state=small_state())
     message = str(info.value)
     assert "step 2" in message and str(tmp_path) in message
-    assert "--restore_step=1" in message and "restore_latest_good" in message
+    assert "restore(step=1)" in message and "restore_latest_good" in message
     assert info.value.step == 2
 
     restored, data_state = ckpt.restore_latest_good(target_state=small_state())

@@ -22,7 +22,11 @@ def _losses(workdir):
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, data_dir):
   straight = str(tmp_path / "straight")
-  loop_testing.run("pretrain", straight, data_dir, num_steps=6)
+  summary = loop_testing.run("pretrain", straight, data_dir, num_steps=6)
+  # The last step (a multiple of the save interval) is saved once, after the final
+  # evaluation, so its checkpoint carries that evaluation's metrics.
+  final_meta = checkpoints.load_metadata(os.path.join(straight, "checkpoints"), 6)
+  assert final_meta["metrics"]["eval/loss"] == pytest.approx(summary["eval"]["eval/loss"])
   resumed = str(tmp_path / "resumed")
   first = loop_testing.run("pretrain", resumed, data_dir, num_steps=3)
   assert first["step"] == 3
