@@ -167,8 +167,12 @@ def _fingerprint(settings: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _claim_stage(directory: str, settings: Mapping[str, Any], filename: str = STAGE_FILE) -> str:
-  """Records `settings` in `directory` (or checks them against the recorded ones)."""
+def claim_settings(directory: str, settings: Mapping[str, Any], filename: str = STAGE_FILE) -> str:
+  """Records `settings` in `directory` (or checks them against the recorded ones).
+
+  Returns the settings' fingerprint; raises StageMismatchError, naming what
+  changed, when `directory` was made with other settings.
+  """
   path = os.path.join(directory, filename)
   fingerprint = _fingerprint(settings)
   if os.path.exists(path):
@@ -190,7 +194,8 @@ def _claim_stage(directory: str, settings: Mapping[str, Any], filename: str = ST
   return fingerprint
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
+  """The JSON in `path`, or None when it is missing or unreadable."""
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
@@ -200,7 +205,7 @@ def _read_json(path: str) -> dict | None:
 
 def run_finished(directory: str, num_steps: int) -> bool:
   """Whether the training run in `directory` completed `num_steps` (its summary says so)."""
-  summary = _read_json(os.path.join(directory, "summary.json"))
+  summary = read_json(os.path.join(directory, "summary.json"))
   return bool(summary) and summary.get("step") == num_steps and not summary.get("preempted")
 
 
@@ -430,7 +435,7 @@ def _pipeline(workdir: str, s: Settings, *, started: float, compilation_cache: b
 
   # 2. Teacher.
   teacher_dir = os.path.join(workdir, "teacher")
-  teacher_fp = _claim_stage(teacher_dir, {
+  teacher_fp = claim_settings(teacher_dir, {
       "stage": "pretrain", "preset": s.teacher_preset, "steps": s.teacher_steps,
       "learning_rate": s.learning_rate, "eval_batches": s.eval_batches, **common})
   stage("teacher", run_finished(teacher_dir, s.teacher_steps),
@@ -446,7 +451,7 @@ def _pipeline(workdir: str, s: Settings, *, started: float, compilation_cache: b
   distill_dirs = {}
   for path in s.paths:
     directory = os.path.join(workdir, "distill", path)
-    fp = _claim_stage(directory, {
+    fp = claim_settings(directory, {
         "stage": "distill", "recipe": path, "student_shape": s.student_shape,
         "steps": s.steps, "learning_rate": s.learning_rate, "eval_batches": s.eval_batches,
         "teacher": teacher_fp, **common})
@@ -467,7 +472,7 @@ def _pipeline(workdir: str, s: Settings, *, started: float, compilation_cache: b
   for model_name, (source, source_fp) in model_dirs.items():
     for task in s.tasks:
       ft_dir = os.path.join(workdir, "finetune", model_name, task)
-      ft_fp = _claim_stage(ft_dir, {
+      ft_fp = claim_settings(ft_dir, {
           "stage": "finetune", "task": task, "steps": s.finetune_steps,
           "learning_rate": s.finetune_learning_rate, "init": source_fp,
           "eval_batches": s.eval_batches, **common})
@@ -481,7 +486,7 @@ def _pipeline(workdir: str, s: Settings, *, started: float, compilation_cache: b
             f"{s.finetune_steps} steps")
       eval_dir = os.path.join(ft_dir, "eval")
       eval_file = os.path.join(eval_dir, f"{task}.json")
-      _claim_stage(eval_dir, {"stage": "evaluate", "task": task, "model": ft_fp,
+      claim_settings(eval_dir, {"stage": "evaluate", "task": task, "model": ft_fp,
                               "num_examples": s.eval_examples,
                               "inputs_length": s.inputs_length,
                               "targets_length": s.targets_length})
@@ -492,11 +497,11 @@ def _pipeline(workdir: str, s: Settings, *, started: float, compilation_cache: b
                 num_examples=s.eval_examples, max_decode_length=s.targets_length,
                 num_beams=1, data_dir=workdir),
             "greedy decoding on the validation split")
-      result = _read_json(eval_file) or {}
+      result = read_json(eval_file) or {}
       scores.setdefault(model_name, {})[task] = dict(result.get(task, {}))
       # The finetuned model's teacher-forced validation loss: far less noisy than the
       # decoded scores on a few hundred examples.
-      ft_summary = _read_json(os.path.join(ft_dir, "summary.json")) or {}
+      ft_summary = read_json(os.path.join(ft_dir, "summary.json")) or {}
       scores[model_name][task]["val_loss"] = ft_summary.get("eval", {}).get(
           "eval/loss", float("nan"))
 
@@ -508,7 +513,7 @@ def _pipeline(workdir: str, s: Settings, *, started: float, compilation_cache: b
   speed_settings = {"teacher": teacher_fp, "student_shape": s.student_shape,
                     "batch_size": s.batch_size, "inputs_length": s.inputs_length,
                     "targets_length": s.targets_length}
-  speed = _read_json(speed_path) or {}
+  speed = read_json(speed_path) or {}
   if speed.get("settings") != speed_settings:
     def measure():
       rates = measure_forward_speed({"teacher": teacher_config, "student": student_config},
@@ -535,7 +540,7 @@ def _pipeline(workdir: str, s: Settings, *, started: float, compilation_cache: b
   rows = []
 
   def row_for(model_name: str, kind: str, config, run_dir: str, flops: float, rate: float):
-    summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+    summary = read_json(os.path.join(run_dir, "summary.json")) or {}
     metrics = _read_metrics(os.path.join(run_dir, "logs", "train_metrics.jsonl"))
     row = {
         "model": model_name, "kind": kind,
@@ -576,7 +581,7 @@ def _pipeline(workdir: str, s: Settings, *, started: float, compilation_cache: b
       f"every student: {s.student_shape}, {s.steps} distillation steps, same data and seed.",
   ]
   table = format_table(rows, s.tasks)
-  files = _write_report(workdir, rows, table, notes, s, distill_dirs, teacher_dir)
+  files = _write_report(workdir, rows, table, notes, s, distill_dirs)
   seconds = time.perf_counter() - started
   if verbose:
     print()
@@ -633,7 +638,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str] = TASKS
 
 
 def _write_report(workdir: str, rows, table: str, notes: Sequence[str], s: Settings,
-                  distill_dirs: Mapping[str, str], teacher_dir: str) -> dict[str, str]:
+                  distill_dirs: Mapping[str, str]) -> dict[str, str]:
   from miniend_jax import plots  # pylint: disable=import-outside-toplevel
   files = {}
   files["markdown"] = os.path.join(workdir, "results.md")

@@ -40,6 +40,8 @@ import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
+from miniend_jax.quickstart import claim_settings, read_json, run_finished
+
 MANIFEST = "sweep.json"
 POINT_FILE = "sweep_point.json"
 MODES = ("distill", "pretrain", "finetune")
@@ -188,15 +190,6 @@ def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
   cli.parse_gin(list(gin_files), list(bindings))
 
 
-def _finished(directory: str, num_steps: int) -> bool:
-  try:
-    with open(os.path.join(directory, "summary.json"), encoding="utf-8") as f:
-      summary = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return False
-  return summary.get("step") == num_steps and not summary.get("preempted")
-
-
 def run_sweep(workdir: str, gin_files: Sequence[str] = (),
               grid: Mapping[str, Sequence[str]] | None = None, *,
               bindings: Sequence[str] = (), mode: str = "distill",
@@ -233,10 +226,14 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
   records = [RunRecord(n, os.path.join(workdir, n), p) for n, p in zip(names, points)]
   say = (lambda text: print(f"[sweep] {text}", flush=True)) if verbose else (lambda _: None)
 
-  # Check every point's configuration first, so a typo fails before hours of training.
+  # Check every point's configuration first, so a typo fails before hours of training,
+  # and that a directory made earlier was made with these settings (or it is not resumable).
   for record in records:
     _configure(gin_files, list(bindings) + _point_bindings(record.bindings))
     record.num_steps = loop.TrainConfig().num_steps
+    claim_settings(record.directory, {"mode": mode, "gin_files": list(gin_files),
+                                      "bindings": list(bindings), "point": record.bindings},
+                   POINT_FILE)
   manifest = {"mode": mode, "gin_files": list(gin_files), "bindings": list(bindings),
               "grid": grid, "evaluate_tasks": list(evaluate_tasks),
               "runs": [{"name": r.name, "bindings": r.bindings} for r in records]}
@@ -248,7 +245,7 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
       point_bindings = list(bindings) + _point_bindings(record.bindings)
       eval_done = all(os.path.exists(os.path.join(record.directory, "eval", f"{t}.json"))
                       for t in evaluate_tasks)
-      if _finished(record.directory, record.num_steps) and eval_done:
+      if run_finished(record.directory, record.num_steps) and eval_done:
         record.status = "skipped"
         say(f"[{i + 1}/{len(records)}] {record.name}: finished earlier, skipped")
         continue
@@ -275,10 +272,10 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
     import gin  # pylint: disable=import-outside-toplevel
     gin.clear_config()
   rows = collect(workdir, records=records, evaluate_tasks=evaluate_tasks)
-  files = write_table(workdir, rows, list(grid))
+  files = write_table(workdir, rows)
   if verbose:
     print()
-    print(format_markdown(rows, list(grid)))
+    print(format_markdown(rows))
     print()
     for key, path in files.items():
       print(f"{key:>9}: {path}")
@@ -294,11 +291,9 @@ def _run_point(record: RunRecord, mode: str, evaluate_tasks: Sequence[str],
   import gin  # pylint: disable=import-outside-toplevel
   from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
   os.makedirs(record.directory, exist_ok=True)
-  _write_json(os.path.join(record.directory, POINT_FILE),
-              {"name": record.name, "bindings": record.bindings, "mode": mode})
   with open(os.path.join(record.directory, f"{mode}_config.gin"), "w", encoding="utf-8") as f:
     f.write(gin.config_str())
-  if not _finished(record.directory, record.num_steps):
+  if not run_finished(record.directory, record.num_steps):
     loop.train(mode, record.directory, progress=progress)
   for task in evaluate_tasks:
     if not os.path.exists(os.path.join(record.directory, "eval", f"{task}.json")):
@@ -318,19 +313,11 @@ def _write_json(path: str, value) -> None:
 # Collecting.
 
 
-def _read_json(path: str):
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None
-
-
 def collect(workdir: str, records: Sequence[RunRecord] | None = None,
             evaluate_tasks: Sequence[str] | None = None) -> list[dict]:
   """One row per run of the sweep in `workdir` (from its manifest unless `records`)."""
   from miniend_jax import plots  # pylint: disable=import-outside-toplevel
-  manifest = _read_json(os.path.join(workdir, MANIFEST)) or {}
+  manifest = read_json(os.path.join(workdir, MANIFEST)) or {}
   if records is None:
     records = [RunRecord(r["name"], os.path.join(workdir, r["name"]), r["bindings"],
                          status="")
@@ -339,10 +326,10 @@ def collect(workdir: str, records: Sequence[RunRecord] | None = None,
     evaluate_tasks = manifest.get("evaluate_tasks", [])
   rows = []
   for record in records:
-    summary = _read_json(os.path.join(record.directory, "summary.json")) or {}
+    summary = read_json(os.path.join(record.directory, "summary.json")) or {}
     metrics = plots.read_metrics(os.path.join(record.directory, "logs", "train_metrics.jsonl"))
     train, evaluation = summary.get("train", {}), summary.get("eval", {})
-    state = ("done" if summary and _finished(record.directory, record.num_steps or
+    state = ("done" if summary and run_finished(record.directory, record.num_steps or
                                              summary.get("step"))
              else "partial" if os.path.isdir(os.path.join(record.directory, "checkpoints"))
              else "missing")
@@ -359,7 +346,7 @@ def collect(workdir: str, records: Sequence[RunRecord] | None = None,
            "grad_norm_decoder_max": _max(metrics.get("grad_norm/decoder")),
            "steps_per_s": train.get("perf/steps_per_s")}
     for task in evaluate_tasks:
-      results = _read_json(os.path.join(record.directory, "eval", f"{task}.json")) or {}
+      results = read_json(os.path.join(record.directory, "eval", f"{task}.json")) or {}
       for metric, value in sorted(results.get(task, {}).items()):
         row[f"{task}/{metric}"] = value
     rows.append(row)
@@ -379,7 +366,7 @@ def _fmt(value) -> str:
   return str(value)
 
 
-def format_markdown(rows: Sequence[Mapping[str, Any]], swept: Sequence[str] = ()) -> str:
+def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
   """The Markdown table of `rows` (all columns that any row has)."""
   if not rows:
     return "(no runs)"
@@ -390,8 +377,7 @@ def format_markdown(rows: Sequence[Mapping[str, Any]], swept: Sequence[str] = ()
   return "\n".join(lines)
 
 
-def write_table(workdir: str, rows: Sequence[Mapping[str, Any]],
-                swept: Sequence[str] = ()) -> dict[str, str]:
+def write_table(workdir: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
   """Writes sweep_results.md / .csv and sweep.png; returns their paths."""
   import jax  # pylint: disable=import-outside-toplevel
   from miniend_jax import plots  # pylint: disable=import-outside-toplevel
@@ -401,7 +387,7 @@ def write_table(workdir: str, rows: Sequence[Mapping[str, Any]],
   if jax.process_index() != 0:
     return files
   with open(files["markdown"], "w", encoding="utf-8") as f:
-    f.write("# miniend sweep\n\n" + format_markdown(rows, swept) + "\n")
+    f.write("# miniend sweep\n\n" + format_markdown(rows) + "\n")
   columns = list(dict.fromkeys(k for row in rows for k in row))
   with open(files["csv"], "w", encoding="utf-8", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns)

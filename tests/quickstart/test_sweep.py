@@ -4,18 +4,10 @@ import csv
 import json
 import os
 
-import gin
 import pytest
 
-from miniend_jax import sweep
+from miniend_jax import quickstart, sweep
 from tests.quickstart.conftest import assert_real_png
-
-
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
 
 
 def test_parse_sweep_values_and_names():
@@ -92,7 +84,7 @@ def test_interrupted_sweep_reruns_only_missing_runs(tmp_path, compilation_cache_
                     after_run=stop_after_first)
   assert json.load(open(first / "summary.json"))["step"] == 3
   assert not (second / "summary.json").exists()
-  assert json.load(open(first / "sweep_point.json"))["bindings"] == {
+  assert json.load(open(first / "sweep_point.json"))["settings"]["point"] == {
       "train.recipe": "'scratch'"}
   assert "train.recipe = 'scratch'" in (first / "distill_config.gin").read_text()
   first_mtime = os.path.getmtime(first / "summary.json")
@@ -123,6 +115,14 @@ def test_interrupted_sweep_reruns_only_missing_runs(tmp_path, compilation_cache_
   third = sweep.run_sweep(str(workdir), gin_files, grid, bindings=bindings, verbose=False,
                           before_run=lambda record: again.append(record.name))
   assert again == [] and [r["status"] for r in third["runs"]] == ["skipped", "skipped"]
+
+  # The same directory with other settings is refused before anything runs, not
+  # skipped as if its runs had been made with them.
+  with pytest.raises(quickstart.StageMismatchError, match="num_steps = 4"):
+    sweep.run_sweep(str(workdir), gin_files, grid, verbose=False,
+                    bindings=bindings[:1] + ["TrainConfig.num_steps = 4"] + bindings[2:],
+                    before_run=lambda record: again.append(record.name))
+  assert again == []
 
 
 def test_sweep_flags_and_max_runs(tmp_path):
