@@ -295,7 +295,8 @@ def relation_kl(
     num_relation_heads: relation heads; must divide both widths.
     query_mask: `[batch, len_a]`, 1/True for valid rows of `a`.
     key_mask: `[batch, len_b]`, 1/True for valid keys of `b`.
-    causal: restrict row i to keys j <= i (decoder self-attention); needs
+    causal: restrict row i to keys j <= i, for relations over decoder
+      positions (decoder self-attention; cross-attention's Q-Q); needs
       len_a == len_b.
     query_segment_ids: optional int `[batch, len_a]` for packed examples; a
       row only sees keys of its own segment.

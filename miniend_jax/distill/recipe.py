@@ -8,7 +8,7 @@ span-corruption loss. Each `Term` names one comparison:
   logits          output distributions over the vocab      decoder loss weights
   encoder_self    encoder self-attention Q/K/V relations   encoder tokens
   decoder_self    decoder self-attention Q/K/V relations   decoder targets, causal
-  decoder_cross   decoder cross-attention relations:        qq: decoder;
+  decoder_cross   decoder cross-attention relations:        qq: decoder, causal;
                   Q from the decoder, K/V projections       kk, vv: encoder;
                   of the encoder output                     qk: decoder x encoder
   encoder_hidden  encoder block output (TinyBERT MSE)      encoder tokens
@@ -19,6 +19,48 @@ Relation terms compare MiniLMv2 multi-head relations for each requested pair:
 attention pattern itself, without position bias). A term's loss is the sum of
 its pair losses; the recipe's total is the weighted sum of its terms plus
 `ce_weight` times the student's span-corruption loss.
+
+Cross-attention and causality. The paper (poster) defines MiniEnD-D's
+L_cross_attn(D_Z, D_E) by the decoder's cross-attention: its queries come from
+the decoder inputs D_Z, its keys and values from the encoder outputs D_E;
+with MiniLMv2 relations that is a Q-Q relation over decoder positions and K-K,
+V-V relations over encoder positions (`pairs=("qq", "kk", "vv")`, the
+default). It does not say whether the Q-Q relation is causal. Ours is: a
+relation whose rows and keys are both decoder positions (every pair of
+`decoder_self`, the `qq` pair of `decoder_cross`) lets row i see positions
+j <= i only, as the decoder does at inference, so the student is never
+matched on relations to tokens it cannot see, and cross Q-Q agrees with
+decoder self-attention's Q-Q. Relations over encoder positions
+(`encoder_self`; cross `kk`, `vv`, with the encoder padding mask) are
+bidirectional, and so is the cross `qk` pattern (a decoder position sees
+every encoder position). `Term.causal=False` makes decoder relations
+bidirectional. The cross pairs are a setting (`Term.pairs`, gin-bindable):
+`pairs=("qk",)` compares the cross-attention distribution itself,
+softmax(Q_dec K_enc^T / sqrt(d)) per relation head, teacher against student
+(see `gin_configs/recipes/examples/miniend_d_cross_qk.gin`). With relation
+heads equal to the model's heads this is T5's cross-attention pattern up to
+the 1/sqrt(d) temperature (T5 does not scale its scores).
+
+The named recipes (`RECIPES`) follow the paper's Figure 1 and poster: each
+paper row is its own objective, and the prior-method baselines are carried
+over unchanged (as if T5 were a decoder-only LM), never a MiniEnD objective
+under another name:
+
+  recipe              terms                                      paper row
+  ------------------  -----------------------------------------  ----------------
+  scratch             (student span corruption only)             from scratch
+  kd_logits           logits                                     MlmKD
+  minilm              decoder_self                               MiniLM
+  kd_logits_minilm    logits, decoder_self                       MlmKD + MiniLM
+    (alias: implicit)                                            = "implicit" path
+  miniend_d           logits, decoder_self, decoder_cross        MiniEnD-D
+  miniend_d_nologit   decoder_self, decoder_cross                MiniEnD-D w/o logits
+  miniend_e           logits, decoder_self, encoder_self         MiniEnD-E
+  miniend_e_nologit   decoder_self, encoder_self                 MiniEnD-E w/o logits
+    (alias: minilm_encdec, MiniLM on both stacks: our name, not a paper row)
+  miniend_e_interpolated  miniend_e_nologit, teacher layer -4,   3B teacher,
+                      64 relation heads, interpolated targets    interpolated
+  hidden_mse          encoder_hidden, decoder_hidden             (TinyBERT-style)
 
 Everything is plain frozen dataclasses usable from Python; the same classes
 are registered with gin (without changing their Python behaviour), so a gin
@@ -38,16 +80,19 @@ Typical use by a trainer:
                                  extra)
 
 Interpolated distillation. Any term may carry an `interpolation` schedule
-a(step); its teacher target becomes `a * teacher + (1 - a) *
-stop_gradient(student)` on probability distributions (relations, logits) and
-on the (projected) hidden states. a = 1 is plain distillation, a = 0 trains
-nothing. The paper does not publish its exact scheme; the schedules here are
-constant, linear and cosine ramps in the step, and `AdaptiveSchedule`, which
-sets a from how close the student already is to the teacher (see its
-docstring). A teacher-assistant chain (3B -> large -> student) is two runs of
-the same recipe: first distil the assistant from the 3B teacher, then use the
-assistant's checkpoint as the teacher of the second run. Nothing in a recipe
-depends on which model is the teacher, only on the two configs.
+a(step), where `step` is the optimizer update count (not the micro-batch
+count under gradient accumulation); its teacher target becomes `a * teacher
++ (1 - a) * stop_gradient(student)` on probability distributions (relations,
+logits) and on the (projected) hidden states. a = 1 is plain distillation,
+a = 0 trains nothing. The paper does not publish its exact scheme; the
+schedules here are constant, linear and cosine ramps in the step, and
+`AdaptiveSchedule`, which sets a from how close the student already is to the
+teacher (see its docstring; `Recipe.resolve` rejects it in recipes that never
+train the student's output layer). A teacher-assistant chain (3B -> large ->
+student) is two runs of the same recipe: first distil the assistant from the
+3B teacher, then use the assistant's checkpoint as the teacher of the second
+run. Nothing in a recipe depends on which model is the teacher, only on the
+two configs.
 """
 
 from __future__ import annotations
@@ -69,6 +114,9 @@ HIDDEN_KINDS = ("encoder_hidden", "decoder_hidden")
 TERM_KINDS = ("logits",) + ATTENTION_KINDS + HIDDEN_KINDS
 PAIRS = ("qq", "kk", "vv", "qk")
 DEFAULT_PAIRS = ("qq", "kk", "vv")  # MiniLMv2
+# Kinds with relations over decoder positions, which may (and by default do)
+# respect the decoder's causality.
+CAUSAL_KINDS = ("decoder_self", "decoder_cross")
 
 # Gin module under which the classes below are registered.
 _GIN_MODULE = "miniend_jax.distill"
@@ -116,7 +164,7 @@ def _check_ramp(owner, start_value, end_value, start_step, end_step):
 @dataclasses.dataclass(frozen=True)
 class LinearRamp:
   """a goes linearly from `start_value` (at `start_step`) to `end_value`
-  (at `end_step`), constant outside."""
+  (at `end_step`), constant outside. Steps count optimizer updates."""
 
   start_value: float = 0.0
   end_value: float = 1.0
@@ -159,6 +207,14 @@ class AdaptiveSchedule:
   momentum update) this needs no state carried between steps, so it stays a
   pure function inside the jitted step and survives checkpoint restarts
   unchanged. `recipe_loss` computes both losses when a term uses it.
+
+  The student's cross-entropy only measures progress if the recipe trains
+  the student's output layer, through a logits term or `Recipe.ce_weight >
+  0`. A relation-only recipe with `ce_weight=0` leaves the output layer
+  untouched, its cross-entropy stays near its initial value and a would
+  never leave its starting level, so `Recipe.resolve` rejects that
+  combination (use a step ramp there, or add a logits term / the student's
+  own loss).
   """
 
   min_value: float = 0.0
@@ -211,8 +267,12 @@ class Term:
       student's attention head count (resolved by `Recipe.resolve`). Must
       divide both models' attention widths (num_heads * d_kv).
     temperature: softmax temperature of a logits term.
-    causal: restrict relation rows to earlier keys. None means True for
-      decoder_self (the decoder only attends to the past), False otherwise.
+    causal: restrict relations over decoder positions (rows and keys both on
+      the decoder) to earlier keys. None means True for decoder_self and
+      decoder_cross (the decoder only sees the past), False otherwise. In
+      decoder_cross it applies to the `qq` pair only: `kk`/`vv` range over
+      encoder positions and `qk` maps decoder rows onto encoder keys, which
+      the decoder sees in full.
     interpolation: optional schedule a(step) for interpolated targets.
     name: metric label; defaults to `kind`. Must be unique in a recipe.
   """
@@ -270,10 +330,10 @@ class Term:
       raise ValueError(f"{where}: temperature must be > 0; got "
                        f"{self.temperature}.")
     if self.causal is None:
-      object.__setattr__(self, "causal", self.kind == "decoder_self")
-    elif self.causal and self.kind != "decoder_self":
-      raise ValueError(f"{where}: causal=True only applies to decoder_self "
-                       "(other attentions are bidirectional).")
+      object.__setattr__(self, "causal", self.kind in CAUSAL_KINDS)
+    elif self.causal and self.kind not in CAUSAL_KINDS:
+      raise ValueError(f"{where}: causal=True only applies to {CAUSAL_KINDS} "
+                       "(relations over encoder positions are bidirectional).")
     if self.interpolation is not None and not isinstance(
         self.interpolation, _SCHEDULE_TYPES):
       raise ValueError(f"{where}: interpolation must be one of "
@@ -369,11 +429,13 @@ class Recipe:
 
     Raises:
       ValueError: a layer either model lacks, relation heads that do not
-        divide a width, different vocabularies for a logits term.
+        divide a width, different vocabularies for a logits term, an
+        `AdaptiveSchedule` in a recipe that never trains the output layer.
     """
     if self.terms and teacher_cfg is None:
       raise ValueError(f"Recipe {self.name!r} distils from a teacher; pass "
                        "the teacher's config.")
+    self._check_adaptive_schedules()
     resolved = []
     for term in self.terms:
       changes = {}
@@ -403,6 +465,21 @@ class Recipe:
         changes["relation_heads"] = heads
       resolved.append(dataclasses.replace(term, **changes))
     return dataclasses.replace(self, terms=tuple(resolved))
+
+  def _check_adaptive_schedules(self) -> None:
+    adaptive = [t.label for t in self.terms
+                if isinstance(t.interpolation, AdaptiveSchedule)]
+    trains_output = self.ce_weight > 0 or any(
+        t.kind == "logits" and t.weight > 0 for t in self.terms)
+    if adaptive and not trains_output:
+      raise ValueError(
+          f"Recipe {self.name!r}: term(s) {adaptive} use AdaptiveSchedule, "
+          "which sets a = teacher CE / student CE, but this recipe never "
+          "trains the student's output layer (ce_weight=0 and no logits "
+          "term), so the student's CE cannot fall and a would stay at its "
+          "starting value. Either set Recipe.ce_weight > 0 or add a logits "
+          "Term (then a follows the student's progress), or use a step "
+          "schedule (LinearRamp, CosineRamp, ConstantSchedule).")
 
   def required_taps(self, teacher_cfg, student_cfg):
     """The `Taps` each model must return for this recipe: (teacher, student).
@@ -498,7 +575,9 @@ def recipe_loss(
       `decoder_target_tokens` [batch, tgt_len] (0 = padding), optional
       `decoder_loss_weights` [batch, tgt_len] (default: targets > 0), optional
       `encoder_segment_ids` / `decoder_segment_ids` for packed examples.
-    step: the training step (int scalar), for interpolation schedules.
+    step: the optimizer update count (int scalar; under gradient
+      accumulation every micro-batch of one update gets the same step), for
+      interpolation schedules.
     extra_params: `Recipe.init_extra_params` output (hidden-state terms).
 
   Returns:
@@ -575,11 +654,15 @@ def recipe_loss(
             term, pair, teacher_tap, student_tap)
         use_segments = (segments[row_side] is not None
                         and segments[key_side] is not None)
+        # Causality is a property of the decoder's own positions: it applies
+        # when both rows and keys are decoder positions (self-attention, and
+        # cross-attention's Q-Q), never across to the encoder.
+        causal = term.causal and row_side == key_side == "decoder"
         pair_value = losses.relation_kl(
             ta, tb, sa, sb,
             num_relation_heads=term.relation_heads,
             query_mask=masks[row_side], key_mask=masks[key_side],
-            causal=term.causal,
+            causal=causal,
             query_segment_ids=segments[row_side] if use_segments else None,
             key_segment_ids=segments[key_side] if use_segments else None,
             interpolation=alpha)
@@ -601,28 +684,35 @@ def recipe_loss(
 # Relation-based presets distil the student from the teacher alone
 # (ce_weight=0), as MiniLM/MiniLMv2 task-agnostic distillation does; the
 # paper does not say whether it adds the student's own span-corruption loss.
-# Set `Recipe.ce_weight` (gin or Python) to add it.
+# Set `Recipe.ce_weight` (gin or Python) to add it. The rows and their paper
+# counterparts are listed in the module docstring.
 RECIPES: dict[str, Recipe] = {
+    # The student pretrained from scratch: span corruption alone.
     "scratch": Recipe(name="scratch", terms=(), ce_weight=1.0),
+    # MlmKD: logit distillation alone (DistilGPT2-style, as for a decoder LM).
     "kd_logits": Recipe(name="kd_logits", terms=(Term("logits"),), ce_weight=0.0),
-    "minilm": Recipe(
-        name="minilm", ce_weight=0.0,
-        terms=(Term("encoder_self"), Term("decoder_self"))),
+    # MiniLM(v2) carried over unchanged, as if T5 were a decoder-only LM: the
+    # last decoder layer's self-attention Q/K/V relations on D_Z.
+    "minilm": Recipe(name="minilm", ce_weight=0.0, terms=(Term("decoder_self"),)),
+    # MlmKD + MiniLM, which is the paper's "implicit" objective: logits and
+    # decoder self-attention on D_Z, with no explicit encoder-decoder term.
     "kd_logits_minilm": Recipe(
         name="kd_logits_minilm", ce_weight=0.0,
-        terms=(Term("logits"), Term("encoder_self"), Term("decoder_self"))),
-    "implicit": Recipe(
-        name="implicit", ce_weight=0.0,
         terms=(Term("logits"), Term("decoder_self"))),
+    # TinyBERT-style hidden states through learned projections (not a paper
+    # row).
     "hidden_mse": Recipe(
         name="hidden_mse", ce_weight=0.0,
         terms=(Term("encoder_hidden"), Term("decoder_hidden"))),
+    # MiniEnD-D: + the decoder's cross-attention (causal Q-Q over D_Z, K-K and
+    # V-V over the encoder outputs D_E).
     "miniend_d": Recipe(
         name="miniend_d", ce_weight=0.0,
         terms=(Term("logits"), Term("decoder_self"), Term("decoder_cross"))),
     "miniend_d_nologit": Recipe(
         name="miniend_d_nologit", ce_weight=0.0,
         terms=(Term("decoder_self"), Term("decoder_cross"))),
+    # MiniEnD-E: + the encoder's self-attention relations on D_X.
     "miniend_e": Recipe(
         name="miniend_e", ce_weight=0.0,
         terms=(Term("logits"), Term("decoder_self"), Term("encoder_self"))),
@@ -632,7 +722,9 @@ RECIPES: dict[str, Recipe] = {
     # For a 3B (24+24 layer) teacher: MiniLMv2 reads an upper-middle layer of
     # large teachers (the 21st of 24, index -4) with 64 relation heads, which
     # divide the widths of T5 small/base/large/3B and of 384/512-wide
-    # students. Targets ramp from mostly-student to pure teacher.
+    # students. Targets ramp from mostly-student to pure teacher over the
+    # first 10k optimizer updates. (A step ramp: this recipe trains no output
+    # layer, so AdaptiveSchedule would be rejected here.)
     "miniend_e_interpolated": Recipe(
         name="miniend_e_interpolated", ce_weight=0.0,
         terms=tuple(
@@ -642,9 +734,25 @@ RECIPES: dict[str, Recipe] = {
             for kind in ("decoder_self", "encoder_self"))),
 }
 
+# Second names of a recipe: the very same object (and `name`), never a copy,
+# so that no objective exists twice under different names.
+ALIASES: dict[str, str] = {
+    # The paper calls logits + decoder self-attention the "implicit" path.
+    "implicit": "kd_logits_minilm",
+    # MiniLM on both stacks (encoder and decoder self-attention relations) is
+    # our own variant, not a paper row; by construction it is the MiniEnD-E
+    # objective without logits.
+    "minilm_encdec": "miniend_e_nologit",
+}
+RECIPES.update({alias: RECIPES[target] for alias, target in ALIASES.items()})
+
 
 def get_recipe(name: str) -> Recipe:
-  """The named recipe (see `RECIPES`), e.g. from `--recipe=miniend_d`."""
+  """The named recipe (see `RECIPES`), e.g. from `--recipe=miniend_d`.
+
+  An alias (`ALIASES`, e.g. `implicit`) returns its target recipe itself,
+  whose `name` is the target's.
+  """
   try:
     return RECIPES[name]
   except KeyError:
@@ -655,8 +763,9 @@ def get_recipe(name: str) -> Recipe:
 def recipe_from_gin(macro: str = "RECIPE") -> Recipe:
   """The recipe a parsed gin config selects through the macro `macro`.
 
-  Every `gin_configs/recipes/<name>.gin` binds `RECIPE = @<name>/Recipe()`;
-  a run config may also bind `RECIPE = 'miniend_d'` (a preset name).
+  Every `gin_configs/recipes/<name>.gin` binds `RECIPE = @<name>/Recipe()`,
+  except the aliases' files, which bind the target's preset name (`RECIPE =
+  'kd_logits_minilm'`); a run config may also bind a preset name.
   """
   try:
     value = gin.query_parameter(f"{macro}/gin.macro.value")

@@ -13,13 +13,15 @@ import pytest
 import distill_reference as ref
 import distill_tiny_models as tiny
 from miniend_jax.distill import recipe as R
-from miniend_jax.model.t5 import Taps
+from miniend_jax.model.t5 import AttentionTap, T5Output, Taps
 
 RECIPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "gin_configs",
                           "recipes")
 REQUIRED = ("scratch", "kd_logits", "minilm", "kd_logits_minilm", "implicit",
             "hidden_mse", "miniend_d", "miniend_d_nologit", "miniend_e",
-            "miniend_e_nologit", "miniend_e_interpolated")
+            "miniend_e_nologit", "miniend_e_interpolated", "minilm_encdec")
+# Named recipes that are objectives of their own (aliases excluded).
+CANONICAL = sorted(n for n in R.RECIPES if n not in R.ALIASES)
 
 
 # ---------------------------------------------------------------------------
@@ -39,27 +41,72 @@ def test_gin_file_builds_the_preset(name):
   built = R.recipe_from_gin()
   assert type(built) is R.Recipe
   assert built == R.get_recipe(name)
+  if name in R.ALIASES:  # an alias's file names the preset: the same object
+    assert built is R.get_recipe(R.ALIASES[name])
+
+
+def _kinds(name):
+  return [t.kind for t in R.get_recipe(name).terms]
 
 
 def test_preset_contents():
-  kinds = lambda n: [t.kind for t in R.get_recipe(n).terms]
-  assert kinds("scratch") == [] and R.get_recipe("scratch").ce_weight == 1.0
-  assert kinds("miniend_d") == ["logits", "decoder_self", "decoder_cross"]
-  assert kinds("miniend_d_nologit") == ["decoder_self", "decoder_cross"]
-  assert kinds("miniend_e") == ["logits", "decoder_self", "encoder_self"]
-  assert kinds("miniend_e_nologit") == ["decoder_self", "encoder_self"]
-  assert kinds("implicit") == ["logits", "decoder_self"]
-  assert kinds("minilm") == ["encoder_self", "decoder_self"]
+  """The paper's rows (Figure 1 / poster), each carried over unchanged."""
+  assert _kinds("scratch") == [] and R.get_recipe("scratch").ce_weight == 1.0
+  # Prior methods as for a decoder-only LM: no encoder or cross term.
+  assert _kinds("kd_logits") == ["logits"]
+  assert _kinds("minilm") == ["decoder_self"]
+  assert _kinds("kd_logits_minilm") == ["logits", "decoder_self"]
+  assert _kinds("miniend_d") == ["logits", "decoder_self", "decoder_cross"]
+  assert _kinds("miniend_d_nologit") == ["decoder_self", "decoder_cross"]
+  assert _kinds("miniend_e") == ["logits", "decoder_self", "encoder_self"]
+  assert _kinds("miniend_e_nologit") == ["decoder_self", "encoder_self"]
+  assert _kinds("hidden_mse") == ["encoder_hidden", "decoder_hidden"]
+  assert all(R.get_recipe(n).ce_weight == 0.0 for n in CANONICAL if n != "scratch")
   interp = R.get_recipe("miniend_e_interpolated")
   nolog = R.get_recipe("miniend_e_nologit")
   assert [t.kind for t in interp.terms] == [t.kind for t in nolog.terms]
-  assert all(t.interpolation is not None and t.teacher_layer == -4
+  assert all(isinstance(t.interpolation, R.LinearRamp) and t.teacher_layer == -4
              for t in interp.terms)
   for t in R.get_recipe("miniend_d").terms:
     if t.kind != "logits":
       assert t.pairs == ("qq", "kk", "vv") and t.teacher_layer == -1
-  assert R.get_recipe("miniend_d").terms[1].causal  # decoder self: causal
-  assert not R.get_recipe("miniend_d").terms[2].causal
+  # Relations over decoder positions are causal: self-attention and cross Q-Q.
+  dec_self, dec_cross = R.get_recipe("miniend_d").terms[1:]
+  assert dec_self.causal and dec_cross.causal
+  assert not R.get_recipe("miniend_e").terms[2].causal  # encoder: bidirectional
+
+
+def test_aliases_are_the_same_recipe():
+  assert R.ALIASES == {"implicit": "kd_logits_minilm",
+                       "minilm_encdec": "miniend_e_nologit"}
+  for alias, target in R.ALIASES.items():
+    assert R.get_recipe(alias) is R.get_recipe(target)
+    assert R.get_recipe(alias).name == target
+
+
+def _objective(recipe, teacher_cfg, student_cfg):
+  """What a recipe optimises: its resolved terms as a set (labels dropped),
+  and the weight of the student's own loss."""
+  resolved = recipe.resolve(teacher_cfg, student_cfg)
+  terms = frozenset(dataclasses.replace(t, name=None) for t in resolved.terms)
+  return terms, resolved.ce_weight, resolved.z_loss if resolved.ce_weight else 0.0
+
+
+def test_no_two_named_recipes_define_the_same_objective():
+  # A 4-layer teacher (so layer -4 exists) and a 64-wide student (64 relation
+  # heads divide it); on these configs -1 and -4 are different layers.
+  teacher, student = tiny.DEEP, tiny.config(num_heads=4, d_kv=16)
+  objectives = {}
+  for name in CANONICAL:
+    key = _objective(R.get_recipe(name), teacher, student)
+    assert key not in objectives, (
+        f"{name!r} defines the same objective as {objectives.get(key)!r}")
+    objectives[key] = name
+  assert len(objectives) == len(CANONICAL) >= 10
+  # The check can fail: an undeclared copy of a recipe is caught.
+  copy = dataclasses.replace(R.get_recipe("miniend_e_nologit"), name="copy",
+                             terms=tuple(reversed(R.get_recipe("miniend_e_nologit").terms)))
+  assert _objective(copy, teacher, student) in objectives
 
 
 def test_gin_overrides_and_preset_name_macro():
@@ -102,6 +149,9 @@ def test_bad_terms_rejected_at_construction():
     R.Term("logits", pairs=("qq",))
   with pytest.raises(ValueError, match="causal=True only applies"):
     R.Term("encoder_self", causal=True)
+  with pytest.raises(ValueError, match="causal=True only applies"):
+    R.Term("encoder_hidden", causal=True)
+  assert R.Term("decoder_cross").causal and not R.Term("decoder_cross", causal=False).causal
   with pytest.raises(ValueError, match="appear more than once"):
     R.Recipe(terms=(R.Term("decoder_self"), R.Term("decoder_self")))
   R.Recipe(terms=(R.Term("decoder_self"), R.Term("decoder_self", name="dec2",
@@ -200,7 +250,8 @@ def _outputs(recipe, t_cfg, s_cfg, t_params, s_params, b):
 
 def test_recipe_loss_matches_reference_wiring():
   """Each term/pair equals the float64 reference on the tapped tensors, with
-  the masks of the right sides (cross: Q-Q decoder, K-K/V-V encoder)."""
+  the masks of the right sides (cross: causal Q-Q over the decoder, K-K/V-V
+  over the encoder, Q-K decoder rows over encoder keys)."""
   recipe = R.Recipe(name="all", ce_weight=0.7, z_loss=1e-3, terms=(
       R.Term("logits", temperature=2.0, weight=0.5),
       R.Term("encoder_self", pairs=("qq", "kk", "vv", "qk"), teacher_layer=1),
@@ -239,9 +290,11 @@ def test_recipe_loss_matches_reference_wiring():
       else:
         qm = dec if a_ == "query" else enc
         km = dec if b_ == "query" else enc
+      causal = term.kind == "decoder_self" or (term.kind == "decoder_cross"
+                                               and pair == "qq")
       want = ref.relation_kl(getattr(t_tap, a_), getattr(t_tap, b_),
                              getattr(s_tap, a_), getattr(s_tap, b_), 2, qm, km,
-                             causal=term.kind == "decoder_self")
+                             causal=causal)
       np.testing.assert_allclose(m[f"loss/{term.label}/{pair}"], want, rtol=1e-5,
                                  atol=1e-7)
       term_sum += want
@@ -255,7 +308,7 @@ def test_recipe_loss_matches_reference_wiring():
   np.testing.assert_allclose(m["loss/total"], total)
 
 
-@pytest.mark.parametrize("name", sorted(R.RECIPES))
+@pytest.mark.parametrize("name", CANONICAL)
 def test_every_term_zero_for_a_copy_of_the_teacher(name):
   cfg = tiny.TEACHER
   recipe = R.get_recipe(name)
@@ -312,9 +365,11 @@ def test_interpolation_endpoints_in_recipe(kind):
   np.testing.assert_allclose(end, base, rtol=1e-6)
   half, _ = R.recipe_loss(with_schedule(ramp), t_out, s_out, b, 50, extra)
   assert 0.0 < half < base
-  # Adaptive: reports the teacher's loss and an a in [min, max].
-  _, m = R.recipe_loss(with_schedule(R.AdaptiveSchedule(min_value=0.05)), t_out, s_out,
-                       b, 0, extra)
+  # Adaptive: reports the teacher's loss and an a in [min, max]. It needs a
+  # recipe that trains the output layer (here the student's own loss).
+  adaptive = dataclasses.replace(with_schedule(R.AdaptiveSchedule(min_value=0.05)),
+                                 ce_weight=1.0).resolve(tiny.TEACHER, tiny.STUDENT)
+  _, m = R.recipe_loss(adaptive, t_out, s_out, b, 0, extra)
   want_a = np.clip(m["teacher/span_corruption"] / m["loss/span_corruption"], 0.05, 1.0)
   np.testing.assert_allclose(m[f"interpolation/{kind}"], want_a, rtol=1e-6)
 
@@ -370,3 +425,158 @@ def test_teacher_assistant_chain():
     total, m = R.recipe_loss(stage, t_out, s_out, b, 5000)
     assert np.isfinite(total) and total > 0
     np.testing.assert_allclose(m["interpolation/encoder_self"], 0.6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Cross-attention: causal Q-Q over decoder positions, pairs as a setting.
+# ---------------------------------------------------------------------------
+
+
+def _cross_outputs(rng, dec_len, enc_len, t_width, s_width, vocab=7, batch=2):
+  """Teacher and student outputs holding only a layer-0 cross-attention tap."""
+  def out(width):
+    return T5Output(
+        logits=jnp.asarray(rng.normal(size=(batch, dec_len, vocab)), jnp.float32),
+        decoder_cross={0: AttentionTap(
+            query=jnp.asarray(rng.normal(size=(batch, dec_len, width)) * 2, jnp.float32),
+            key=jnp.asarray(rng.normal(size=(batch, enc_len, width)) * 2, jnp.float32),
+            value=jnp.asarray(rng.normal(size=(batch, enc_len, width)) * 2, jnp.float32))})
+  return out(t_width), out(s_width)
+
+
+def _cross_batch(dec_lengths, enc_lengths, dec_len, enc_len):
+  dec = np.arange(dec_len)[None] < np.asarray(dec_lengths)[:, None]
+  enc = np.arange(enc_len)[None] < np.asarray(enc_lengths)[:, None]
+  return {"encoder_input_tokens": jnp.asarray(enc * 3, jnp.int32),
+          "decoder_target_tokens": jnp.asarray(dec * 3, jnp.int32)}, dec, enc
+
+
+def _cross_recipe(**term_kw):
+  return R.Recipe(ce_weight=0.0, terms=(R.Term(
+      "decoder_cross", teacher_layer=0, student_layer=0, relation_heads=2,
+      **term_kw),))
+
+
+def _with_query_row(out, rows, new_rows):
+  """`out` with the cross query of example n at position rows[n] replaced."""
+  tap = out.decoder_cross[0]
+  query = np.array(tap.query)
+  for n, (i, row) in enumerate(zip(rows, new_rows)):
+    query[n, i] = row
+  return out.replace(decoder_cross={0: tap.replace(query=jnp.asarray(query))})
+
+
+def test_cross_qq_is_causal_and_matches_reference():
+  rng = np.random.default_rng(11)
+  dec_len, enc_len = 6, 5
+  b, dec, enc = _cross_batch([6, 4], [5, 3], dec_len, enc_len)
+  t_out, s_out = _cross_outputs(rng, dec_len, enc_len, t_width=12, s_width=8)
+  t_tap, s_tap = t_out.decoder_cross[0], s_out.decoder_cross[0]
+  _, m = R.recipe_loss(_cross_recipe(pairs=("qq", "kk", "vv")), t_out, s_out, b, 0)
+  causal = ref.relation_kl(t_tap.query, t_tap.query, s_tap.query, s_tap.query, 2,
+                           dec, dec, causal=True)
+  bidirectional = ref.relation_kl(t_tap.query, t_tap.query, s_tap.query,
+                                  s_tap.query, 2, dec, dec, causal=False)
+  assert abs(causal - bidirectional) > 1e-2  # the two definitions differ here
+  np.testing.assert_allclose(m["loss/decoder_cross/qq"], causal, rtol=1e-5)
+  # K-K and V-V range over encoder positions: bidirectional, encoder mask.
+  for pair, side in (("kk", "key"), ("vv", "value")):
+    t, s = getattr(t_tap, side), getattr(s_tap, side)
+    np.testing.assert_allclose(m[f"loss/decoder_cross/{pair}"],
+                               ref.relation_kl(t, t, s, s, 2, enc, enc), rtol=1e-5)
+  # causal=False restores a bidirectional Q-Q.
+  _, m = R.recipe_loss(_cross_recipe(pairs=("qq",), causal=False), t_out, s_out, b, 0)
+  np.testing.assert_allclose(m["loss/decoder_cross"], bidirectional, rtol=1e-5)
+
+
+def test_future_decoder_position_changes_nothing_for_earlier_rows():
+  """Changing both models' cross queries at each example's last decoder
+  position only changes that position's own Q-Q relation row."""
+  rng = np.random.default_rng(12)
+  dec_len, enc_len, width = 6, 5, 8
+  b, dec, _ = _cross_batch([6, 4], [5, 3], dec_len, enc_len)
+  last = [5, 3]
+  last_row = np.zeros_like(dec)
+  last_row[0, 5] = last_row[1, 3] = True
+  t_out, s_out = _cross_outputs(rng, dec_len, enc_len, width, width)
+  r = np.random.default_rng(0)
+  t_moved = _with_query_row(t_out, last, 3 * r.normal(size=(2, width)))
+  s_moved = _with_query_row(s_out, last, 3 * r.normal(size=(2, width)))
+
+  def earlier_rows(causal, t_out, s_out):
+    """Summed row losses of all rows but the last: recipe total minus the
+    float64 last rows (row losses are head means; totals are row means)."""
+    _, m = R.recipe_loss(_cross_recipe(pairs=("qq",), causal=causal), t_out,
+                         s_out, b, 0)
+    t, s = t_out.decoder_cross[0].query, s_out.decoder_cross[0].query
+    np.testing.assert_allclose(
+        m["loss/decoder_cross"], ref.relation_kl(t, t, s, s, 2, dec, dec, causal=causal),
+        rtol=1e-5)
+    last_rows = ref.relation_kl(t, t, s, s, 2, last_row, dec, causal=causal)
+    return float(m["loss/decoder_cross"]) * dec.sum() - last_rows * last_row.sum()
+
+  before = earlier_rows(True, t_out, s_out)
+  assert before > 0.1
+  np.testing.assert_allclose(earlier_rows(True, t_moved, s_moved), before, rtol=1e-5)
+  # Bidirectional relations (causal=False) would match earlier rows against
+  # the future position: the same change moves them.
+  assert abs(earlier_rows(False, t_moved, s_moved)
+             - earlier_rows(False, t_out, s_out)) > 1e-2
+
+
+def test_cross_pairs_are_a_gin_setting_and_qk_example():
+  path = os.path.join(RECIPE_DIR, "examples", "miniend_d_cross_qk.gin")
+  gin.parse_config_file(path)
+  built = R.recipe_from_gin()
+  base = R.get_recipe("miniend_d")
+  assert built.terms[2].kind == "decoder_cross" and built.terms[2].pairs == ("qk",)
+  # Otherwise miniend_d: only the cross pairs differ.
+  assert dataclasses.replace(built, name="miniend_d", terms=built.terms[:2] + (
+      dataclasses.replace(built.terms[2], pairs=("qq", "kk", "vv")),)) == base
+  # The qk pair is the cross-attention pattern: decoder rows over encoder keys
+  # (all of them: not causal), matched against the float64 reference.
+  rng = np.random.default_rng(13)
+  b, dec, enc = _cross_batch([6, 4], [5, 3], 6, 5)
+  t_out, s_out = _cross_outputs(rng, 6, 5, t_width=12, s_width=8)
+  recipe = _cross_recipe(pairs=built.terms[2].pairs)
+  _, m = R.recipe_loss(recipe, t_out, s_out, b, 0)
+  t, s = t_out.decoder_cross[0], s_out.decoder_cross[0]
+  np.testing.assert_allclose(
+      m["loss/decoder_cross"],
+      ref.relation_kl(t.query, t.key, s.query, s.key, 2, dec, enc), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# AdaptiveSchedule needs a recipe that trains the output layer.
+# ---------------------------------------------------------------------------
+
+
+def test_adaptive_schedule_needs_a_trained_output_layer():
+  ada = R.AdaptiveSchedule()
+  relation_only = R.Recipe(name="rel", ce_weight=0.0, terms=(
+      R.Term("decoder_self", interpolation=ada), R.Term("encoder_self")))
+  with pytest.raises(ValueError, match=r"'rel'.*\['decoder_self'\].*AdaptiveSchedule"
+                     r".*never trains the student's output layer.*ce_weight > 0"):
+    relation_only.resolve(tiny.TEACHER, tiny.STUDENT)
+  # A zero-weight logits term trains nothing either.
+  with pytest.raises(ValueError, match="never trains"):
+    dataclasses.replace(relation_only, terms=relation_only.terms + (
+        R.Term("logits", weight=0.0),)).resolve(tiny.TEACHER, tiny.STUDENT)
+  # The student's own loss or a logits term make it valid; step ramps are
+  # valid anywhere.
+  dataclasses.replace(relation_only, ce_weight=0.5).resolve(tiny.TEACHER, tiny.STUDENT)
+  dataclasses.replace(relation_only, terms=relation_only.terms + (
+      R.Term("logits"),)).resolve(tiny.TEACHER, tiny.STUDENT)
+  R.get_recipe("miniend_e_interpolated").resolve(
+      tiny.DEEP, tiny.config(num_heads=4, d_kv=16))
+  # The gin file's documented way to use it.
+  gin.parse_config_file(os.path.join(RECIPE_DIR, "miniend_e_interpolated.gin"))
+  gin.parse_config([
+      "miniend_e_interpolated/dec_self/Term.interpolation = @AdaptiveSchedule()",
+      "miniend_e_interpolated/enc_self/Term.interpolation = @AdaptiveSchedule()"])
+  cfgs = (tiny.DEEP, tiny.config(num_heads=4, d_kv=16))
+  with pytest.raises(ValueError, match="never trains"):
+    R.recipe_from_gin().resolve(*cfgs)
+  gin.parse_config(["miniend_e_interpolated/Recipe.ce_weight = 1.0"])
+  resolved = R.recipe_from_gin().resolve(*cfgs)
+  assert all(isinstance(t.interpolation, R.AdaptiveSchedule) for t in resolved.terms)
