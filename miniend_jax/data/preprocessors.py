@@ -8,7 +8,10 @@ GLUE input strings and label words) so that T5 models distilled or finetuned
 here see the data they were trained on.
 
 Shapes: a "token sequence" is a rank-1 int32 tensor of length `[n]`; examples
-are dicts of such tensors (or scalar tf.string before tokenization).
+are dicts of such tensors (or scalar tf.string before tokenization). As in T5,
+`select_random_chunk` and `split_tokens` also take rank >= 2 features
+`[n, ...]`, whose rows (the first axis) are the unit that is counted, chunked
+and split.
 """
 
 from __future__ import annotations
@@ -224,10 +227,15 @@ def nonnoise_span_to_unique_sentinel(
   )
 
 
+def _num_rows(tokens: tf.Tensor) -> tf.Tensor:
+  """Length of a token feature along its first axis (T5's unit for rank >= 2)."""
+  return tf.shape(tokens)[0]
+
+
 @seqio.map_over_dataset(num_seeds=1)
 def _select_random_chunk(x, seed, feature_key, max_length):
   tokens = x[feature_key]
-  num_chunks = (tf.size(tokens) + max_length - 1) // max_length
+  num_chunks = (_num_rows(tokens) + max_length - 1) // max_length
   chunk = tf.random.stateless_uniform(
       [], seed=seed, minval=0, maxval=tf.maximum(num_chunks, 1), dtype=tf.int32
   )
@@ -242,8 +250,11 @@ def select_random_chunk(
   """Keeps one random `max_length`-token chunk of each non-empty document.
 
   Re-implements `t5.data.preprocessors.select_random_chunk` (only the
-  `feature_key` feature is kept). Input `{feature_key: int32 [n]}`, output
-  `{feature_key: int32 [min(n, max_length)]}`; empty documents are dropped.
+  `feature_key` feature is kept). Input `{feature_key: int32 [n, ...]}`,
+  output `{feature_key: int32 [min(n, max_length), ...]}`: the chunk is
+  `max_length` rows (first-axis entries, single tokens for rank 1) starting
+  at a random multiple of `max_length`, the last one possibly shorter.
+  Documents with no elements are dropped.
   """
   dataset = dataset.filter(lambda x: tf.size(x[feature_key]) > 0)
   return _select_random_chunk(  # pylint: disable=no-value-for-parameter
@@ -284,13 +295,15 @@ def split_tokens(
 
   Re-implements `t5.data.preprocessors.split_tokens` (fixed segment length):
   every segment has `max_tokens_per_segment` tokens except the last one of
-  each stream, which keeps the remainder. Output `{feature_key: int32 [<=L]}`.
+  each stream, which keeps the remainder. Input `{feature_key: [n, ...]}`,
+  output `{feature_key: [<=L, ...]}`: for rank >= 2 the rows (first axis)
+  are split, each row kept whole, as T5 does.
   """
   length = max_tokens_per_segment
 
   def _split(x):
     tokens = x[feature_key]
-    n = tf.size(tokens)
+    n = _num_rows(tokens)
     num_full = n // length
     remainder = n - num_full * length
     row_lengths = tf.concat(

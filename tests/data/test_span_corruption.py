@@ -1,4 +1,12 @@
-"""T5 span corruption: statistics, sentinel order, exact inversion, seeds."""
+"""T5 span corruption: statistics, sentinel order, exact inversion, seeds.
+
+The "T5 cases" below port the span-corruption cases of T5's own tests
+(google-research/text-to-text-transfer-transformer,
+t5/data/preprocessors_test.py) to our functions: the same inputs and expected
+values, rewritten as pytest functions.
+"""
+
+import types
 
 import numpy as np
 import pytest
@@ -141,3 +149,105 @@ def test_too_few_sentinels_is_an_error(pydoc_vocab):
     preprocessors.span_corruption(
         ds, {"inputs": 2048, "targets": 512},
         {"targets": seqio.Feature(pydoc_vocab)})
+
+
+# ---------------------------------------------------------------------------
+# T5 cases.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mean_span,expected", [(2.0, (70, 22)), (1.0, (63, 27))])
+def test_t5_random_spans_helper(mean_span, expected):
+  assert preprocessors.random_spans_helper(64, 0.2, mean_span, 1, 1) == expected
+
+
+def test_t5_random_spans_noise_mask_is_bit_identical():
+  # 32 tokens, density 0.25, mean span 2: 4 noise spans of 8 tokens in all,
+  # exactly where T5 puts them for these seeds.
+  mask = preprocessors.random_spans_noise_mask(
+      32, 0.25, tf.constant([(1, 2), (3, 4)]), 2.0)
+  assert tf.cast(mask, tf.int32).numpy().tolist() == [
+      0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0,
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1]
+
+
+def test_t5_unique_sentinels():
+  # T5's mock vocabulary of 1000 ids: the first sentinel is id 999.
+  vocabulary = types.SimpleNamespace(vocab_size=1000, extra_ids=100)
+  tokens = tf.constant([10, 11, 12, 13, 14, 15])
+  mask = tf.constant([True, True, False, False, True, False])
+  inputs = preprocessors.noise_span_to_unique_sentinel(tokens, mask, vocabulary)
+  targets = preprocessors.nonnoise_span_to_unique_sentinel(tokens, mask, vocabulary)
+  assert inputs.numpy().tolist() == [999, 12, 13, 998, 15]
+  assert targets.numpy().tolist() == [10, 11, 999, 14, 998]
+
+
+def _split(original, length):
+  ds = tf.data.Dataset.from_tensors({"targets": original})
+  return [x["targets"] for x in
+          preprocessors.split_tokens(ds, length).as_numpy_iterator()]
+
+
+SPLIT_INPUTS = {
+    "tokens": list(range(2, 102)),
+    # Rank 2 (T5's test_split_tokens_rank2): 100 rows of 2, split by rows.
+    "rows": [[i, 2 * i] for i in range(2, 102)],
+    # Id 0 is data here, not padding: nothing is dropped.
+    "padding_ids": [0] * 100,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SPLIT_INPUTS))
+@pytest.mark.parametrize("length,num_segments", [(25, 4), (30, 4), (100, 1),
+                                                 (1000, 1)])
+def test_t5_split_tokens(kind, length, num_segments):
+  original = np.asarray(SPLIT_INPUTS[kind])
+  segments = _split(original, length)
+  assert len(segments) == num_segments
+  assert all(len(s) == length for s in segments[:-1])
+  assert 0 < len(segments[-1]) <= length
+  assert all(s.shape[1:] == original.shape[1:] for s in segments)
+  np.testing.assert_array_equal(np.concatenate(segments), original)
+
+
+def test_split_tokens_of_an_empty_stream_gives_nothing():
+  assert _split(np.zeros([0, 2], np.int32), 4) == []
+  assert _split(np.zeros([0], np.int32), 4) == []
+
+
+def _chunks(example, max_length, seeds=range(12)):
+  """select_random_chunk's output for each seed."""
+  ds = tf.data.Dataset.from_tensors(example)
+  out = []
+  for seed in seeds:
+    with seqio.map_seed_manager(seed):
+      out.append(list(preprocessors.select_random_chunk(
+          ds, max_length=max_length).as_numpy_iterator()))
+  return out
+
+
+@pytest.mark.parametrize("targets", [
+    [0, 1, 2, 3],  # T5's test_select_random_chunk
+    [[0, 9], [1, 8], [2, 7], [3, 6]],  # ... and its rank-2 twin
+])
+def test_t5_select_random_chunk(targets):
+  # max_length = the number of rows: the chunk is the whole feature, for every
+  # seed (before rows were counted, a [4, 2] input gave an empty chunk for
+  # some seeds); other features are dropped.
+  for out in _chunks({"targets": targets, "inputs": [4, 5, 6, 7]}, max_length=4):
+    assert len(out) == 1 and list(out[0]) == ["targets"]
+    np.testing.assert_array_equal(out[0]["targets"], targets)
+
+
+def test_select_random_chunk_counts_rows_of_rank2_features():
+  rows = np.arange(10).reshape(5, 2)
+  starts = set()
+  for out in _chunks({"targets": rows}, max_length=2):
+    chunk = out[0]["targets"]
+    assert chunk.shape in ((2, 2), (1, 2))
+    start = int(chunk[0, 0]) // 2
+    np.testing.assert_array_equal(chunk, rows[start:start + 2])
+    starts.add(start)
+  assert starts == {0, 2, 4}  # every chunk, each a multiple of max_length
+  # A document with no rows is dropped.
+  assert _chunks({"targets": np.zeros([0, 2], np.int32)}, 2, seeds=[0]) == [[]]
