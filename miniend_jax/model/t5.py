@@ -59,6 +59,11 @@ class T5Config:
   `dtype` is the compute dtype (activations, matmuls); `param_dtype` the storage
   dtype of the parameters. bf16 compute with f32 parameters is the usual
   training setting; layer norms and softmaxes always run in float32.
+
+  `scan_layers` stores each stack's layers as one stacked subtree ("layers",
+  leading logical axis "layers") and runs the layers no tap asks for under
+  `jax.lax.scan`, so XLA compiles one layer body instead of every layer (see
+  `stack_layer_params` / `unstack_layer_params` to convert parameters).
   """
 
   vocab_size: int = 32128
@@ -77,6 +82,7 @@ class T5Config:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.num_decoder_layers is None:
@@ -101,6 +107,8 @@ class T5Config:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ValueError(f"T5Config.{name}={getattr(self, name)!r} is not a dtype.") from e
+    if not isinstance(self.scan_layers, (bool, np.bool_)):
+      raise ValueError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}.")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
 
@@ -515,6 +523,85 @@ def _maybe_remat(block_cls, cfg: T5Config):
   return nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
 
 
+# Logical name of the leading axis of stacked layer parameters (`scan_layers`).
+LAYERS_AXIS = "layers"
+_STACKED = "layers"
+
+
+def _stacked_layers(module: nn.Module, make_block, num_layers: int, tapped: set[int],
+                    x: Array, args: tuple, deterministic: bool):
+  """Runs a stack whose layers' parameters are stacked along a leading axis.
+
+  The stacked parameters are `module`'s "layers" param: the parameter tree of one
+  block with a leading [num_layers] axis (logical name "layers"). Runs of layers
+  not in `tapped` go through one `jax.lax.scan` each; tapped layers run on their
+  own slice, so their taps are exactly those of the unrolled model. The remat
+  policy applies to each layer (inside the scan body too).
+
+  Args:
+    module: the Encoder or Decoder (owner of the "layers" param and the rngs).
+    make_block(i, deterministic, parent=None) -> the unbound block of layer i (its
+      taps set for layer i); its __call__(x, *args) returns (x, *taps).
+    tapped: layers whose outputs (taps, hidden state) are needed.
+
+  Returns:
+    (x after the last layer, {tapped layer: the block's outputs}).
+  """
+  cfg = module.config
+
+  def init_stack(rng):
+    # Zeros of the real shapes: the init never depends on the traced activations.
+    dummies = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (x,) + args)
+    block = make_block(-1, True, parent=None)
+    boxed = jax.vmap(lambda r: block.init(r, *dummies)["params"])(
+        jax.random.split(rng, num_layers))
+    return jax.tree.map(
+        lambda b: b.add_axis(0, {nn.PARTITION_NAME: LAYERS_AXIS})
+        if isinstance(b, nn.meta.AxisMetadata) else b,
+        boxed, is_leaf=lambda b: isinstance(b, nn.meta.AxisMetadata))
+
+  stacked = module.param(_STACKED, init_stack)
+  base_rng = None if deterministic else module.make_rng("dropout")
+
+  def layer_fn(i: int, in_scan: bool):
+    block = make_block(i, deterministic, parent=None)
+
+    def run(params, x, rng):
+      rngs = {} if rng is None else {"dropout": rng}
+      return block.apply({"params": params}, x, *args, rngs=rngs)
+
+    if cfg.remat_policy == "none":
+      return run
+    return jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat_policy],
+                          prevent_cse=not in_scan)
+
+  def layer_rngs(start: int, stop: int):
+    if base_rng is None:
+      return None
+    return jax.vmap(lambda i: jax.random.fold_in(base_rng, i))(jnp.arange(start, stop))
+
+  outputs, start = {}, 0
+  while start < num_layers:
+    if start in tapped:
+      params = jax.tree.map(lambda a, i=start: a[i], stacked)
+      rng = None if base_rng is None else jax.random.fold_in(base_rng, start)
+      outputs[start] = layer_fn(start, False)(params, x, rng)
+      x = outputs[start][0]
+      start += 1
+      continue
+    stop = min([i for i in tapped if i > start] + [num_layers])
+    run = layer_fn(-1, True)  # -1: a layer no tap asks for
+
+    def body(carry, xs, run=run):
+      params, rng = xs
+      return run(params, carry, rng)[0], None
+
+    segment = jax.tree.map(lambda a, b=start, e=stop: a[b:e], stacked)
+    x, _ = jax.lax.scan(body, x, (segment, layer_rngs(start, stop)))
+    start = stop
+  return x, outputs
+
+
 def _key_mask_bias(query_len: int, key_mask: Array, query_segments: Array | None = None,
                    key_segments: Array | None = None) -> Array:
   """Additive mask bias, float32 [batch, 1, query_len, key_len].
@@ -543,14 +630,19 @@ class Encoder(nn.Module):
     bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(length, length)
             + _key_mask_bias(length, mask, segment_ids, segment_ids))
     x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
-    block_cls = _maybe_remat(EncoderBlock, cfg)
-    self_taps, hidden = {}, {}
-    for i in range(cfg.num_layers):
-      x, tap = block_cls(cfg, deterministic, i in taps.encoder_self, name=f"layers_{i}")(x, bias)
-      if tap is not None:
-        self_taps[i] = tap
-      if i in taps.encoder_hidden:
-        hidden[i] = x
+    make_block = lambda i, det, **kw: EncoderBlock(cfg, det, i in taps.encoder_self, **kw)
+    if cfg.scan_layers:
+      x, outputs = _stacked_layers(self, make_block, cfg.num_layers,
+                                   set(taps.encoder_self) | set(taps.encoder_hidden),
+                                   x, (bias,), deterministic)
+    else:
+      block_cls = _maybe_remat(EncoderBlock, cfg)
+      outputs = {}
+      for i in range(cfg.num_layers):
+        x, tap = block_cls(cfg, deterministic, i in taps.encoder_self, name=f"layers_{i}")(x, bias)
+        outputs[i] = (x, tap)
+    self_taps = {i: out[1] for i, out in outputs.items() if out[1] is not None}
+    hidden = {i: outputs[i][0] for i in taps.encoder_hidden}
     x = _norm(cfg, "encoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return x, self_taps, hidden
@@ -585,18 +677,27 @@ class Decoder(nn.Module):
                    + jnp.where(causal, 0.0, _MASK_BIAS)[None, None])
     cross_bias = _key_mask_bias(length, encoder_mask, decoder_segment_ids, encoder_segment_ids)
     x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
-    block_cls = _maybe_remat(DecoderBlock, cfg)
-    self_taps, cross_taps, hidden = {}, {}, {}
-    for i in range(cfg.num_decoder_layers):
-      x, self_tap, cross_tap = block_cls(
-          cfg, deterministic, i in taps.decoder_self, i in taps.decoder_cross, decode,
-          name=f"layers_{i}")(x, encoded, self_bias, cross_bias)
-      if self_tap is not None:
-        self_taps[i] = self_tap
-      if cross_tap is not None:
-        cross_taps[i] = cross_tap
-      if i in taps.decoder_hidden:
-        hidden[i] = x
+    if cfg.scan_layers:
+      if decode:
+        raise ValueError(
+            "Incremental decoding runs unrolled layers: convert the parameters with "
+            "unstack_layer_params(params, config) and use config.replace(scan_layers=False).")
+      make_block = lambda i, det, **kw: DecoderBlock(
+          cfg, det, i in taps.decoder_self, i in taps.decoder_cross, **kw)
+      tapped = set(taps.decoder_self) | set(taps.decoder_cross) | set(taps.decoder_hidden)
+      x, outputs = _stacked_layers(self, make_block, cfg.num_decoder_layers, tapped, x,
+                                   (encoded, self_bias, cross_bias), deterministic)
+    else:
+      block_cls = _maybe_remat(DecoderBlock, cfg)
+      outputs = {}
+      for i in range(cfg.num_decoder_layers):
+        outputs[i] = block_cls(
+            cfg, deterministic, i in taps.decoder_self, i in taps.decoder_cross, decode,
+            name=f"layers_{i}")(x, encoded, self_bias, cross_bias)
+        x = outputs[i][0]
+    self_taps = {i: out[1] for i, out in outputs.items() if out[1] is not None}
+    cross_taps = {i: out[2] for i, out in outputs.items() if out[2] is not None}
+    hidden = {i: outputs[i][0] for i in taps.decoder_hidden}
     x = _norm(cfg, "decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return x, self_taps, cross_taps, hidden
@@ -746,6 +847,66 @@ def param_shapes(config: T5Config) -> dict:
   """`jax.ShapeDtypeStruct` of every parameter, without allocating them."""
   return nn.meta.unbox(jax.eval_shape(
       lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"]))
+
+
+def _layer_stacks(config: T5Config) -> tuple[tuple[str, int], ...]:
+  return (("encoder", config.num_layers), ("decoder", config.num_decoder_layers))
+
+
+def _stack_leaves(leaves):
+  xp = jnp if any(isinstance(x, jax.Array) for x in leaves) else np
+  return xp.stack([xp.asarray(x) for x in leaves])
+
+
+def stack_layer_params(params: Mapping, config: T5Config) -> dict:
+  """Unrolled parameters (`layers_0` .. `layers_{n-1}` per stack, the Hugging Face
+  import's and checkpoints' layout) -> the `scan_layers` layout (one `layers`
+  subtree per stack, each leaf with a leading [n] axis).
+
+  Pure: returns a new tree (numpy leaves stay numpy, jax arrays stay jax arrays);
+  a stack already stacked is returned as it is.
+
+  Raises:
+    ValueError: naming a stack whose layers do not match `config`.
+  """
+  out = dict(params)
+  for stack, num in _layer_stacks(config):
+    sub = dict(params[stack])
+    if _STACKED in sub:
+      continue
+    names = [f"layers_{i}" for i in range(num)]
+    missing = [n for n in names if n not in sub]
+    extra = sorted(k for k in sub if k.startswith("layers_") and k not in names)
+    if missing or extra:
+      raise ValueError(f"stack_layer_params: the {stack} should have layers_0..layers_{num - 1} "
+                       f"for this config; missing {missing}, unexpected {extra}.")
+    layers = [sub.pop(n) for n in names]
+    sub[_STACKED] = jax.tree.map(lambda *leaves: _stack_leaves(leaves), *layers)
+    out[stack] = sub
+  return out
+
+
+def unstack_layer_params(params: Mapping, config: T5Config) -> dict:
+  """The inverse of `stack_layer_params`: the `scan_layers` layout -> `layers_i`
+  subtrees. Pure; a stack already unrolled is returned as it is.
+
+  Raises:
+    ValueError: when a stacked leaf's leading axis is not the stack's layer count.
+  """
+  out = dict(params)
+  for stack, num in _layer_stacks(config):
+    sub = dict(params[stack])
+    if _STACKED not in sub:
+      continue
+    stacked = sub.pop(_STACKED)
+    for leaf in jax.tree.leaves(stacked):
+      if leaf.shape[:1] != (num,):
+        raise ValueError(f"unstack_layer_params: the {stack}'s stacked parameters have a "
+                         f"leading axis of {leaf.shape[:1]}, but the config has {num} layers.")
+    for i in range(num):
+      sub[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    out[stack] = sub
+  return out
 
 
 def count_params(config: T5Config) -> int:
