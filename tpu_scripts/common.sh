@@ -128,9 +128,69 @@ if [[ -n "${MINIEND_TPU_SSH_FLAGS:-}" ]]; then
   read -r -a SSH_FLAGS <<<"$MINIEND_TPU_SSH_FLAGS"
 fi
 
-# tpu_ssh WORKER REMOTE_COMMAND: run REMOTE_COMMAND on one worker or on all of them.
+# ---------------------------------------------------------------- nodes (slices)
+
+# How many TPU nodes (slices) NAME has: 1, or N for a multi-slice queued resource made by
+# `create.sh --node-count N`, whose nodes gcloud names NAME-0 ... NAME-(N-1) (--node-prefix).
+NODE_COUNT=1
+
+# node_name I: the TPU node of slice I (NAME itself when there is one slice).
+node_name() {
+  if ((NODE_COUNT > 1)); then echo "$NAME-$1"; else echo "$NAME"; fi
+}
+
+# node_names: the TPU node names of NAME, one a line.
+node_names() {
+  local i
+  for ((i = 0; i < NODE_COUNT; i++)); do node_name "$i"; done
+}
+
+# each_node FN ARG...: `FN NODE ARG...` for every node. Several nodes run in parallel (a
+# multi-slice job starts, and checks its devices, only with every slice at once); fails
+# when any of them failed.
+each_node() {
+  local fn=$1 node pids=() pid rc=0
+  shift
+  if ((NODE_COUNT <= 1)); then
+    "$fn" "$NAME" "$@"
+    return
+  fi
+  for node in $(node_names); do
+    if ((DRY_RUN)); then
+      "$fn" "$node" "$@"
+    else
+      "$fn" "$node" "$@" &
+      pids+=($!)
+    fi
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid" || rc=1
+  done
+  return "$rc"
+}
+
+# node_ssh NODE WORKER REMOTE_COMMAND: run REMOTE_COMMAND on one worker of NODE or on all.
+node_ssh() {
+  gcloud_tpu tpu-vm ssh "$1" --worker="$2" "${SSH_FLAGS[@]}" --command "$3"
+}
+
+# tpu_ssh WORKER REMOTE_COMMAND: node_ssh on every node.
 tpu_ssh() {
-  gcloud_tpu tpu-vm ssh "$NAME" --worker="$1" "${SSH_FLAGS[@]}" --command "$2"
+  each_node node_ssh "$@"
+}
+
+# ---------------------------------------------------------------- run files
+
+# remote_run_file EXT: a worker's file for the run launched on NAME: log (its output), pid
+# (the launch wrapper's process group), exit (miniend's exit status, written when it ends).
+remote_run_file() {
+  echo "$REMOTE_LOGS/$NAME.$1"
+}
+
+# The bucket copy of each worker's log: WORKDIR/logs/workers/NODE-wN.log, N the worker
+# number read from the TPU VM host name (t1v-n-...-w-N), else NODE-HOSTNAME.log.
+bucket_logs_dir() {
+  echo "${1%/}/logs/workers"
 }
 
 # ---------------------------------------------------------------- names and flags
@@ -256,6 +316,7 @@ load_defaults_from_state() {
     ZONE=${zone:-${CREATE_ZONE:-}}
     PROJECT=${project:-${CREATE_PROJECT:-}}
     if [[ "${CREATE_QUEUED:-0}" == 1 ]]; then MODE=queued; else MODE=vm; fi
+    NODE_COUNT=${CREATE_NODE_COUNT:-1}
   fi
 }
 

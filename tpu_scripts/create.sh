@@ -8,8 +8,9 @@ usage() {
   cat <<'EOF'
 Usage: create.sh --name NAME --zone ZONE --accelerator-type TYPE [options] [-- EXTRA_GCLOUD_FLAGS...]
 
-Create a TPU VM (single host, e.g. v4-8) or a pod slice (several hosts, e.g. v5p-32)
-and wait until it is READY (queued resources: ACTIVE).
+Create a TPU VM (single host, e.g. v4-8), a pod slice (several hosts, e.g. v5p-32) or
+several slices of one type (multi-slice, --node-count) and wait until it is READY (queued
+resources: ACTIVE).
 
 Required:
   --name NAME               TPU node name (lowercase, digits, '-'), e.g. miniend-v4-8
@@ -28,6 +29,10 @@ Options:
   --queued                  Use a queued resource (gcloud compute tpus queued-resources):
                             the request waits in a queue until capacity exists instead of
                             failing; the usual way to get large slices. Combines with --spot.
+  --node-count N            Multi-slice: N slices of TYPE joined over the data-center network
+                            (N >= 2; implies --queued). gcloud names the slices NAME-0 ...
+                            NAME-(N-1) (--node-prefix NAME); setup.sh, launch.sh and logs.sh
+                            act on every worker of every slice, teardown.sh deletes them all.
   --timeout SECONDS         Give up waiting for READY/ACTIVE after this long (default 3600;
                             0 waits forever). The TPU is not deleted on timeout.
   --poll-interval SECONDS   Seconds between state checks (default 30).
@@ -43,17 +48,20 @@ resume.sh and teardown.sh only need --name.
 Examples:
   tpu_scripts/create.sh --name miniend-v4-8 --zone us-central2-b --accelerator-type v4-8 --spot
   tpu_scripts/create.sh --name miniend-v5p-32 --zone us-east5-a --accelerator-type v5p-32 --queued --spot
+  tpu_scripts/create.sh --name miniend-2xv5e-256 --zone us-west4-a --accelerator-type v5litepod-256 \
+    --node-count 2 --spot
 EOF
 }
 
 NAME="" ZONE="" PROJECT="" ACCELERATOR_TYPE="" RUNTIME_VERSION=""
-SPOT=0 QUEUED=0 TIMEOUT=3600 POLL_INTERVAL=30 WAIT=1
+SPOT=0 QUEUED=0 TIMEOUT=3600 POLL_INTERVAL=30 WAIT=1 NODE_COUNT=1
 EXTRA_ARGS=()
 while (($#)); do
   case "$1" in
     --accelerator-type | --accelerator-type=*) flag_value "$@"; ACCELERATOR_TYPE=$FLAG_VALUE ;;
     --runtime-version | --runtime-version=*) flag_value "$@"; RUNTIME_VERSION=$FLAG_VALUE ;;
     --timeout | --timeout=*) flag_value "$@"; TIMEOUT=$FLAG_VALUE ;;
+    --node-count | --node-count=*) flag_value "$@"; NODE_COUNT=$FLAG_VALUE ;;
     --poll-interval | --poll-interval=*) flag_value "$@"; POLL_INTERVAL=$FLAG_VALUE ;;
     --spot) SPOT=1 FLAG_SHIFT=1 ;;
     --queued) QUEUED=1 FLAG_SHIFT=1 ;;
@@ -74,6 +82,12 @@ if [[ -z "$RUNTIME_VERSION" ]]; then
   RUNTIME_VERSION=$(default_runtime_version "$ACCELERATOR_TYPE") ||
     usage_error "no default runtime for accelerator type '$ACCELERATOR_TYPE'; pass --runtime-version (e.g. --runtime-version tpu-ubuntu2204-base)"
 fi
+[[ "$NODE_COUNT" =~ ^[1-9][0-9]*$ ]] || usage_error "--node-count must be a positive whole number, got '$NODE_COUNT'"
+# Multi-slice needs a queued resource; its nodes are NAME-0, NAME-1, ...: keep those valid too.
+if ((NODE_COUNT > 1)); then
+  QUEUED=1
+  validate_name "$NAME-$((NODE_COUNT - 1))"
+fi
 if ((QUEUED)); then MODE=queued; else MODE=vm; fi
 set_gcloud_flags
 
@@ -88,14 +102,17 @@ if ! ((DRY_RUN)); then
   # shellcheck disable=SC2034
   CREATE_RUNTIME_VERSION=$RUNTIME_VERSION CREATE_SPOT=$SPOT CREATE_QUEUED=$QUEUED
   # shellcheck disable=SC2034
-  CREATE_EXTRA_ARGS=("${EXTRA_ARGS[@]}")
+  CREATE_NODE_COUNT=$NODE_COUNT CREATE_EXTRA_ARGS=("${EXTRA_ARGS[@]}")
   state_save "$NAME" CREATE_ZONE CREATE_PROJECT CREATE_ACCELERATOR_TYPE CREATE_RUNTIME_VERSION \
-    CREATE_SPOT CREATE_QUEUED CREATE_EXTRA_ARGS
+    CREATE_SPOT CREATE_QUEUED CREATE_NODE_COUNT CREATE_EXTRA_ARGS
 fi
 
 if [[ "$MODE" == queued ]]; then
   # The queued resource and its node share the name: one thing for users to remember.
-  gcloud_tpu queued-resources create "$NAME" --node-id "$NAME" \
+  # Multi-slice: its nodes are NAME-0 ... NAME-(N-1), linked by the TPU runtime (MEGASCALE_*).
+  node_flags=(--node-id "$NAME")
+  if ((NODE_COUNT > 1)); then node_flags=(--node-count "$NODE_COUNT" --node-prefix "$NAME"); fi
+  gcloud_tpu queued-resources create "$NAME" "${node_flags[@]}" \
     --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$RUNTIME_VERSION" \
     "${spot_flag[@]}" "${EXTRA_ARGS[@]}"
 else
@@ -112,4 +129,4 @@ if ((DRY_RUN)); then
 fi
 
 wait_until_ready "$TIMEOUT" "$POLL_INTERVAL"
-info "$NAME is $want. Next: tpu_scripts/setup.sh --name $NAME --repo URL (or --scp-local)"
+info "$NAME is $want. Next: tpu_scripts/setup.sh --name $NAME --repo URL_THE_WORKERS_CAN_CLONE (or --scp-local)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start `miniend <command> ...` on every worker of a TPU VM / pod slice, detached.
+# Start `miniend <command> ...` on every worker of a TPU VM / pod slice / slices, detached.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -8,15 +8,24 @@ usage() {
   cat <<'EOF'
 Usage: launch.sh --name NAME --workdir DIR [options] -- MINIEND_COMMAND [MINIEND_FLAGS...]
 
-Run `miniend MINIEND_COMMAND ...` on every worker at once (--worker=all), under
-setsid + nohup so it keeps running after ssh disconnects. Each worker logs to its own
-~/miniend_logs/NAME.log (follow with tpu_scripts/logs.sh --name NAME).
+Run `miniend MINIEND_COMMAND ...` on every worker at once (--worker=all; every slice of a
+multi-slice TPU), under setsid + nohup so it keeps running after ssh disconnects. Each
+worker logs to its own ~/miniend_logs/NAME.log (follow with tpu_scripts/logs.sh --name NAME)
+and, with a gs:// work directory, copies it to DIR/logs/workers/NODE-wN.log every
+--log-sync seconds and when miniend exits, so the log outlives the VM. Its exit status goes
+to ~/miniend_logs/NAME.exit (what resume.sh checks).
+
+Nothing multi-host needs setting: on Cloud TPU VMs miniend calls jax.distributed.initialize()
+and JAX finds the other hosts (and, on multi-slice queued resources, the other slices) by
+itself. (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are for other
+clusters, where you start miniend on each host yourself.)
 
 Required:
   --name NAME             TPU node name given to create.sh
   --workdir DIR           the run's work directory, passed as `miniend ... --workdir DIR`
                           (or give --workdir after '--'). Must be gs://... on multi-host
-                          slices: every worker writes and restores the same checkpoints.
+                          slices and multi-slice TPUs: every worker writes and restores the
+                          same checkpoints.
   -- COMMAND FLAGS...     everything after '--' goes to miniend unchanged
 
 Options:
@@ -26,6 +35,8 @@ Options:
                           (otherwise launching over a running one is refused)
   --relaunch              run the last command launched on NAME again (from the state
                           file; what resume.sh does after re-creating the TPU)
+  --log-sync SECONDS      copy each worker's log to the gs:// workdir this often (default
+                          60; 0: only when miniend exits). No copies for a local workdir.
   --accelerator-type T    only for the gs:// check; default: as given to create.sh
   --zone ZONE             default: as given to create.sh
   --project PROJECT       default: as given to create.sh
@@ -41,7 +52,7 @@ Example (the paper's MiniEnD-D run, T5-base teacher -> 6L-384H student):
 EOF
 }
 
-NAME="" ZONE="" PROJECT="" MODE=vm WORKDIR="" TFDS_DIR="" ACCEL="" RESTART=0 RELAUNCH=0
+NAME="" ZONE="" PROJECT="" MODE=vm WORKDIR="" TFDS_DIR="" ACCEL="" RESTART=0 RELAUNCH=0 LOG_SYNC=""
 ENV_VARS=() MINIEND_ARGS=() HAVE_ARGS=0
 UNKNOWN_FLAG_HINT=" (miniend's own flags go after '--')"
 while (($#)); do
@@ -50,6 +61,7 @@ while (($#)); do
     --tfds-data-dir | --tfds-data-dir=*) flag_value "$@"; TFDS_DIR=$FLAG_VALUE ;;
     --env | --env=*) flag_value "$@"; ENV_VARS+=("$FLAG_VALUE") ;;
     --accelerator-type | --accelerator-type=*) flag_value "$@"; ACCEL=$FLAG_VALUE ;;
+    --log-sync | --log-sync=*) flag_value "$@"; LOG_SYNC=$FLAG_VALUE ;;
     --restart) RESTART=1 FLAG_SHIFT=1 ;;
     --relaunch) RELAUNCH=1 FLAG_SHIFT=1 ;;
     --) shift; MINIEND_ARGS=("$@"); HAVE_ARGS=1; break ;;
@@ -92,6 +104,8 @@ fi
 for kv in "${ENV_VARS[@]}"; do
   [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage_error "--env expects KEY=VALUE, got '$kv'"
 done
+LOG_SYNC=${LOG_SYNC:-${LAUNCH_LOG_SYNC:-60}}
+[[ "$LOG_SYNC" =~ ^[0-9]+$ ]] || usage_error "--log-sync must be a whole number of seconds, got '$LOG_SYNC'"
 
 # Every worker of a pod slice saves and restores its shards of the same checkpoint, and
 # resuming after a preemption needs the checkpoints to outlive the VMs: gs:// only.
@@ -101,6 +115,9 @@ if [[ -z "$ACCEL" ]] && ! ((DRY_RUN)); then
     --format='value(acceleratorType)' 2>/dev/null) || ACCEL=""
 fi
 hosts=$(num_hosts "$ACCEL" 2>/dev/null) || hosts=""
+if ((NODE_COUNT > 1)); then
+  hosts=$((${hosts:-1} * NODE_COUNT)) ACCEL="$NODE_COUNT x $ACCEL"
+fi
 if [[ "$WORKDIR" != gs://* ]]; then
   if [[ -n "$hosts" ]] && ((hosts > 1)); then
     usage_error "--workdir must be a gs:// path on $ACCEL ($hosts hosts): every worker must see the same checkpoints (e.g. --workdir gs://BUCKET/miniend/RUN)"
@@ -115,43 +132,88 @@ if ! ((DRY_RUN)); then
   # shellcheck disable=SC2034  # saved by name
   LAUNCH_WORKDIR=$WORKDIR LAUNCH_TFDS_DATA_DIR=$TFDS_DIR LAUNCH_ENV=("${ENV_VARS[@]}")
   # shellcheck disable=SC2034
-  LAUNCH_ARGS=("${MINIEND_ARGS[@]}")
-  state_save "$NAME" LAUNCH_WORKDIR LAUNCH_TFDS_DATA_DIR LAUNCH_ENV LAUNCH_ARGS
+  LAUNCH_ARGS=("${MINIEND_ARGS[@]}") LAUNCH_LOG_SYNC=$LOG_SYNC
+  # A launch starts resume.sh's count of relaunches without progress afresh (resume.sh
+  # writes its own count after it relaunches).
+  # shellcheck disable=SC2034
+  RESUME_LAST_STEP=-1 RESUME_STALLED=0
+  state_save "$NAME" LAUNCH_WORKDIR LAUNCH_TFDS_DATA_DIR LAUNCH_ENV LAUNCH_ARGS LAUNCH_LOG_SYNC \
+    RESUME_LAST_STEP RESUME_STALLED
 fi
 
 # ------------------------------------------------------------------ the remote script
-# Multi-host: the same command starts on every worker. On TPU pods JAX discovers the
-# coordinator and the other processes itself (miniend calls jax.distributed.initialize()
-# with no arguments), so nothing extra is needed here.
-log="$REMOTE_LOGS/$NAME.log"
-pid_file="$REMOTE_LOGS/$NAME.pid"
+# Multi-host: the same command starts on every worker (of every slice). On Cloud TPU VMs
+# miniend calls jax.distributed.initialize() with no arguments and JAX finds the coordinator
+# and the other hosts from the TPU metadata; on a multi-slice queued resource the TPU runtime
+# also sets the MEGASCALE_* variables. So nothing multi-host is passed here.
+log=$(remote_run_file log)
+pid_file=$(remote_run_file pid)
+exit_file=$(remote_run_file exit)
+
+# The wrapper the workers run detached, as `bash -c WRAPPER miniend-run LOG EXIT_FILE GS_LOG
+# EVERY MINIEND...`: runs miniend, copies the log to GS_LOG (when not empty) every EVERY
+# seconds (0: only at the end), and once miniend has exited copies the log a last time,
+# then writes miniend's exit status to EXIT_FILE (resume.sh reads it). A SIGTERM to the process
+# group (launch.sh --restart) reaches miniend, which saves a checkpoint; the wrapper
+# ignores it and waits.
+# shellcheck disable=SC2016  # expanded by the worker's bash
+wrapper_steps=('log=$1 exit_file=$2 gs_log=$3 every=$4' 'shift 4'
+  'save_log() { [ -z "$gs_log" ] || gcloud storage cp "$log" "$gs_log" >/dev/null 2>&1 || true; }'
+  '"$@" </dev/null >>"$log" 2>&1 & child=$!'
+  'copier=""'
+  'if [ -n "$gs_log" ] && [ "$every" -gt 0 ]; then (while sleep "$every"; do save_log; done) & copier=$!; fi'
+  # Ignored from here on (miniend, already started, still gets them): wait for its status.
+  "trap '' TERM INT"
+  'wait "$child"; rc=$?'
+  'if [ -n "$copier" ]; then kill "$copier" 2>/dev/null; fi'
+  'echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) miniend exited with status $rc" >>"$log"'
+  'save_log'
+  'echo "$rc" >"$exit_file"')
+wrapper=$(printf '%s; ' "${wrapper_steps[@]}")
+wrapper=${wrapper%; }
+
 if ((RESTART)); then
   # setsid made the run its own process group: stop the whole group, wait for it to exit
   # (it releases the TPU only then), and kill it if it does not within two minutes.
-  on_running="pid=\$(cat \"$pid_file\"); echo \"\$(hostname): stopping miniend (pid \$pid)\"; kill -TERM -- \"-\$pid\" 2>/dev/null || kill -TERM \"\$pid\" 2>/dev/null || true; for _ in \$(seq 120); do kill -0 \"\$pid\" 2>/dev/null || break; sleep 1; done; kill -KILL -- \"-\$pid\" 2>/dev/null || true"
+  on_running="pid=\$(cat \"$pid_file\"); echo \"\$(hostname): stopping miniend (pid \$pid)\"; kill -TERM -- \"-\$pid\" 2>/dev/null || kill -TERM \"\$pid\" 2>/dev/null || true; for _ in \$(seq 600); do kill -0 \"\$pid\" 2>/dev/null || break; sleep 0.2; done; kill -KILL -- \"-\$pid\" 2>/dev/null || true"
 else
   on_running="echo \"\$(hostname): miniend is already running (pid \$(cat \"$pid_file\")); pass --restart to stop it first\" >&2; exit 1"
 fi
-steps=("set -euo pipefail"
+common_steps=("set -euo pipefail"
   "mkdir -p \"$REMOTE_LOGS\""
   "cd \"$REMOTE_SRC\""
   "test -x \"$REMOTE_VENV/bin/miniend\" || { echo \"\$(hostname): miniend is not installed; run tpu_scripts/setup.sh --name $NAME first\" >&2; exit 1; }"
-  "if [ -f \"$pid_file\" ] && kill -0 \"\$(cat \"$pid_file\")\" 2>/dev/null; then $on_running; fi")
+  "if [ -f \"$pid_file\" ] && kill -0 \"\$(cat \"$pid_file\")\" 2>/dev/null; then $on_running; fi"
+  "rm -f \"$exit_file\"")
 if [[ -n "$TFDS_DIR" ]]; then
-  steps+=("export TFDS_DATA_DIR=$(shell_quote "$TFDS_DIR")")
+  common_steps+=("export TFDS_DATA_DIR=$(shell_quote "$TFDS_DIR")")
 fi
 for kv in "${ENV_VARS[@]}"; do
-  steps+=("export ${kv%%=*}=$(shell_quote "${kv#*=}")")
+  common_steps+=("export ${kv%%=*}=$(shell_quote "${kv#*=}")")
 done
 miniend_cmd="\"$REMOTE_VENV/bin/miniend\" $(shell_quote "${MINIEND_ARGS[@]}")"
-steps+=("echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) miniend $(shell_quote "${MINIEND_ARGS[@]}" | sed 's/["$`\\]/\\&/g')\" >>\"$log\""
-  # setsid + nohup: own session, SIGHUP ignored, no terminal: survives the ssh exit.
-  "setsid nohup $miniend_cmd >>\"$log\" 2>&1 </dev/null & echo \$! >\"$pid_file\""
-  "echo \"\$(hostname): started miniend (pid \$(cat \"$pid_file\")), log: $log\"")
-remote_cmd=$(printf '%s; ' "${steps[@]}")
-remote_cmd=${remote_cmd%; }
 
-tpu_ssh all "$remote_cmd"
+# launch_on_node NODE: start the run on every worker of NODE. With a gs:// workdir each
+# worker's log goes to WORKDIR/logs/workers/NODE-wN.log too (and a new VM continues the
+# log from there), so it outlives the VM.
+launch_on_node() {
+  local node=$1 steps=("${common_steps[@]}") gs_log="''" synced=""
+  if [[ "$WORKDIR" == gs://* ]]; then
+    steps+=("h=\$(hostname); case \"\$h\" in *-w-[0-9]*) w=w\${h##*-w-} ;; *) w=\$h ;; esac"
+      "gs_log=$(shell_quote "$(bucket_logs_dir "$WORKDIR")/$node-")\$w.log"
+      "if [ ! -f \"$log\" ]; then gcloud storage cp \"\$gs_log\" \"$log\" >/dev/null 2>&1 || true; fi")
+    gs_log="\"\$gs_log\"" synced=", copied to \$gs_log"
+  fi
+  steps+=("echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) miniend $(shell_quote "${MINIEND_ARGS[@]}" | sed 's/["$`\\]/\\&/g')\" >>\"$log\""
+    # setsid + nohup: own session, SIGHUP ignored, no terminal: survives the ssh exit.
+    "setsid nohup bash -c $(shell_quote "$wrapper") miniend-run \"$log\" \"$exit_file\" $gs_log $LOG_SYNC $miniend_cmd >>\"$log\" 2>&1 </dev/null & echo \$! >\"$pid_file\""
+    "echo \"\$(hostname): started miniend (pid \$(cat \"$pid_file\")), log: $log$synced\"")
+  local remote_cmd
+  remote_cmd=$(printf '%s; ' "${steps[@]}")
+  node_ssh "$node" all "${remote_cmd%; }"
+}
+
+each_node launch_on_node
 if ! ((DRY_RUN)); then
   info "launched on every worker of $NAME. Follow with: tpu_scripts/logs.sh --name $NAME"
 fi

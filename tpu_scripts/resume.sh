@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bring a preempted spot / queued TPU run back: re-create, set up, re-launch.
+# Keep a TPU run going: bring back a preempted TPU, relaunch a crashed run, stop when done.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -8,24 +8,42 @@ usage() {
   cat <<'USAGE'
 Usage: resume.sh --name NAME [options]
 
-Check the TPU's state and, when it was preempted or is gone (PREEMPTED, TERMINATED,
-STOPPED, SUSPENDED, FAILED, not found):
+Check the TPU and the run launch.sh started on it, and bring the run back when needed:
+
+- TPU preempted or gone (PREEMPTED, TERMINATED, STOPPED, SUSPENDED, FAILED, not found):
   1. delete what is left of it (tpu-vm delete / queued-resources delete --force),
-  2. create it again with the flags create.sh recorded in ~/.miniend_tpu/NAME.env,
+  2. create it again with the flags create.sh recorded in ~/.miniend_tpu/NAME.env
+     (multi-slice ones with the same --node-count),
   3. run setup.sh again with the recorded source (--repo/--ref or --scp-local),
   4. launch the recorded miniend command again (launch.sh --relaunch).
-The run continues from the latest checkpoint in its gs:// work directory: the trainer
-restores it by itself. A READY/ACTIVE TPU is left alone; one still being created or
-queued is waited for, then set up and launched.
+- TPU READY/ACTIVE but miniend is gone on any worker (it crashed, was killed, or stopped
+  after a SIGTERM): stop it on the workers where it still runs, so that all hosts start
+  together, and launch it again on all of them (launch.sh --relaunch --restart); once
+  per call without --watch, each round with it.
+  Each worker's exit status is in ~/miniend_logs/NAME.exit. A READY TPU whose run is
+  alive on every worker is left alone.
+- TPU still being created or queued: wait for it, then set up and launch.
+
+The run continues from the latest checkpoint in its work directory: the trainer restores
+it by itself. Nothing is relaunched once the run has finished (WORKDIR/summary.json says
+"preempted": false), nor after --max-stalled relaunches in a row that made no progress
+(the latest step saved in WORKDIR/checkpoints/ or summary.json did not grow): a run that
+fails the same way every time is not restarted forever. launch.sh starts that count anew.
 
 Options:
-  --name NAME               TPU node name given to create.sh (required)
+  --name NAME               TPU name given to create.sh (required)
   --timeout SECONDS         how long to wait for READY/ACTIVE (default 3600; 0 = forever)
   --poll-interval SECONDS   seconds between state checks (default 30)
-  --watch SECONDS           keep checking every SECONDS (e.g. 600) until Ctrl-C or until
-                            teardown.sh removes the state file: unattended spot training
+  --watch SECONDS           check again every SECONDS (e.g. 600) until the run finishes,
+                            relaunching stops for want of progress, teardown.sh removes the
+                            state file, or Ctrl-C: unattended spot training
+  --max-stalled N           stop relaunching after N relaunches in a row without progress
+                            (default 3; 0: no limit)
   --dry-run                 Print the gcloud commands, assuming the TPU was preempted
   -h, --help                Show this help
+
+Exit status: 0 done (relaunched, healthy, or finished), 1 this attempt failed (the watch
+tries again), 2 usage error, 3 not relaunched: no progress.
 
 Examples:
   tpu_scripts/resume.sh --name miniend-v4-8
@@ -33,12 +51,16 @@ Examples:
 USAGE
 }
 
-NAME="" ZONE="" PROJECT="" MODE=vm TIMEOUT=3600 POLL_INTERVAL=30 WATCH=""
+NAME="" ZONE="" PROJECT="" MODE=vm TIMEOUT=3600 POLL_INTERVAL=30 WATCH="" MAX_STALLED=3
+EXIT_GAVE_UP=3
+# Under --watch each round runs in a child, which says "the run finished" with this status.
+EXIT_FINISHED_IN_WATCH=10
 while (($#)); do
   case "$1" in
     --timeout | --timeout=*) flag_value "$@"; TIMEOUT=$FLAG_VALUE ;;
     --poll-interval | --poll-interval=*) flag_value "$@"; POLL_INTERVAL=$FLAG_VALUE ;;
     --watch | --watch=*) flag_value "$@"; WATCH=$FLAG_VALUE ;;
+    --max-stalled | --max-stalled=*) flag_value "$@"; MAX_STALLED=$FLAG_VALUE ;;
     --zone | --zone=* | --project | --project=*)
       usage_error "unknown argument '$1' (resume.sh uses the zone and project create.sh recorded)" ;;
     *) common_flag "$@" ;;
@@ -50,6 +72,7 @@ require_flag "$NAME" --name miniend-v4-8
 validate_name "$NAME"
 [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || usage_error "--timeout must be a whole number of seconds, got '$TIMEOUT'"
 [[ "$POLL_INTERVAL" =~ ^[0-9]+(\.[0-9]+)?$ ]] || usage_error "--poll-interval must be a number of seconds, got '$POLL_INTERVAL'"
+[[ "$MAX_STALLED" =~ ^[0-9]+$ ]] || usage_error "--max-stalled must be a whole number, got '$MAX_STALLED'"
 here=$(dirname "${BASH_SOURCE[0]}")
 
 if [[ -n "$WATCH" ]]; then
@@ -58,8 +81,15 @@ if [[ -n "$WATCH" ]]; then
   # One check per round in a child process, so a failed attempt (no capacity yet, say)
   # is retried at the next round instead of ending the watch.
   while [[ -f "$(state_file "$NAME")" ]]; do
-    "$here/resume.sh" --name "$NAME" --timeout "$TIMEOUT" --poll-interval "$POLL_INTERVAL" ||
-      info "this attempt failed; trying again in ${WATCH}s"
+    rc=0
+    MINIEND_TPU_RESUME_WATCHED=1 "$here/resume.sh" --name "$NAME" --timeout "$TIMEOUT" \
+      --poll-interval "$POLL_INTERVAL" --max-stalled "$MAX_STALLED" || rc=$?
+    case "$rc" in
+      0) ;;
+      "$EXIT_FINISHED_IN_WATCH") info "stopping the watch: the run finished"; exit 0 ;;
+      "$EXIT_GAVE_UP") info "stopping the watch: relaunching made no progress (see above)"; exit "$EXIT_GAVE_UP" ;;
+      *) info "this attempt failed; trying again in ${WATCH}s" ;;
+    esac
     sleep "$WATCH"
   done
   info "no state file for $NAME any more (torn down?): stopping the watch"
@@ -68,11 +98,103 @@ fi
 
 state_load "$NAME" ||
   die "no state for '$NAME' in $(state_file "$NAME"): resume needs the flags recorded by tpu_scripts/create.sh --name $NAME ..."
-ZONE=$CREATE_ZONE PROJECT=$CREATE_PROJECT
+ZONE=$CREATE_ZONE PROJECT=$CREATE_PROJECT NODE_COUNT=${CREATE_NODE_COUNT:-1}
 if [[ "$CREATE_QUEUED" == 1 ]]; then MODE=queued; else MODE=vm; fi
 set_gcloud_flags
 dry=()
 if ((DRY_RUN)); then dry=(--dry-run); fi
+launched=0
+if [[ -n "${LAUNCH_ARGS+x}" ]]; then launched=1; fi
+
+# ------------------------------------------------------------------ the run's progress
+
+# read_run_status: RUN_STEP, the latest step saved in the work directory (the highest
+# WORKDIR/checkpoints/STEP, or summary.json's step; -1 for none), and RUN_FINISHED=1 when
+# summary.json says the run ended without being preempted, at or after that step.
+# A gs:// work directory is read from here; a local one on worker 0 (while it exists).
+read_run_status() {
+  local wd=$LAUNCH_WORKDIR summary="" listing="" out line step
+  local re_done='"preempted"[[:space:]]*:[[:space:]]*false' re_step='"step"[[:space:]]*:[[:space:]]*([0-9]+)'
+  RUN_STEP=-1 RUN_FINISHED=0
+  if [[ "$wd" == gs://* ]]; then
+    summary=$("$GCLOUD" storage cat "${wd%/}/summary.json" 2>/dev/null) || summary=""
+    listing=$("$GCLOUD" storage ls "${wd%/}/checkpoints/" 2>/dev/null) || listing=""
+  else
+    # A relative workdir is relative to ~/miniend_jax, where launch.sh starts miniend.
+    out=$(node_ssh "$(node_name 0)" 0 "cd \"$REMOTE_SRC\" 2>/dev/null; cat $(shell_quote "$wd/summary.json") 2>/dev/null; echo; echo @@checkpoints@@; ls -1 $(shell_quote "$wd/checkpoints") 2>/dev/null; true" 2>/dev/null) || out=""
+    summary=${out%%@@checkpoints@@*}
+    if [[ "$out" == *@@checkpoints@@* ]]; then listing=${out#*@@checkpoints@@}; fi
+  fi
+  while IFS= read -r line; do
+    line=${line%/}
+    step=${line##*/}
+    if [[ "$step" =~ ^[0-9]+$ ]] && ((step > RUN_STEP)); then RUN_STEP=$step; fi
+  done <<<"$listing"
+  if [[ "$summary" =~ $re_step ]]; then
+    step=${BASH_REMATCH[1]}
+    if [[ "$summary" =~ $re_done ]] && ((step >= RUN_STEP)); then RUN_FINISHED=1; fi
+    if ((step > RUN_STEP)); then RUN_STEP=$step; fi
+  fi
+}
+
+# stop_if_finished: end here when the run has finished.
+stop_if_finished() {
+  if ((RUN_FINISHED)); then
+    info "the run in $LAUNCH_WORKDIR finished at step $RUN_STEP (summary.json): nothing to resume. Delete the TPU with: tpu_scripts/teardown.sh --name $NAME"
+    if [[ -n "${MINIEND_TPU_RESUME_WATCHED:-}" ]]; then exit "$EXIT_FINISHED_IN_WATCH"; fi
+    exit 0
+  fi
+}
+
+# claim_relaunch: count the relaunch about to happen; refuse it (exit 3) once MAX_STALLED
+# relaunches in a row have not moved the latest saved step past the one seen before them.
+claim_relaunch() {
+  local last=${RESUME_LAST_STEP:--1} stalled=${RESUME_STALLED:-0}
+  if ((RUN_STEP > last)); then stalled=0; fi
+  if ((MAX_STALLED > 0 && stalled >= MAX_STALLED)); then
+    info "not relaunching $NAME: the last $stalled relaunches made no progress (latest saved step: $RUN_STEP; -1 = none). The run fails the same way each time: read the logs (tpu_scripts/logs.sh --name $NAME --worker all --no-follow, or add --bucket), fix the cause, then start it again with tpu_scripts/launch.sh --name $NAME --relaunch --restart (a launch resets this count), or allow more with --max-stalled."
+    exit "$EXIT_GAVE_UP"
+  fi
+  NEXT_STALLED=$((stalled + 1))
+}
+
+# record_relaunch: remember the step this relaunch started from (launch.sh reset the count).
+record_relaunch() {
+  if ((DRY_RUN)); then return; fi
+  # shellcheck disable=SC2034  # saved by name
+  RESUME_LAST_STEP=$RUN_STEP RESUME_STALLED=$NEXT_STALLED
+  state_save "$NAME" RESUME_LAST_STEP RESUME_STALLED
+}
+
+# ------------------------------------------------------------------ the workers
+
+# check_workers: ask every worker of every slice whether miniend still runs there. Sets
+# DEAD (one line per worker where it does not), NOT_INSTALLED (1 when a worker lacks the
+# venv: a fresh VM) and WORKERS_SEEN; fails when no worker could be asked.
+check_workers() {
+  local exit_file pid_file probe out line host status ok=1
+  exit_file=$(remote_run_file exit)
+  pid_file=$(remote_run_file pid)
+  probe="if [ -f \"$exit_file\" ]; then s=\"exited \$(cat \"$exit_file\")\"; elif [ -f \"$pid_file\" ] && kill -0 \"\$(cat \"$pid_file\")\" 2>/dev/null; then s=running; elif [ ! -x \"$REMOTE_VENV/bin/miniend\" ]; then s=not-installed; elif [ -f \"$pid_file\" ]; then s=gone; else s=not-launched; fi; echo \"miniend-worker \$(hostname) \$s\""
+  out=$(tpu_ssh all "$probe") || ok=0
+  DEAD="" NOT_INSTALLED=0 WORKERS_SEEN=0
+  while read -r line host status; do
+    [[ "$line" == miniend-worker ]] || continue
+    WORKERS_SEEN=$((WORKERS_SEEN + 1))
+    case "$status" in
+      running) ;;
+      exited*) DEAD+="  $host: miniend exited with status ${status#exited }"$'\n' ;;
+      gone) DEAD+="  $host: miniend is gone without an exit status (killed, or the VM restarted)"$'\n' ;;
+      not-launched) DEAD+="  $host: miniend was never launched there"$'\n' ;;
+      *) DEAD+="  $host: miniend is not installed (a new VM?)"$'\n'; NOT_INSTALLED=1 ;;
+    esac
+  done <<<"$out"
+  if [[ -z "$DEAD" ]] && ((!ok || WORKERS_SEEN == 0)); then
+    die "could not check every worker of $NAME (ssh failed); will not relaunch on a guess"
+  fi
+}
+
+# ------------------------------------------------------------------ what to do
 
 if ((DRY_RUN)); then
   echo "# check: $(describe_command)  (dry-run assumes PREEMPTED)"
@@ -82,31 +204,67 @@ else
 fi
 info "$NAME is $state"
 
-case "$state" in
-  READY | ACTIVE)
-    info "nothing to resume. To restart the run on it anyway: tpu_scripts/launch.sh --name $NAME --relaunch --restart"
+# States on the way to READY/ACTIVE, and states after which the TPU must be re-created.
+PENDING_STATES="CREATING STARTING RESTARTING REPAIRING ACCEPTED WAITING_FOR_RESOURCES PROVISIONING CREATING_RESOURCES"
+GONE_STATES="NOT_FOUND PREEMPTED TERMINATED STOPPED SUSPENDED SUSPENDING FAILED"
+
+if [[ "$state" == READY || "$state" == ACTIVE ]]; then
+  if ((!launched)); then
+    info "nothing launched on $NAME yet (tpu_scripts/launch.sh): nothing to resume"
     exit 0
-    ;;
-  CREATING | STARTING | RESTARTING | REPAIRING | ACCEPTED | WAITING_FOR_RESOURCES | PROVISIONING | CREATING_RESOURCES)
-    # A create (or repair) is under way: wait for it, then set up and launch below.
-    wait_until_ready "$TIMEOUT" "$POLL_INTERVAL"
-    ;;
-  NOT_FOUND | PREEMPTED | TERMINATED | STOPPED | SUSPENDED | SUSPENDING | FAILED)
-    if [[ "$state" != NOT_FOUND ]]; then
-      # A preempted node (or suspended queued resource) keeps its name taken until deleted.
-      "$here/teardown.sh" --name "$NAME" --keep-state "${dry[@]}"
-    fi
-    create_flags=(--name "$NAME" --zone "$ZONE" --accelerator-type "$CREATE_ACCELERATOR_TYPE"
-      --runtime-version "$CREATE_RUNTIME_VERSION" --timeout "$TIMEOUT" --poll-interval "$POLL_INTERVAL")
-    if [[ -n "$PROJECT" ]]; then create_flags+=(--project "$PROJECT"); fi
-    if [[ "$CREATE_SPOT" == 1 ]]; then create_flags+=(--spot); fi
-    if [[ "$CREATE_QUEUED" == 1 ]]; then create_flags+=(--queued); fi
-    "$here/create.sh" "${create_flags[@]}" "${dry[@]}" -- "${CREATE_EXTRA_ARGS[@]}"
-    ;;
-  *)
-    die "$NAME is in state '$state', which resume.sh does not handle; check it with: $(describe_command)"
-    ;;
-esac
+  fi
+  check_workers
+  if [[ -z "$DEAD" ]]; then
+    info "miniend runs on all $WORKERS_SEEN workers of $NAME: nothing to do"
+    exit 0
+  fi
+  info "miniend is not running on every worker of $NAME:"$'\n'"${DEAD%$'\n'}"
+  read_run_status
+  stop_if_finished
+  claim_relaunch
+  if ((NOT_INSTALLED)); then
+    [[ -n "${SETUP_SCP_LOCAL+x}" ]] || die "miniend is not installed on $NAME and no setup is recorded: run tpu_scripts/setup.sh --name $NAME first"
+    "$here/setup.sh" --name "$NAME"
+  fi
+  info "relaunching on every worker (stopping it first where it still runs, so all hosts start together); latest saved step: $RUN_STEP"
+  "$here/launch.sh" --name "$NAME" --relaunch --restart
+  record_relaunch
+  info "relaunched on $NAME; the run continues from the latest checkpoint in $LAUNCH_WORKDIR"
+  exit 0
+fi
+if [[ " $PENDING_STATES $GONE_STATES " != *" $state "* ]]; then
+  die "$NAME is in state '$state', which resume.sh does not handle; check it with: $(describe_command)"
+fi
+
+# The TPU is gone or not up yet (and a local work directory with it): only a gs:// work
+# directory can tell whether the run finished or progressed.
+RUN_STEP=-1 RUN_FINISHED=0
+if ((launched)) && [[ "$LAUNCH_WORKDIR" == gs://* ]]; then
+  if ((DRY_RUN)); then
+    echo "# check the run: $GCLOUD storage cat ${LAUNCH_WORKDIR%/}/summary.json; $GCLOUD storage ls ${LAUNCH_WORKDIR%/}/checkpoints/"
+  else
+    read_run_status
+  fi
+fi
+stop_if_finished
+if ((launched && !DRY_RUN)); then claim_relaunch; fi
+
+if [[ " $PENDING_STATES " == *" $state "* ]]; then
+  # A create (or repair) is under way: wait for it, then set up and launch below.
+  wait_until_ready "$TIMEOUT" "$POLL_INTERVAL"
+else
+  if [[ "$state" != NOT_FOUND ]]; then
+    # A preempted node (or suspended queued resource) keeps its name taken until deleted.
+    "$here/teardown.sh" --name "$NAME" --keep-state "${dry[@]}"
+  fi
+  create_flags=(--name "$NAME" --zone "$ZONE" --accelerator-type "$CREATE_ACCELERATOR_TYPE"
+    --runtime-version "$CREATE_RUNTIME_VERSION" --timeout "$TIMEOUT" --poll-interval "$POLL_INTERVAL")
+  if [[ -n "$PROJECT" ]]; then create_flags+=(--project "$PROJECT"); fi
+  if [[ "$CREATE_SPOT" == 1 ]]; then create_flags+=(--spot); fi
+  if [[ "$CREATE_QUEUED" == 1 ]]; then create_flags+=(--queued); fi
+  if ((NODE_COUNT > 1)); then create_flags+=(--node-count "$NODE_COUNT"); fi
+  "$here/create.sh" "${create_flags[@]}" "${dry[@]}" -- "${CREATE_EXTRA_ARGS[@]}"
+fi
 
 # A fresh TPU has empty disks: install the code again, then start the same command.
 if [[ -z "${SETUP_SCP_LOCAL+x}" ]]; then
@@ -114,9 +272,12 @@ if [[ -z "${SETUP_SCP_LOCAL+x}" ]]; then
   exit 0
 fi
 "$here/setup.sh" --name "$NAME" "${dry[@]}"
-if [[ -z "${LAUNCH_ARGS+x}" ]]; then
+if ((!launched)); then
   info "no launch recorded for $NAME: run tpu_scripts/launch.sh yourself"
   exit 0
 fi
 "$here/launch.sh" --name "$NAME" --relaunch "${dry[@]}"
-info "resumed $NAME; the run continues from the latest checkpoint in $LAUNCH_WORKDIR"
+record_relaunch
+if ! ((DRY_RUN)); then
+  info "resumed $NAME; the run continues from the latest checkpoint in $LAUNCH_WORKDIR"
+fi

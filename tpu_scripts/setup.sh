@@ -8,15 +8,17 @@ usage() {
   cat <<'EOF'
 Usage: setup.sh --name NAME (--repo URL [--ref REF] | --scp-local) [options]
 
-On every worker (--worker=all): get the code into ~/miniend_jax, create the virtual
-environment ~/miniend_venv with `pip install -e '.[tpu]'` (jax[tpu]), and check that
-JAX sees the TPU (`python -c 'import jax; print(jax.device_count())'`).
+On every worker (--worker=all; of every slice of a multi-slice TPU, all at once): get the
+code into ~/miniend_jax, create the virtual environment ~/miniend_venv with
+`pip install -e '.[tpu]'` (jax[tpu]), and check that JAX sees the TPU
+(`python -c 'import jax; print(jax.device_count())'`).
 Safe to run again (e.g. to update the code before a new launch).
 
 Required:
   --name NAME           TPU node name given to create.sh
   and one source of code:
-  --repo URL            git URL to clone on the workers (they need access to it)
+  --repo URL            git URL of a miniend_jax repository the workers can clone (your fork
+                        or mirror; a private one needs credentials on the workers)
   --scp-local           copy this local checkout instead (tracked and untracked files
                         that git does not ignore, so .venv/ and caches stay behind), with
                         `gcloud compute tpus tpu-vm scp --recurse --worker=all`
@@ -36,7 +38,8 @@ Options:
 Environment: MINIEND_TPU_SSH_FLAGS adds flags to every ssh/scp (e.g. '--tunnel-through-iap').
 
 Examples:
-  tpu_scripts/setup.sh --name miniend-v4-8 --repo https://github.com/ORG/miniend_jax.git --ref main
+  # YOUR_FORK is a placeholder: use a repository the TPU workers can reach.
+  tpu_scripts/setup.sh --name miniend-v4-8 --repo https://github.com/YOUR_FORK/miniend_jax.git --ref main
   tpu_scripts/setup.sh --name miniend-v5p-32 --scp-local
 EOF
 }
@@ -67,7 +70,7 @@ if [[ -n "$REPO" ]] && ((SCP_LOCAL)); then
   usage_error "--repo and --scp-local are mutually exclusive"
 fi
 if [[ -z "$REPO" ]] && ((!SCP_LOCAL)); then
-  usage_error "missing required flag --repo (e.g. --repo https://github.com/ORG/miniend_jax.git) or --scp-local"
+  usage_error "missing required flag --repo URL (a git URL of miniend_jax the workers can clone) or --scp-local (copy this checkout)"
 fi
 if [[ -n "$REF" && -z "$REPO" ]]; then
   usage_error "--ref only applies with --repo"
@@ -108,6 +111,11 @@ install_cmd=$(printf '%s; ' "${steps[@]}")
 install_cmd=${install_cmd%; }
 
 # ------------------------------------------------------------------ run it
+# scp_checkout NODE DIR: copy DIR to ~/miniend_jax on every worker of NODE.
+scp_checkout() {
+  gcloud_tpu tpu-vm scp --recurse "$2" "$1:miniend_jax" --worker=all "${SSH_FLAGS[@]}"
+}
+
 if ((SCP_LOCAL)); then
   if ((DRY_RUN)); then
     echo "# stage the tracked + untracked (not ignored) files of $LOCAL_DIR into STAGING_DIR/miniend_jax"
@@ -127,7 +135,7 @@ if ((SCP_LOCAL)); then
   fi
   # Start from an empty directory so files deleted locally do not linger remotely.
   tpu_ssh all "rm -rf \"$REMOTE_SRC\""
-  gcloud_tpu tpu-vm scp --recurse "$stage/miniend_jax" "$NAME:miniend_jax" --worker=all "${SSH_FLAGS[@]}"
+  each_node scp_checkout "$stage/miniend_jax"
 fi
 tpu_ssh all "$install_cmd"
 if ! ((DRY_RUN)); then

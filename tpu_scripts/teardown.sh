@@ -9,7 +9,8 @@ usage() {
 Usage: teardown.sh --name NAME [options]
 
 Delete the TPU VM (`gcloud compute tpus tpu-vm delete --quiet`) or, for --queued ones,
-the queued resource together with its node (`queued-resources delete --force --quiet`).
+the queued resource together with its node(s) (`queued-resources delete --force --quiet`;
+for multi-slice ones, every slice).
 The gs:// work directory (checkpoints, metrics) is not touched.
 
 Options:

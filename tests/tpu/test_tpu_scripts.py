@@ -29,12 +29,41 @@ PAPER_GIN = "gin_configs/runs/paper_t5_base_6L384H.gin"
 
 FAKE_GCLOUD = textwrap.dedent("""\
     #!{python}
-    import json, os, subprocess, sys
+    import glob, json, os, shutil, subprocess, sys
     args = sys.argv[1:]
     d = os.environ["FAKE_GCLOUD_DIR"]
     with open(os.path.join(d, "calls.log"), "a") as f:
       f.write(json.dumps(args) + "\\n")
-    if "describe" in args:
+
+    def local(url):  # gs://BUCKET/PATH lives in FAKE_GCLOUD_DIR/gs/BUCKET/PATH
+      return os.path.join(d, "gs", url[len("gs://"):]) if url.startswith("gs://") else url
+
+    if args[0] == "storage":
+      op, paths = args[1], [a for a in args[2:] if not a.startswith("-")]
+      if op == "cp":
+        src, dst = local(paths[0]), local(paths[1])
+        if not os.path.isfile(src):
+          sys.exit("ERROR: (gcloud.storage.cp) URL matched no objects: " + paths[0])
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(src, dst)
+      elif op == "cat":
+        if not os.path.isfile(local(paths[0])):
+          sys.exit("ERROR: (gcloud.storage.cat) URL matched no objects: " + paths[0])
+        sys.stdout.write(open(local(paths[0])).read())
+      elif op == "ls":
+        url = paths[0]
+        if "*" in url:
+          found = sorted(glob.glob(local(url)))
+          urls = [url.rsplit("/", 1)[0] + "/" + os.path.basename(p) for p in found]
+        else:
+          base = url.rstrip("/") + "/"
+          p = local(base)
+          urls = [base + n + ("/" if os.path.isdir(os.path.join(p, n)) else "")
+                  for n in sorted(os.listdir(p))] if os.path.isdir(p) else []
+        if not urls:
+          sys.exit("ERROR: (gcloud.storage.ls) One or more URLs matched no objects.")
+        print("\\n".join(urls))
+    elif "describe" in args:
       if any("acceleratorType" in a for a in args):
         print(os.environ.get("FAKE_GCLOUD_ACCELERATOR", "v4-8"))
         sys.exit(0)
@@ -49,10 +78,41 @@ FAKE_GCLOUD = textwrap.dedent("""\
       src = [a for a in args[4:] if not a.startswith("-") and ":" not in a][0]
       subprocess.run(["cp", "-R", src, os.environ["FAKE_GCLOUD_SCP_TO"]], check=True)
     elif "ssh" in args and os.environ.get("FAKE_GCLOUD_WORKER_HOME"):
-      # Play one worker: run the remote command with bash in a fake home directory.
+      # Play the node's workers: run the remote command with bash, one after the other, each
+      # in its home WORKER_HOME/NODE-wI, where `hostname` says t1v-n-NODE-w-I as on TPU VMs.
+      # Setup's install command is recorded but not run (the homes hold a fake miniend).
       cmd = args[args.index("--command") + 1]
-      env = dict(os.environ, HOME=os.environ["FAKE_GCLOUD_WORKER_HOME"])
-      sys.exit(subprocess.run(["bash", "-c", cmd], env=env).returncode)
+      if "uv venv" in cmd:
+        sys.exit(0)
+      node = args[4]
+      worker = [a for a in args if a.startswith("--worker=")][0].split("=", 1)[1]
+      n = int(os.environ.get("FAKE_GCLOUD_WORKERS", "1"))
+      rc = 0
+      for i in (range(n) if worker == "all" else [int(worker)]):
+        home = os.path.join(os.environ["FAKE_GCLOUD_WORKER_HOME"], f"{{node}}-w{{i}}")
+        fakebin = os.path.join(home, ".fakebin")
+        os.makedirs(fakebin, exist_ok=True)
+        with open(os.path.join(fakebin, "hostname"), "w") as f:
+          f.write(f"#!/bin/sh\\necho t1v-n-{{node}}-w-{{i}}\\n")
+        os.chmod(os.path.join(fakebin, "hostname"), 0o755)
+        env = dict(os.environ, HOME=home, PATH=fakebin + os.pathsep + os.environ["PATH"])
+        rc = subprocess.run(["bash", "-c", cmd], env=env).returncode or rc
+      sys.exit(rc)
+    """)
+
+# A stand-in for the trainer on a played worker: prints its arguments, then does what
+# ~/behaviour says: `exit N` at once, or (default) run until SIGTERM, then "save" and exit 0.
+FAKE_MINIEND = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    echo "args: $*"
+    echo "tfds: ${TFDS_DATA_DIR:-}"
+    behaviour=$(cat "$HOME/behaviour" 2>/dev/null || echo run)
+    case "$behaviour" in
+      exit*) exit "${behaviour#exit }" ;;
+    esac
+    trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
+    sleep 60 &
+    wait $!
     """)
 
 
@@ -63,6 +123,7 @@ class Fake:
     self.dir = tmp / "fake"
     self.bin = tmp / "bin"
     self.home = tmp / "home"
+    self.workers_home = tmp / "workers"
     for p in (self.dir, self.bin, self.home):
       p.mkdir()
     gcloud = self.bin / "gcloud"
@@ -95,10 +156,39 @@ class Fake:
   def state_file(self, name):
     return self.home / ".miniend_tpu" / f"{name}.env"
 
+  def bucket(self, url):
+    """Where the fake keeps gs:// URL."""
+    return self.dir / "gs" / url.removeprefix("gs://")
+
+  def play_workers(self, node, workers=1):
+    """From now on ssh runs the remote commands on `workers` played workers of `node`
+    (their homes hold a fake miniend); returns the homes."""
+    self.env.update(FAKE_GCLOUD_WORKER_HOME=str(self.workers_home), FAKE_GCLOUD_WORKERS=str(workers))
+    homes = []
+    for i in range(workers):
+      home = self.workers_home / f"{node}-w{i}"
+      (home / "miniend_jax").mkdir(parents=True)
+      (home / "miniend_venv" / "bin").mkdir(parents=True)
+      miniend = home / "miniend_venv" / "bin" / "miniend"
+      miniend.write_text(FAKE_MINIEND)
+      miniend.chmod(0o755)
+      homes.append(home)
+    return homes
+
+  def stop_workers(self):
+    """Kill every process group a played launch left running."""
+    for pid_file in self.workers_home.glob("*/miniend_logs/*.pid"):
+      try:
+        os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+      except (ProcessLookupError, ValueError):
+        pass
+
 
 @pytest.fixture
 def fake(tmp_path):
-  return Fake(tmp_path)
+  fake = Fake(tmp_path)
+  yield fake
+  fake.stop_workers()
 
 
 def printed_commands(stdout):
@@ -339,9 +429,12 @@ def test_launch_runs_miniend_detached_on_all_workers(fake):
   assert call == ["compute", "tpus", "tpu-vm", "ssh", "miniend-v4-8", "--worker=all",
                   "--command", cmd, "--zone", ZONE]
   assert "export TFDS_DATA_DIR=gs://bucket/tfds" in cmd
-  assert (f'setsid nohup "$HOME/miniend_venv/bin/miniend" distill --gin_file {PAPER_GIN} '
+  assert 'gs_log=gs://bucket/run/logs/workers/miniend-v4-8-$w.log' in cmd
+  assert ("miniend-run \"$HOME/miniend_logs/miniend-v4-8.log\" \"$HOME/miniend_logs/miniend-v4-8.exit\" "
+          f'"$gs_log" 60 "$HOME/miniend_venv/bin/miniend" distill --gin_file {PAPER_GIN} '
           "--gin.TrainConfig.num_steps=100000 --workdir gs://bucket/run "
           '>>"$HOME/miniend_logs/miniend-v4-8.log" 2>&1 </dev/null &') in cmd
+  assert cmd.index("setsid nohup bash -c ") < cmd.index("miniend-run")
   assert 'cd "$HOME/miniend_jax"' in cmd
   assert_bash_syntax(cmd)
 
@@ -371,7 +464,10 @@ def test_launch_allows_local_workdir_on_one_host_with_a_warning(fake):
   fake.calls()
   proc = fake.run("launch.sh", "--name", "one", "--workdir", "/tmp/run", "--", "distill", check=0)
   assert "warning" in proc.stderr
-  assert "--workdir /tmp/run" in ssh_command(fake.calls()[0])
+  cmd = ssh_command(fake.calls()[0])
+  assert "--workdir /tmp/run" in cmd
+  # No bucket: the wrapper gets an empty log URL, so it copies nothing.
+  assert "gs_log" not in cmd.split("miniend-run")[1] and "one.exit\" '' 60 " in cmd
 
 
 def test_launch_asks_gcloud_for_the_accelerator_without_state(fake):
@@ -393,50 +489,111 @@ def test_launch_workdir_after_double_dash(fake):
   assert proc.returncode == 2 and "two different work directories" in proc.stderr
 
 
-def test_launch_remote_command_detaches_and_guards_against_double_runs(fake, tmp_path):
-  """Plays a worker: the fake gcloud runs the ssh command with bash in a fake home."""
-  worker = tmp_path / "worker"
-  (worker / "miniend_jax").mkdir(parents=True)
-  (worker / "miniend_venv" / "bin").mkdir(parents=True)
-  miniend = worker / "miniend_venv" / "bin" / "miniend"
-  miniend.write_text('#!/usr/bin/env bash\necho "args: $*"\necho "tfds: $TFDS_DATA_DIR"\nexec sleep 60\n')
-  miniend.chmod(0o755)
-  env = {"FAKE_GCLOUD_WORKER_HOME": str(worker)}
-  create_vm(fake)
-  pid_file = worker / "miniend_logs" / "miniend-v4-8.pid"
-  pids = []
+def wait_for(predicate, what, timeout=15):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.05)
+
+
+def read(path):
+  return path.read_text() if path.exists() else ""
+
+
+def alive(pid):
   try:
-    start = time.monotonic()
-    proc = fake.run("launch.sh", *LAUNCH_ARGS, env=env, check=0)
-    assert time.monotonic() - start < 10  # returned while miniend keeps running
-    pids.append(int(pid_file.read_text()))
-    assert "started miniend" in proc.stdout
-    log = worker / "miniend_logs" / "miniend-v4-8.log"
-    for _ in range(100):
-      if "tfds:" in log.read_text():
-        break
-      time.sleep(0.05)
-    text = log.read_text()
-    assert f"args: distill --gin_file {PAPER_GIN} --gin.TrainConfig.num_steps=100000 --workdir gs://bucket/run" in text
-    assert "tfds: gs://bucket/tfds" in text and text.startswith("=== ")
-    os.kill(pids[0], 0)  # still alive
-    # A second launch is refused while the first runs; --restart replaces it.
-    proc = fake.run("launch.sh", *LAUNCH_ARGS, env=env)
-    assert proc.returncode != 0 and "already running" in proc.stderr
-    fake.run("launch.sh", "--name", "miniend-v4-8", "--relaunch", "--restart", env=env, check=0)
-    pids.append(int(pid_file.read_text()))
-    assert pids[1] != pids[0]
-    with pytest.raises(ProcessLookupError):
-      os.kill(pids[0], 0)
-    # logs.sh reads the same file.
-    proc = fake.run("logs.sh", "--name", "miniend-v4-8", "--no-follow", "--lines", "50", env=env, check=0)
-    assert proc.stdout.count("args: distill") == 2
-  finally:
-    for pid in pids:
-      try:
-        os.killpg(pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  # A zombie (exited, not yet reaped by its parent) counts as gone.
+  return "State:\tZ" not in read(Path(f"/proc/{pid}/status"))
+
+
+def run_files(home, name="miniend-v4-8"):
+  """A played worker's log, pid and exit-status files."""
+  return [home / "miniend_logs" / f"{name}.{ext}" for ext in ("log", "pid", "exit")]
+
+
+def test_launch_remote_command_detaches_and_guards_against_double_runs(fake):
+  """Plays a worker: the fake gcloud runs the ssh command with bash in a fake home."""
+  (worker,) = fake.play_workers("miniend-v4-8")
+  create_vm(fake)
+  log, pid_file, exit_file = run_files(worker)
+  start = time.monotonic()
+  proc = fake.run("launch.sh", *LAUNCH_ARGS, check=0)
+  assert time.monotonic() - start < 10  # returned while miniend keeps running
+  first = int(pid_file.read_text())
+  assert "started miniend" in proc.stdout
+  assert "copied to gs://bucket/run/logs/workers/miniend-v4-8-w0.log" in proc.stdout
+  wait_for(lambda: "tfds:" in read(log), "miniend's output")
+  text = log.read_text()
+  assert f"args: distill --gin_file {PAPER_GIN} --gin.TrainConfig.num_steps=100000 --workdir gs://bucket/run" in text
+  assert "tfds: gs://bucket/tfds" in text and text.startswith("=== ")
+  assert alive(first) and not exit_file.exists()
+  # A second launch is refused while the first runs; --restart replaces it: SIGTERM (the
+  # trainer saves and exits 0), the exit status recorded, then a new run.
+  proc = fake.run("launch.sh", *LAUNCH_ARGS)
+  assert proc.returncode != 0 and "already running" in proc.stderr
+  proc = fake.run("launch.sh", "--name", "miniend-v4-8", "--relaunch", "--restart", check=0)
+  assert "stopping miniend" in proc.stdout
+  second = int(pid_file.read_text())
+  assert second != first and not alive(first) and alive(second)
+  assert "SIGTERM: checkpoint saved" in log.read_text()
+  assert "miniend exited with status 0" in log.read_text()
+  assert not exit_file.exists()  # cleared for the new run
+  # logs.sh reads the same file.
+  wait_for(lambda: read(log).count("args: distill") == 2, "the second run's output")
+  proc = fake.run("logs.sh", "--name", "miniend-v4-8", "--no-follow", "--lines", "50", check=0)
+  assert proc.stdout.count("args: distill") == 2
+
+
+def test_worker_logs_are_copied_to_the_bucket_and_outlive_the_vm(fake):
+  (worker,) = fake.play_workers("miniend-v4-8")
+  create_vm(fake)
+  log, pid_file, exit_file = run_files(worker)
+  bucket_log = "gs://bucket/run/logs/workers/miniend-v4-8-w0.log"
+  copy = ["storage", "cp", str(log), bucket_log]
+  fake.run("launch.sh", "--log-sync", "1", *LAUNCH_ARGS, check=0)
+  fake.calls()
+  # Copied every second while it runs ...
+  wait_for(lambda: fake.calls(clear=False).count(copy) >= 2, "two periodic copies")
+  assert "args: distill" in read(fake.bucket(bucket_log))
+  # ... and once more when it stops (here SIGTERM, as on a preemption), with its status.
+  os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+  wait_for(exit_file.exists, "the exit status, written after the last copy")
+  assert exit_file.read_text().strip() == "0"
+  assert read(fake.bucket(bucket_log)).endswith("miniend exited with status 0\n")
+  # logs.sh --bucket reads that copy without any TPU.
+  fake.calls()
+  proc = fake.run("logs.sh", "--name", "miniend-v4-8", "--bucket", "--lines", "3", check=0)
+  assert fake.calls() == [["storage", "cat", bucket_log]]
+  assert proc.stdout.splitlines()[-1].endswith("miniend exited with status 0")
+  assert len(proc.stdout.splitlines()) == 3
+  proc = fake.run("logs.sh", "--name", "miniend-v4-8", "--bucket", "--worker", "all", "--lines", "1", check=0)
+  assert proc.stdout.startswith("[miniend-v4-8-w0.log] === ") and "exited with status 0" in proc.stdout
+  # A new VM (empty disk) continues the log from the bucket copy.
+  shutil.rmtree(worker / "miniend_logs")
+  fake.run("launch.sh", "--name", "miniend-v4-8", "--relaunch", check=0)
+  wait_for(lambda: read(log).count("args: distill") == 2, "the continued log")
+  assert "SIGTERM: checkpoint saved" in log.read_text()
+
+
+def test_local_workdir_keeps_logs_and_run_status_on_the_worker(fake):
+  (worker,) = fake.play_workers("one")
+  (worker / "behaviour").write_text("exit 0")
+  create_vm(fake, "one", "v5litepod-8")
+  fake.run("launch.sh", "--name", "one", "--workdir", "run", "--log-sync", "1", "--", "distill", check=0)
+  log, _, exit_file = run_files(worker, "one")
+  wait_for(exit_file.exists, "the exit status")
+  assert "exited with status 0" in log.read_text()
+  assert not [c for c in fake.calls() if c[0] == "storage"]
+  # resume.sh reads the run's summary on worker 0 (relative to ~/miniend_jax, like miniend).
+  run = worker / "miniend_jax" / "run"
+  (run / "checkpoints" / "7").mkdir(parents=True)
+  (run / "summary.json").write_text('{"mode": "distill", "step": 7, "preempted": false}')
+  proc = fake.run("resume.sh", "--name", "one", check=0)
+  assert "finished at step 7" in proc.stderr
+  assert kinds(fake.calls()) == ["tpu-vm describe", "tpu-vm ssh", "tpu-vm ssh"]
 
 
 # ------------------------------------------------------------------ logs / teardown
@@ -476,8 +633,11 @@ def test_teardown_vm_and_queued(fake):
 # ------------------------------------------------------------------ resume
 
 def kinds(calls):
-  """Compact view of a call sequence: 'tpu-vm describe', 'queued-resources create', ..."""
-  return [f"{c[2]} {c[3]}" for c in calls]
+  """Compact view of a call sequence: 'tpu-vm describe', 'storage cat', ..."""
+  return [f"storage {c[1]}" if c[0] == "storage" else f"{c[2]} {c[3]}" for c in calls]
+
+
+RUN_CHECK = ["storage cat", "storage ls"]  # summary.json and checkpoints/ of the workdir
 
 
 def start_run(fake, name, accel, *create_flags, queued=False):
@@ -500,12 +660,14 @@ def test_resume_preempted_spot_vm_deletes_recreates_sets_up_and_relaunches(fake)
   fake.states("tpu-vm", "PREEMPTED", "CREATING", "READY")
   proc = fake.run("resume.sh", "--name", "miniend-v4-8", "--poll-interval", "0", check=0)
   calls = fake.calls()
-  assert kinds(calls) == ["tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm describe",
-                          "tpu-vm describe", "tpu-vm ssh", "tpu-vm ssh"]
-  assert calls[1] == ["compute", "tpus", "tpu-vm", "delete", "miniend-v4-8", "--quiet", "--zone", ZONE]
+  assert kinds(calls) == ["tpu-vm describe", *RUN_CHECK, "tpu-vm delete", "tpu-vm create",
+                          "tpu-vm describe", "tpu-vm describe", "tpu-vm ssh", "tpu-vm ssh"]
+  assert calls[1:3] == [["storage", "cat", "gs://b/run/summary.json"],
+                        ["storage", "ls", "gs://b/run/checkpoints/"]]
+  assert calls[3] == ["compute", "tpus", "tpu-vm", "delete", "miniend-v4-8", "--quiet", "--zone", ZONE]
   # Same flags, same setup, same command (quoting included) as the first time.
-  assert calls[2] == create and "--spot" in create
-  assert calls[5:6] == setup and calls[6:] == launch
+  assert calls[4] == create and "--spot" in create
+  assert calls[7:8] == setup and calls[8:] == launch
   assert "gs://b/run" in proc.stderr
   assert fake.state_file("miniend-v4-8").exists()
 
@@ -515,37 +677,151 @@ def test_resume_suspended_queued_resource(fake):
   fake.states("queued", "SUSPENDED", "WAITING_FOR_RESOURCES", "ACTIVE")
   fake.run("resume.sh", "--name", "pod", "--poll-interval", "0", check=0)
   calls = fake.calls()
-  assert kinds(calls) == ["queued-resources describe", "queued-resources delete",
+  assert kinds(calls) == ["queued-resources describe", *RUN_CHECK, "queued-resources delete",
                           "queued-resources create", "queued-resources describe",
                           "queued-resources describe", "tpu-vm ssh", "tpu-vm ssh"]
-  assert calls[1] == ["compute", "tpus", "queued-resources", "delete", "pod", "--force", "--quiet",
+  assert calls[3] == ["compute", "tpus", "queued-resources", "delete", "pod", "--force", "--quiet",
                       "--zone", ZONE]
-  assert calls[2] == create and calls[5:6] == setup and calls[6:] == launch
+  assert calls[4] == create and calls[7:8] == setup and calls[8:] == launch
 
 
 def test_resume_when_the_node_is_gone_skips_the_delete(fake):
   create, setup, launch = start_run(fake, "miniend-v4-8", "v4-8", "--spot")
   fake.states("tpu-vm", "NOT_FOUND", "READY")
   fake.run("resume.sh", "--name", "miniend-v4-8", "--poll-interval", "0", check=0)
-  assert kinds(fake.calls()) == ["tpu-vm describe", "tpu-vm create", "tpu-vm describe",
+  assert kinds(fake.calls()) == ["tpu-vm describe", *RUN_CHECK, "tpu-vm create", "tpu-vm describe",
                                  "tpu-vm ssh", "tpu-vm ssh"]
 
 
-def test_resume_leaves_a_healthy_tpu_alone(fake):
+def finish_run(fake, step, preempted=False):
+  """What the trainer leaves in gs://b/run when it stops at `step`."""
+  (fake.bucket("gs://b/run/checkpoints") / str(step)).mkdir(parents=True, exist_ok=True)
+  summary = {"mode": "distill", "step": step, "preempted": preempted, "train": {"loss": 1.0}}
+  fake.bucket("gs://b/run/summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def test_resume_does_not_bring_back_a_finished_run(fake):
   start_run(fake, "miniend-v4-8", "v4-8", "--spot")
+  finish_run(fake, 500)
+  fake.states("tpu-vm", "PREEMPTED")
+  proc = fake.run("resume.sh", "--name", "miniend-v4-8", check=0)
+  assert kinds(fake.calls()) == ["tpu-vm describe", *RUN_CHECK]  # no delete, no create
+  assert "finished at step 500" in proc.stderr
+
+
+def test_resume_leaves_a_healthy_run_alone(fake):
+  fake.play_workers("miniend-v4-8")
+  start_run(fake, "miniend-v4-8", "v4-8", "--spot")
+  proc = fake.run("resume.sh", "--name", "miniend-v4-8", check=0)
+  calls = fake.calls()
+  assert kinds(calls) == ["tpu-vm describe", "tpu-vm ssh"]  # one look at the workers
+  assert "runs on all 1 workers" in proc.stderr
+
+
+def test_resume_relaunches_a_dead_run_on_a_ready_tpu_but_not_a_finished_one(fake):
+  (worker,) = fake.play_workers("miniend-v4-8")
+  (worker / "behaviour").write_text("exit 1")  # crashes at once
+  start_run(fake, "miniend-v4-8", "v4-8", "--spot")
+  log, _, exit_file = run_files(worker)
+  wait_for(exit_file.exists, "the crash")
   fake.states("tpu-vm", "READY")
   proc = fake.run("resume.sh", "--name", "miniend-v4-8", check=0)
-  assert fake.calls() == [VM_DESCRIBE]
-  assert "nothing to resume" in proc.stderr
+  calls = [c for c in fake.calls() if c[:2] != ["storage", "cp"]]  # the workers' log copies
+  assert kinds(calls) == ["tpu-vm describe", "tpu-vm ssh", *RUN_CHECK, "tpu-vm ssh"]
+  assert "miniend-worker" in ssh_command(calls[1])  # the check
+  assert "stopping miniend" in ssh_command(calls[-1])  # launch --restart
+  assert "t1v-n-miniend-v4-8-w-0: miniend exited with status 1" in proc.stderr
+  wait_for(lambda: exit_file.exists() and read(log).count("exited with status 1") == 2,
+           "the relaunched run's crash")
+  assert 'RESUME_STALLED="1"' in fake.state_file("miniend-v4-8").read_text()
+  # Once summary.json says it finished, a dead process is not relaunched.
+  finish_run(fake, 100)
+  fake.states("tpu-vm", "READY")
+  proc = fake.run("resume.sh", "--name", "miniend-v4-8", check=0)
+  assert kinds([c for c in fake.calls() if c[0] != "storage" or c[1] != "cp"]) == [
+      "tpu-vm describe", "tpu-vm ssh", *RUN_CHECK]
+  assert "finished at step 100" in proc.stderr
+  # A run stopped by SIGTERM (summary.json preempted=true) is relaunched.
+  finish_run(fake, 200, preempted=True)
+  proc = fake.run("resume.sh", "--name", "miniend-v4-8", check=0)
+  assert "relaunched" in proc.stderr
+
+
+def test_resume_stops_relaunching_a_run_that_makes_no_progress(fake):
+  (worker,) = fake.play_workers("miniend-v4-8")
+  (worker / "behaviour").write_text("exit 1")
+  start_run(fake, "miniend-v4-8", "v4-8", "--spot")
+  log, _, exit_file = run_files(worker)
+  fake.states("tpu-vm", "READY")
+
+  def resume_after_crash(number, check=0):
+    wait_for(lambda: exit_file.exists() and read(log).count("args:") == number, f"crash {number}")
+    return fake.run("resume.sh", "--name", "miniend-v4-8", "--max-stalled", "2", check=check)
+
+  resume_after_crash(1)
+  finish_run(fake, 50, preempted=True)  # relaunch 1 got somewhere: the count starts again
+  resume_after_crash(2)  # relaunch 2 ...
+  resume_after_crash(3)  # ... and 3 die at step 50 again
+  proc = resume_after_crash(4, check=3)
+  assert "the last 2 relaunches made no progress (latest saved step: 50" in proc.stderr
+  assert "launch.sh --name miniend-v4-8 --relaunch --restart" in proc.stderr
+  assert read(log).count("args:") == 4  # launch + 3 relaunches, none after the refusal
+  assert 'RESUME_STALLED="2"' in fake.state_file("miniend-v4-8").read_text()
+  # A launch by hand resets the count.
+  fake.run("launch.sh", "--name", "miniend-v4-8", "--relaunch", "--restart", check=0)
+  assert 'RESUME_STALLED="0"' in fake.state_file("miniend-v4-8").read_text()
+  resume_after_crash(5)
+
+
+def test_resume_restarts_a_partly_dead_pod_on_every_worker(fake):
+  homes = fake.play_workers("pod", workers=2)
+  (homes[1] / "behaviour").write_text("exit 3")  # worker 1 dies, worker 0 keeps running
+  start_run(fake, "pod", "v4-16")
+  (log0, pid0, _), (log1, _, exit1) = run_files(homes[0], "pod"), run_files(homes[1], "pod")
+  wait_for(exit1.exists, "worker 1's crash")
+  survivor = int(pid0.read_text())
+  assert alive(survivor)
+  fake.states("tpu-vm", "READY")
+  proc = fake.run("resume.sh", "--name", "pod", check=0)
+  assert "t1v-n-pod-w-1: miniend exited with status 3" in proc.stderr
+  assert "t1v-n-pod-w-0" not in proc.stderr  # still running there
+  # The survivor was stopped (it saved a checkpoint) and both started again.
+  assert "t1v-n-pod-w-0: stopping miniend" in proc.stdout
+  assert not alive(survivor) and "SIGTERM: checkpoint saved" in log0.read_text()
+  assert alive(int(pid0.read_text())) and int(pid0.read_text()) != survivor
+  for log in (log0, log1):
+    wait_for(lambda log=log: read(log).count("args: distill") == 2, f"the relaunch in {log}")
 
 
 def test_resume_dry_run_prints_the_whole_sequence_and_calls_nothing(fake):
   create, setup, launch = start_run(fake, "miniend-v4-8", "v4-8", "--spot")
   proc = fake.run("resume.sh", "--name", "miniend-v4-8", "--dry-run", check=0)
   assert fake.calls() == []
+  assert "# check the run: gcloud storage cat gs://b/run/summary.json" in proc.stdout
   assert printed_commands(proc.stdout) == [
       ["compute", "tpus", "tpu-vm", "delete", "miniend-v4-8", "--quiet", "--zone", ZONE],
       create, *setup, *launch]
+
+
+def watch(fake, name, *flags):
+  return subprocess.Popen(["bash", str(SCRIPTS / "resume.sh"), "--name", name, *flags],
+                          env=fake.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_watch_stops_when_relaunching_makes_no_progress_or_the_run_finished(fake):
+  (worker,) = fake.play_workers("miniend-v4-8")
+  (worker / "behaviour").write_text("exit 1")
+  start_run(fake, "miniend-v4-8", "v4-8", "--spot")
+  fake.states("tpu-vm", "READY")
+  proc = watch(fake, "miniend-v4-8", "--watch", "1", "--max-stalled", "1")
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 3, err
+  assert "the last 1 relaunches made no progress" in err and "stopping the watch" in err
+  assert read(run_files(worker)[0]).count("args:") == 2  # the launch and one relaunch
+  finish_run(fake, 10)
+  proc = watch(fake, "miniend-v4-8", "--watch", "1")
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 0 and "stopping the watch: the run finished" in err
 
 
 def test_resume_watch_stops_once_torn_down(fake):
@@ -571,6 +847,86 @@ def test_resume_without_state_explains_what_is_missing(fake):
   proc = fake.run("resume.sh", "--name", "never-created")
   assert proc.returncode == 1 and "create.sh" in proc.stderr
   assert fake.calls() == []
+
+
+# ------------------------------------------------------------------ multi-slice
+
+MS_CREATE = ["compute", "tpus", "queued-resources", "create", "ms", "--node-count", "2",
+             "--node-prefix", "ms", "--accelerator-type", "v5litepod-16",
+             "--runtime-version", "v2-alpha-tpuv5-lite", "--spot", "--zone", ZONE]
+
+
+def test_create_node_count_makes_a_multi_slice_queued_resource(fake):
+  fake.states("queued", "WAITING_FOR_RESOURCES", "ACTIVE")
+  fake.run("create.sh", "--name", "ms", "--zone", ZONE, "--accelerator-type", "v5litepod-16",
+           "--node-count", "2", "--spot", "--poll-interval", "0", check=0)  # no --queued needed
+  calls = fake.calls()
+  assert calls[0] == MS_CREATE
+  assert kinds(calls[1:]) == 2 * ["queued-resources describe"]
+  state = fake.state_file("ms").read_text()
+  assert 'CREATE_NODE_COUNT="2"' in state and 'CREATE_QUEUED="1"' in state
+  proc = fake.run("create.sh", "--name", "ms", "--zone", ZONE, "--accelerator-type", "v4-8",
+                  "--node-count", "two")
+  assert proc.returncode == 2 and "--node-count" in proc.stderr
+
+
+def test_multi_slice_setup_launch_logs_act_on_every_slice_and_resume_recreates_it(fake):
+  create, setup, launch = start_run(fake, "ms", "v5litepod-16", "--node-count", "2", "--spot",
+                                    queued=True)
+  assert create == MS_CREATE
+  # setup and launch: once per slice, NAME-0 and NAME-1, every worker of each.
+  assert sorted((c[4], c[5]) for c in setup) == [("ms-0", "--worker=all"), ("ms-1", "--worker=all")]
+  assert ssh_command(setup[0]) == ssh_command(setup[1])
+  by_node = {c[4]: ssh_command(c) for c in launch}
+  assert sorted(by_node) == ["ms-0", "ms-1"]
+  for node, cmd in by_node.items():  # each slice's workers copy their logs under their own name
+    assert f"gs_log=gs://b/run/logs/workers/{node}-$w.log" in cmd
+  # 2 slices of 4 hosts: a local work directory is refused.
+  proc = fake.run("launch.sh", "--name", "ms", "--workdir", "/tmp/run", "--", "distill")
+  assert proc.returncode == 2 and "2 x v5litepod-16 (8 hosts)" in proc.stderr
+  # logs: slice 0 by default, --node picks another.
+  fake.run("logs.sh", "--name", "ms", "--no-follow", check=0)
+  fake.run("logs.sh", "--name", "ms", "--node", "1", "--worker", "2", "--no-follow", check=0)
+  assert [c[4:6] for c in fake.calls()] == [["ms-0", "--worker=0"], ["ms-1", "--worker=2"]]
+  assert fake.run("logs.sh", "--name", "ms", "--node", "2").returncode == 2
+  # Suspended: deleted and created again with the same --node-count, then set up and launched.
+  fake.states("queued", "SUSPENDED", "ACTIVE")
+  fake.run("resume.sh", "--name", "ms", "--poll-interval", "0", check=0)
+  calls = fake.calls()
+  assert kinds(calls[:6]) == ["queued-resources describe", *RUN_CHECK, "queued-resources delete",
+                              "queued-resources create", "queued-resources describe"]
+  assert calls[4] == create
+  assert sorted(calls[6:8]) == sorted(setup) and sorted(calls[8:]) == sorted(launch)
+  fake.run("teardown.sh", "--name", "ms", check=0)
+  assert fake.calls() == [["compute", "tpus", "queued-resources", "delete", "ms", "--force",
+                           "--quiet", "--zone", ZONE]]
+
+
+def test_multi_slice_relaunch_checks_the_workers_of_every_slice(fake):
+  for node in ("ms-0", "ms-1"):
+    fake.play_workers(node)
+  (fake.workers_home / "ms-1-w0" / "behaviour").write_text("exit 1")
+  start_run(fake, "ms", "v5litepod-8", "--node-count", "2", queued=True)
+  exit_file = run_files(fake.workers_home / "ms-1-w0", "ms")[2]
+  wait_for(exit_file.exists, "slice 1's crash")
+  fake.states("queued", "ACTIVE")
+  proc = fake.run("resume.sh", "--name", "ms", check=0)
+  assert "t1v-n-ms-1-w-0: miniend exited with status 1" in proc.stderr
+  assert "t1v-n-ms-0-w-0: stopping miniend" in proc.stdout
+  for node in ("ms-0", "ms-1"):
+    log = run_files(fake.workers_home / f"{node}-w0", "ms")[0]
+    wait_for(lambda log=log: read(log).count("args: distill") == 2, f"{node}'s relaunch")
+
+
+# ------------------------------------------------------------------ repository URL
+
+def test_no_script_or_readme_offers_a_repository_url_as_if_it_worked(fake):
+  for path in SCRIPTS.iterdir():
+    assert "github.com/ORG/" not in path.read_text(), path
+  for text in (fake.run("setup.sh", "--help", check=0).stdout, (SCRIPTS / "README.md").read_text()):
+    assert "YOUR_FORK" in text and "placeholder" in text
+  proc = fake.run("setup.sh", "--name", "n", "--zone", ZONE)
+  assert proc.returncode == 2 and "--repo URL" in proc.stderr and "--scp-local" in proc.stderr
 
 
 # ------------------------------------------------------------------ lint
