@@ -10,7 +10,7 @@ WORKDIR ?= quickstart_workdir
 $(BIN)/miniend: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,plan]'
 	touch $(BIN)/miniend
 
 install: $(BIN)/miniend

@@ -1,0 +1,615 @@
+"""Pod plans from a laptop: compile a run's step for a TPU slice this machine does not have.
+
+libtpu (the `plan` extra: `pip install 'miniend_jax[plan]'`) describes any TPU
+topology on a CPU-only host (`jax.experimental.topologies`). The run's own step
+(`program.build_step_program`: the function, shardings and donation the run
+loop jits) is built on that topology's abstract devices, lowered on abstract
+(shape + sharding) inputs and compiled ahead of time by the TPU compiler, which
+reports what one chip needs:
+
+    miniend plan --gin_file gin_configs/runs/paper_t5_11b_6L768H.gin --topology v4-64
+
+`plan_program` / `plan_lowered` return a `PlanReport`: per-chip argument,
+output, alias, temporary and generated-code bytes against the chip's HBM,
+XLA's FLOPs per step beside the analytic count (the MFU numerator), the
+compile time, the step time and tokens/s at 100% and 50% of peak, and for a
+run that does not fit, by how much and which settings would help.
+
+Topology names are the ones TPU VMs are created with: `v4-64`, `v5p-128`
+(v4 and v5p count TensorCores, two per chip: v4-64 has 32 chips), `v5e-256` or
+`v5litepod-256`, `v6e-64` (chips); or a topology as libtpu names it
+(`v4:2x4x4`, `v5e:16x16`).
+
+Imports neither seqio nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+GiB = 1024 ** 3
+
+# Environment libtpu reads on a TPU VM (normally from the VM's metadata). On
+# another host it warns once per variable and probes for them unless set; any
+# value does for compiling (the topology comes from `get_topology_desc`).
+# libtpu also takes /tmp/libtpu_lockfile, which any process with libtpu installed
+# holds once JAX has probed for TPUs; compiling touches no chip, so plans ignore it.
+_LIBTPU_QUIET_ENV = {"TPU_ACCELERATOR_TYPE": "v4-8", "TPU_WORKER_HOSTNAMES": "localhost",
+                     "TPU_WORKER_ID": "0", "TPU_SKIP_MDS_QUERY": "1",
+                     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+LIBTPU_PIN = "libtpu==0.0.42.1"  # what jax[tpu]==0.10.2 installs; pyproject's `plan` extra
+
+
+class PlanError(ValueError):
+  """A plan that cannot be made: an unknown topology, a bad config, libtpu missing."""
+
+
+# ----------------------------------------------------------------------------
+# TPU generations and topologies.
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+  """One TPU generation.
+
+  Attributes:
+    name: libtpu's name ("v4", "v5e", "v5p", "v6e").
+    aliases: other prefixes users write ("v5litepod").
+    dims: torus dimensions (3 for v4 / v5p, 2 for v5e / v6e).
+    cores_in_name: how many units of the name's count one chip is (2 where the
+      name counts TensorCores: v4-64 is 32 chips).
+    hbm_bytes: HBM per chip.
+    peak_flops: dense bf16 FLOP/s per chip (data sheet).
+    chip_config: libtpu's chip config ("megacore": one JAX device per chip).
+  """
+
+  name: str
+  aliases: tuple[str, ...]
+  dims: int
+  cores_in_name: int
+  hbm_bytes: int
+  peak_flops: float
+  chip_config: str = "default"
+
+
+GENERATIONS: dict[str, TpuGeneration] = {
+    "v4": TpuGeneration("v4", (), 3, 2, 32 * GiB, 275e12, "megacore"),
+    "v5e": TpuGeneration("v5e", ("v5litepod", "v5lite"), 2, 1, 16 * GiB, 197e12),
+    "v5p": TpuGeneration("v5p", (), 3, 2, 95 * GiB, 459e12, "megacore"),
+    "v6e": TpuGeneration("v6e", ("v6", "trillium"), 2, 1, 32 * GiB, 918e12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice: its name, libtpu's description of it, and what one chip has."""
+
+  name: str  # as TPU VMs are named, e.g. "v4-64"
+  generation: TpuGeneration
+  topology_name: str  # libtpu's, e.g. "v4:2x4x4"
+  chips_per_host_bounds: tuple[int, int, int]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(int(d) for d in self.topology_name.split(":")[1].split("x"))
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def hbm_bytes(self) -> int:
+    return self.generation.hbm_bytes
+
+  @property
+  def peak_flops(self) -> float:
+    return self.generation.peak_flops
+
+
+def _torus_shape(chips: int, dims: int) -> tuple[int, ...] | None:
+  """The slice shape TPU VMs of `chips` chips have (power-of-two sizes), or None."""
+  shape = [2, 2, 1] if dims == 3 else [1, 1]
+  if chips < math.prod(shape) or chips & (chips - 1):
+    return None
+  while math.prod(shape) < chips:
+    # Double the last of the smallest dimensions, keeping the shape sorted:
+    # 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ... and 1x1, 1x2, 2x2, 2x4, 4x4, ...
+    smallest = min(shape)
+    shape[max(i for i, d in enumerate(shape) if d == smallest)] *= 2
+    shape.sort()
+  return tuple(shape)
+
+
+def _generation(prefix: str, original: str) -> TpuGeneration:
+  for gen in GENERATIONS.values():
+    if prefix == gen.name or prefix in gen.aliases:
+      return gen
+  known = ", ".join(f"{g.name}-N" for g in GENERATIONS.values())
+  raise PlanError(f"Unknown TPU topology {original!r}: the generation {prefix!r} is not one of "
+                  f"{known} (or v5litepod-N), nor a libtpu name such as v4:2x4x4.")
+
+
+def parse_topology(name: str) -> Topology:
+  """`v4-64`, `v5e-256`, `v5litepod-256`, `v5p-128`, `v6e-64`, or `v4:2x4x4` -> Topology.
+
+  Raises:
+    PlanError: naming what is wrong and what is accepted.
+  """
+  text = name.strip().lower()
+  explicit = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", text)
+  if explicit:
+    gen = _generation(explicit.group(1), name)
+    shape = tuple(int(d) for d in explicit.group(2).split("x"))
+    if len(shape) != gen.dims or 0 in shape:
+      raise PlanError(f"TPU topology {name!r}: {gen.name} slices have {gen.dims} dimensions, "
+                      f"e.g. {gen.name}:{'x'.join(['2'] * gen.dims)}.")
+    chips = math.prod(shape)
+    user_name = f"{gen.name}-{chips * gen.cores_in_name}"
+  else:
+    match = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
+    if not match:
+      raise PlanError(f"TPU topology {name!r} is not of the form GENERATION-SIZE (v4-64, "
+                      "v5e-256, v5litepod-256, v5p-128, v6e-64) nor a libtpu name (v4:2x4x4).")
+    gen = _generation(match.group(1), name)
+    count = int(match.group(2))
+    chips, remainder = divmod(count, gen.cores_in_name)
+    shape = None if remainder else _torus_shape(chips, gen.dims)
+    if shape is None:
+      sizes = [_n * gen.cores_in_name for _n in (1, 4, 8, 16, 32, 64)
+               if _torus_shape(_n, gen.dims)]
+      raise PlanError(
+          f"TPU topology {name!r}: no {gen.name} slice has that size here. Sizes are powers of "
+          f"two, e.g. {', '.join(f'{gen.name}-{s}' for s in sizes)}"
+          + (f" ({gen.name} names count TensorCores, 2 per chip)" if gen.cores_in_name > 1
+             else "")
+          + f"; other shapes by their libtpu name, e.g. {gen.name}:"
+          + "x".join(["4"] * gen.dims) + ".")
+    user_name = f"{gen.name}-{count}"
+  bounds = tuple(min(2, d) for d in shape[:2]) + (1,)
+  return Topology(user_name, gen, f"{gen.name}:{'x'.join(map(str, shape))}", bounds)
+
+
+def quiet_libtpu() -> None:
+  """Sets the TPU VM variables libtpu otherwise warns about (unless already set)."""
+  for key, value in _LIBTPU_QUIET_ENV.items():
+    os.environ.setdefault(key, value)
+
+
+@functools.lru_cache(maxsize=None)
+def _topology_devices(topology_name: str, chip_config: str, bounds: tuple[int, ...],
+                      slices: int) -> tuple:
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  quiet_libtpu()
+  try:
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=topology_name, chip_config_name=chip_config,
+        chips_per_host_bounds=bounds, num_slices=slices)
+  except RuntimeError as e:
+    if "not installed" in str(e):
+      raise PlanError(
+          f"Planning for TPUs needs libtpu: pip install 'miniend_jax[plan]' (that is "
+          f"{LIBTPU_PIN}, the version jax {jax.__version__} pins).") from e
+    raise
+  return tuple(desc.devices)
+
+
+def topology_devices(name: str | Topology, slices: int = 1) -> list:
+  """Abstract (compile-only) devices of `slices` slices of topology `name`.
+
+  A mesh over them (`partitioning.make_mesh(config, devices)`) shards abstract
+  arrays that `jax.jit(...).lower(...).compile()` compiles for that TPU.
+  """
+  topology = parse_topology(name) if isinstance(name, str) else name
+  if not isinstance(slices, int) or slices < 1:
+    raise PlanError(f"--slices must be a positive integer, got {slices!r}.")
+  return list(_topology_devices(topology.topology_name, topology.generation.chip_config,
+                                topology.chips_per_host_bounds, slices))
+
+
+# ----------------------------------------------------------------------------
+# Reports.
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+  """A setting that would lower the memory one chip needs."""
+
+  binding: str  # the gin binding to change, e.g. "MeshConfig.fsdp = 16"
+  why: str
+
+
+def shard_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of sharded (abstract or concrete) arrays:
+  the largest per-device shard of each leaf, summed. Padding of TPU layouts is
+  not counted (see `PlanReport.argument_bytes`, XLA's own figure)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    dtype = leaf.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
+      shape, dtype = data.shape, data.dtype
+    total += math.prod(shape) * np.dtype(dtype).itemsize
+  return total
+
+
+@dataclasses.dataclass
+class PlanReport:
+  """What one chip needs for one step, per XLA's TPU compiler, and what it implies.
+
+  Memory figures are per chip, from `compiled.memory_analysis()` (TPU layouts
+  included); when the step does not fit, the compiler refuses it and only its
+  total (`bytes_per_chip`) and `xla_message` are known. `expected` holds the
+  per-chip bytes of each argument group computed from the abstract inputs'
+  shardings (no layout padding).
+  """
+
+  topology: str
+  topology_name: str
+  slices: int
+  chips: int
+  hbm_per_chip_bytes: int
+  peak_flops_per_chip: float
+  fits: bool
+  bytes_per_chip: int
+  compile_s: float
+  lower_s: float
+  analytic_flops: float
+  tokens_per_step: int
+  argument_bytes: int | None = None
+  output_bytes: int | None = None
+  alias_bytes: int | None = None
+  temp_bytes: int | None = None
+  generated_code_bytes: int | None = None
+  xla_flops: float | None = None  # per step, all chips
+  # The step has loops (scanned layers, chunked losses): XLA counts each loop body
+  # once, so `xla_flops` is a lower bound.
+  xla_counts_loops_once: bool = False
+  xla_hbm_limit_bytes: int | None = None  # the usable HBM the compiler reported
+  xla_message: str | None = None
+  expected: dict[str, int] = dataclasses.field(default_factory=dict)
+  mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+  knobs: list[Knob] = dataclasses.field(default_factory=list)
+  title: str = ""
+
+  @property
+  def headroom_bytes(self) -> int:
+    return self.hbm_per_chip_bytes - self.bytes_per_chip
+
+  @property
+  def excess_bytes(self) -> int:
+    return max(0, -self.headroom_bytes) if self.fits else max(
+        1, self.bytes_per_chip - (self.xla_hbm_limit_bytes or self.hbm_per_chip_bytes))
+
+  def step_s(self, mfu: float) -> float:
+    """Step time if the analytic FLOPs ran at `mfu` of every chip's peak."""
+    return self.analytic_flops / (mfu * self.peak_flops_per_chip * self.chips)
+
+  def tokens_per_s(self, mfu: float) -> float:
+    return self.tokens_per_step / self.step_s(mfu)
+
+  def to_json(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out["knobs"] = [dataclasses.asdict(k) for k in self.knobs]
+    out.update(headroom_bytes=self.headroom_bytes, excess_bytes=self.excess_bytes,
+               step_s_at_100pct_mfu=self.step_s(1.0), step_s_at_50pct_mfu=self.step_s(0.5),
+               tokens_per_s_at_100pct_mfu=self.tokens_per_s(1.0),
+               tokens_per_s_at_50pct_mfu=self.tokens_per_s(0.5))
+    return out
+
+  def verdict(self) -> str:
+    if self.fits:
+      return (f"FITS: {_gib(self.bytes_per_chip)} of {_gib(self.hbm_per_chip_bytes)} HBM per "
+              f"chip ({self.bytes_per_chip / self.hbm_per_chip_bytes:.0%}), headroom "
+              f"{_gib(self.headroom_bytes)}.")
+    limit = self.xla_hbm_limit_bytes or self.hbm_per_chip_bytes
+    text = (f"DOES NOT FIT: one chip needs {_gib(self.bytes_per_chip)} of "
+            f"{_gib(limit)} usable HBM, {_gib(self.excess_bytes)} too much.")
+    if self.knobs:
+      text += " What would help:\n" + "\n".join(f"  - {k.binding}: {k.why}" for k in self.knobs)
+    return text
+
+  def table(self) -> str:
+    """The report as a readable table."""
+    lines = [self.title] if self.title else []
+    lines.append(f"topology {self.topology} ({self.topology_name}) x {self.slices} slice(s): "
+                 f"{self.chips} chips, {_gib(self.hbm_per_chip_bytes)} HBM and "
+                 f"{self.peak_flops_per_chip / 1e12:.0f} TFLOP/s (bf16) per chip")
+    if self.mesh:
+      lines.append("mesh " + " ".join(f"{k}={v}" for k, v in self.mesh.items()))
+    lines.append(f"{'per chip':<26}{'bytes':>12}")
+    rows = [("arguments", self.argument_bytes), ("outputs", self.output_bytes),
+            ("aliased (donated)", None if self.alias_bytes is None else -self.alias_bytes),
+            ("temporaries", self.temp_bytes), ("generated code", self.generated_code_bytes)]
+    for label, value in rows:
+      if value is not None:
+        lines.append(f"  {label:<24}{_gib(value):>12}")
+    for label, value in self.expected.items():
+      lines.append(f"    {label + ' (from shardings)':<30}{_gib(value):>12}")
+    lines.append(f"  {'total':<24}{_gib(self.bytes_per_chip):>12}   of "
+                 f"{_gib(self.hbm_per_chip_bytes)} HBM")
+    flops = f"analytic {self.analytic_flops:.3e}"
+    if self.xla_flops is not None:
+      flops = f"XLA {self.xla_flops:.3e}, " + flops
+      if self.xla_counts_loops_once:
+        flops += " (XLA counts each loop body once: a lower bound)"
+      if self.analytic_flops:
+        flops += f"; XLA / analytic {self.xla_flops / self.analytic_flops:.2f}"
+    lines.append(f"FLOPs per step: {flops}")
+    lines.append(f"compile: lower {self.lower_s:.1f} s, compile {self.compile_s:.1f} s")
+    lines.append(f"step at 100% / 50% of peak: {self.step_s(1.0):.3f} s / {self.step_s(0.5):.3f} s"
+                 f" = {self.tokens_per_s(1.0):,.0f} / {self.tokens_per_s(0.5):,.0f} tokens/s "
+                 f"({self.tokens_per_step:,} tokens per step)")
+    lines.append(self.verdict())
+    return "\n".join(lines)
+
+
+def _gib(value: int) -> str:
+  """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most)."""
+  for unit, size in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    if abs(value) >= size:
+      return f"{value / size:.2f} {unit}"
+  return f"{value} B"
+
+
+_SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
+_OOM_PATTERNS = (
+    # "Used 20.50G of 15.48G hbm. Exceeded hbm capacity by 5.02G."
+    re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.IGNORECASE),
+    # "... required for HLO temporaries (48.00G) exceeds available HBM (15.75G)."
+    re.compile(rf"\({_SIZE}\) exceeds available HBM \({_SIZE}\)", re.IGNORECASE),
+)
+
+
+def _parse_size(number: str, unit: str) -> int:
+  return int(float(number) * 1024 ** " KMGT".index(unit or " "))
+
+
+def parse_out_of_memory(message: str) -> tuple[int, int] | None:
+  """(bytes needed, usable HBM bytes) from an XLA:TPU out-of-memory error, or None."""
+  if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+    return None
+  for pattern in _OOM_PATTERNS:
+    match = pattern.search(message)
+    if match:
+      return (_parse_size(match.group(1), match.group(2)),
+              _parse_size(match.group(3), match.group(4)))
+  return None
+
+
+def plan_lowered(lowered: jax.stages.Lowered, topology: Topology, *, slices: int = 1,
+                 analytic_flops: float, tokens_per_step: int, lower_s: float = 0.0,
+                 expected: dict[str, int] | None = None) -> PlanReport:
+  """Compiles a step lowered on `topology`'s abstract devices and reports what it needs.
+
+  Args:
+    lowered: `jax.jit(step, ...).lower(*abstract_args)` with shardings over
+      `topology_devices(topology, slices)`.
+    analytic_flops: the step's model FLOPs (the MFU numerator, all chips).
+    tokens_per_step: tokens one step consumes (for tokens/s).
+    lower_s: how long lowering took (reported beside the compile time).
+    expected: per-chip bytes of argument groups, for the table.
+
+  Returns:
+    A PlanReport; a step the TPU compiler rejects for memory is an answer too
+    (fits=False, with the compiler's figures).
+
+  Raises:
+    jax.errors.JaxRuntimeError: any other compile failure.
+  """
+  chips = topology.chips * slices
+  common = dict(topology=topology.name, topology_name=topology.topology_name, slices=slices,
+                chips=chips, hbm_per_chip_bytes=topology.hbm_bytes,
+                peak_flops_per_chip=topology.peak_flops, analytic_flops=float(analytic_flops),
+                tokens_per_step=int(tokens_per_step), lower_s=lower_s,
+                expected=dict(expected or {}))
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    oom = parse_out_of_memory(str(e))
+    if oom is None:
+      raise
+    return PlanReport(fits=False, bytes_per_chip=oom[0], xla_hbm_limit_bytes=oom[1],
+                      compile_s=time.perf_counter() - start,
+                      xla_message=str(e).strip().splitlines()[0][:500], **common)
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+          + memory.generated_code_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = (cost or {}).get("flops")
+  # XLA's cost analysis counts a loop body once: a scan over layers is undercounted.
+  loops = "stablehlo.while" in lowered.as_text()
+  return PlanReport(
+      fits=used <= topology.hbm_bytes, bytes_per_chip=int(used), compile_s=compile_s,
+      argument_bytes=int(memory.argument_size_in_bytes),
+      output_bytes=int(memory.output_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
+      temp_bytes=int(memory.temp_size_in_bytes),
+      generated_code_bytes=int(memory.generated_code_size_in_bytes),
+      # The per-chip program's count; SPMD runs it on every chip.
+      xla_flops=None if flops is None else float(flops) * chips, xla_counts_loops_once=loops,
+      **common)
+
+
+# ----------------------------------------------------------------------------
+# Plans of a run's step program.
+
+
+def plan_program(program, topology: Topology, *, slices: int = 1) -> PlanReport:
+  """Lowers and compiles a `program.StepProgram` built on `topology_devices(topology,
+  slices)` and reports it, with the settings that would help when it does not fit."""
+  expected = {"state (params + optimizer)": shard_bytes(program.abstract_state),
+              "batch": shard_bytes(program.abstract_batch)}
+  if program.abstract_teacher is not None:
+    expected["teacher"] = shard_bytes(program.abstract_teacher)
+  start = time.perf_counter()
+  lowered = program.lower()
+  lower_s = time.perf_counter() - start
+  report = plan_lowered(lowered, topology, slices=slices, analytic_flops=program.analytic_flops,
+                        tokens_per_step=program.tokens_per_step, lower_s=lower_s,
+                        expected=expected)
+  report.mesh = {k: int(v) for k, v in program.mesh.shape.items()}
+  if not report.fits:
+    report.knobs = suggest_knobs(program, report)
+  return report
+
+
+def suggest_knobs(program, report: PlanReport) -> list[Knob]:
+  """Settings that would lower the per-chip memory of `program`, most promising first."""
+  mesh = report.mesh or {k: int(v) for k, v in program.mesh.shape.items()}
+  devices = math.prod(mesh.values())
+  state = report.expected.get("state (params + optimizer)", 0)
+  teacher = report.expected.get("teacher", 0)
+  weights = state + teacher
+  activations = max(report.bytes_per_chip - weights, 0)
+  knobs: list[tuple[float, Knob]] = []  # (bytes it could save, knob)
+  per_slice = devices // report.slices
+  fsdp = mesh.get("fsdp", 1)
+  if fsdp * mesh.get("model", 1) < per_slice:
+    target = per_slice // mesh.get("model", 1)
+    saved = weights * (1 - fsdp / target)
+    knobs.append((saved, Knob(
+        f"MeshConfig.fsdp = {target}, MeshConfig.data = 1",
+        f"shards the student's parameters and optimizer state ({_gib(state)} per chip now) and "
+        f"the teacher ({_gib(teacher)}) over {target} chips instead of {fsdp}: about "
+        f"{_gib(saved)} less per chip")))
+  teacher_config = program.teacher_config
+  if teacher_config is not None and np.dtype(teacher_config.param_dtype).itemsize > 2:
+    knobs.append((teacher / 2, Knob(
+        "ModelSetup.teacher_dtype = 'bfloat16'",
+        f"halves the frozen teacher: about {_gib(teacher // 2)} less per chip")))
+  student = program.student_config
+  if student.remat_policy in ("none", "dots", "dots_no_batch"):
+    better = "full" if student.remat_policy != "none" else "dots"
+    knobs.append((activations / 2, Knob(
+        f"ModelSetup.overrides = {{'remat_policy': '{better}'}}",
+        f"recomputes the student's layer activations in the backward pass instead of keeping "
+        f"them (temporaries are {_gib(activations)} per chip beyond the weights); "
+        "'full' saves the most, 'dots' keeps the matmul outputs")))
+  train = program.train
+  accum = program.optimizer.grad_accum_steps
+  data_parallel = mesh.get("data", 1) * mesh.get("fsdp", 1)
+  if train.batch_size // 2 >= data_parallel and train.batch_size % 2 == 0:
+    knobs.append((activations / 2, Knob(
+        f"TrainConfig.batch_size = {train.batch_size // 2}, OptimizerConfig.grad_accum_steps "
+        f"= {accum * 2}, TrainConfig.num_steps x 2",
+        "halves the activations of a step while keeping the batch of each optimizer update")))
+  if teacher_config is not None and mesh.get("model", 1) == 1 and per_slice >= 4:
+    knobs.append((weights / 4, Knob(
+        "MeshConfig.model = 4 (and MeshConfig.fsdp / data to match)",
+        "tensor parallelism splits heads, feed-forward and vocabulary of both models: the "
+        "teacher's activations as well as its weights")))
+  return [k for _, k in sorted(knobs, key=lambda item: -item[0])]
+
+
+# ----------------------------------------------------------------------------
+# Command line: `miniend plan` (and benchmarks/aot_plan.py).
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """The flags of `miniend plan`; --gin.NAME=VALUE bindings are separated by the caller."""
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="the run's gin file (repeatable), e.g. "
+                           "gin_configs/runs/paper_t5_11b_6L768H.gin")
+  parser.add_argument("--topology", required=True,
+                      help="TPU slice: v4-64, v5e-256 / v5litepod-256, v5p-128, v6e-64, or a "
+                           "libtpu name such as v4:2x4x4 (v4/v5p names count TensorCores, "
+                           "2 per chip)")
+  parser.add_argument("--slices", type=int, default=1,
+                      help="slices joined over DCN (MeshConfig.dcn_data * dcn_fsdp; "
+                           "default: dcn_data = slices)")
+  parser.add_argument("--mode", default="distill", choices=("distill", "pretrain", "finetune"))
+  parser.add_argument("--recipe", help="distillation recipe (= --gin.train.recipe)")
+  parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
+  return parser
+
+
+def _gin_recipe(default: str = "miniend_d"):
+  import gin  # pylint: disable=import-outside-toplevel
+  try:
+    return gin.get_bindings("train").get("recipe", default)
+  except (ValueError, KeyError):
+    return default
+
+
+def build_program(args, bindings: Sequence[str]):
+  """The run's StepProgram on the topology's devices, from gin files and bindings."""
+  from miniend_jax import cli  # pylint: disable=import-outside-toplevel
+  from miniend_jax.train import partitioning, program, state  # pylint: disable=import-outside-toplevel
+  topology = parse_topology(args.topology)
+  shorthand = [f"train.recipe = {args.recipe!r}"] if getattr(args, "recipe", None) else []
+  cli.parse_gin(list(args.gin_file), list(bindings) + shorthand)
+  mesh = partitioning.MeshConfig()
+  if args.slices > 1 and mesh.dcn_data * mesh.dcn_fsdp == 1:
+    mesh = dataclasses.replace(mesh, dcn_data=args.slices)
+  devices = topology_devices(topology, args.slices)
+  prog = program.build_step_program(args.mode, program.TrainConfig(), program.ModelSetup(),
+                                    state.OptimizerConfig(), mesh, _gin_recipe(),
+                                    devices=devices)
+  return topology, prog
+
+
+def describe(prog) -> str:
+  """One line naming the models, the batch and the recipe of a program."""
+  from miniend_jax.model import t5  # pylint: disable=import-outside-toplevel
+  parts = []
+  if prog.teacher_config is not None:
+    tc = prog.teacher_config
+    parts.append(f"teacher {t5.count_params(tc) / 1e9:.2f}B params ({tc.num_layers}+"
+                 f"{tc.num_decoder_layers} layers, d_model {tc.d_model}, {tc.param_dtype})")
+  sc = prog.student_config
+  parts.append(f"student {t5.count_params(sc) / 1e6:.0f}M params ({sc.num_layers}+"
+               f"{sc.num_decoder_layers} layers, d_model {sc.d_model}, remat "
+               f"{sc.remat_policy}, scan_layers {sc.scan_layers})")
+  train = prog.train
+  parts.append(f"recipe {prog.recipe.name}, batch {train.batch_size} x "
+               f"({train.inputs_length} + {train.targets_length}) tokens")
+  return "; ".join(parts)
+
+
+# What a config that cannot be planned raises (GinError and PlanError are ValueErrors).
+CONFIG_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError)
+
+
+def config_error_message(error: Exception) -> str:
+  """The one-line `miniend: ...` message of a config error."""
+  message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  return "miniend: " + " ".join(str(message).split())
+
+
+def report_from_args(args, bindings: Sequence[str]) -> PlanReport:
+  """The plan of the run the gin files and bindings describe, on `args.topology`.
+
+  Raises:
+    One of CONFIG_ERRORS for a config that cannot be planned.
+  """
+  topology, prog = build_program(args, bindings)
+  report = plan_program(prog, topology, slices=args.slices)
+  report.title = f"miniend plan {' '.join(args.gin_file)}: {describe(prog)}"
+  return report
+
+
+def run_from_args(args, bindings: Sequence[str]) -> int:
+  """`miniend plan`: prints the report; 0 for an answer (fits or not), 2 for a bad config."""
+  try:
+    report = report_from_args(args, bindings)
+  except CONFIG_ERRORS as e:
+    print(config_error_message(e), file=sys.stderr)
+    return 2
+  print(json.dumps(report.to_json()) if args.json else report.table())
+  return 0

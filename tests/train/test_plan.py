@@ -1,0 +1,136 @@
+"""`miniend plan`: a tiny distillation step compiled by libtpu for TPU slices this host lacks."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu", reason="planning needs the `plan` extra (libtpu)")
+
+from miniend_jax.model import t5  # noqa: E402
+from miniend_jax.train import partitioning, plan, program, state  # noqa: E402
+
+# Every per-chip shard is whole TPU tiles (minor dims of 128, second-minor of 8),
+# so XLA's layouts add no padding and the argument bytes can be computed exactly.
+TEACHER = t5.T5Config(vocab_size=256, d_model=256, d_kv=64, d_ff=256, num_layers=2,
+                      num_heads=2, relative_attention_num_buckets=128,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      dropout_rate=0.0, dtype="bfloat16", param_dtype="float32")
+STUDENT = TEACHER.replace(num_layers=1, num_decoder_layers=1, param_dtype="float32")
+TRAIN = program.TrainConfig(batch_size=32, inputs_length=128, targets_length=128, pack=False)
+MESH = partitioning.MeshConfig(data=2, fsdp=2)
+
+
+def _program(topology: str, slices: int = 1, train=TRAIN, mesh=MESH, **model_changes):
+  devices = plan.topology_devices(topology, slices)
+  return program.build_step_program(
+      "distill", train, program.ModelSetup(teacher="unused"), state.OptimizerConfig(), mesh,
+      "miniend_d", devices=devices, student_config=STUDENT.replace(**model_changes),
+      teacher_config=TEACHER.replace(**model_changes))
+
+
+def _argument_bytes(*trees) -> int:
+  """Per-chip bytes of the step's arguments from their shardings: each leaf's shard,
+  in TPU allocations of at least 512 bytes (scalars, the rng key, small vectors)."""
+  total = 0
+  for leaf in jax.tree.leaves(trees):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    itemsize = 8 if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else np.dtype(
+        leaf.dtype).itemsize
+    total += max(512, math.ceil(math.prod(shard) * itemsize / 512) * 512)
+  return total
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("v4-64", ("v4:2x4x4", 32)), ("v4-8", ("v4:2x2x1", 4)), ("v5p-128", ("v5p:4x4x4", 64)),
+    ("v5e-256", ("v5e:16x16", 256)), ("v5litepod-8", ("v5e:2x4", 8)), ("v6e-64", ("v6e:8x8", 64)),
+    ("v5e:4x8", ("v5e:4x8", 32)), ("V4:2x2x2", ("v4:2x2x2", 8))])
+def test_topology_names(name, expected):
+  topology = plan.parse_topology(name)
+  assert (topology.topology_name, topology.chips) == expected
+  assert topology.hbm_bytes == {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}[
+      topology.generation.name] * plan.GiB
+
+
+@pytest.mark.parametrize("name,message", [
+    ("v4-6", "powers of two, e.g. v4-8, v4-16"), ("v7-8", "generation 'v7'"), ("v4", "GENERATION-SIZE"),
+    ("v5e:2x2x2", "2 dimensions")])
+def test_bad_topology_names_say_what_is_accepted(name, message):
+  with pytest.raises(plan.PlanError, match=message):
+    plan.parse_topology(name)
+
+
+def test_plan_figures_come_from_the_tpu_compiler():
+  prog = _program("v5e-4")
+  assert {d.platform for d in prog.mesh.devices.flat} == {"tpu"}
+  report = plan.plan_program(prog, plan.parse_topology("v5e-4"))
+  assert report.fits and report.chips == 4 and report.mesh == {"data": 2, "fsdp": 2, "model": 1}
+  # The compiler's per-chip arguments are the sharded state, teacher and batch (the
+  # rng key feeds only dropout, which is off: jit drops unused arguments).
+  assert report.argument_bytes == _argument_bytes(
+      prog.abstract_state, prog.abstract_teacher, prog.abstract_batch)
+  # The state is donated: its buffers are reused for the new state.
+  assert report.alias_bytes >= plan.shard_bytes(prog.abstract_state) > 0
+  assert report.bytes_per_chip == (report.argument_bytes + report.output_bytes
+                                   - report.alias_bytes + report.temp_bytes
+                                   + report.generated_code_bytes)
+  # XLA counts every op (not only matmuls) of the per-chip program, times 4 chips
+  # (the loss's loops once each: a lower bound, flagged).
+  assert 0.9 < report.xla_flops / prog.analytic_flops < 1.5
+  assert report.compile_s > 0 and report.xla_counts_loops_once
+  assert report.step_s(0.5) == pytest.approx(
+      prog.analytic_flops / (0.5 * 197e12 * 4))
+  assert report.tokens_per_s(0.5) == pytest.approx(32 * 256 / report.step_s(0.5))
+  table = report.table()
+  assert "FITS" in table and "v5e:2x2" in table and "temporaries" in table
+
+
+def test_two_slices_compile_on_a_hybrid_mesh():
+  mesh = partitioning.MeshConfig(data=2, fsdp=2, dcn_data=2)
+  prog = _program("v5e-4", slices=2, mesh=mesh, train=dataclasses.replace(TRAIN, batch_size=64))
+  slices = {d.slice_index for d in prog.mesh.devices.flat}
+  assert slices == {0, 1} and prog.mesh.shape["data"] == 4
+  report = plan.plan_program(prog, plan.parse_topology("v5e-4"), slices=2)
+  assert report.fits and report.chips == 8
+  # Twice the batch over twice the chips: the same per-chip arguments as one slice.
+  assert report.argument_bytes == _argument_bytes(
+      prog.abstract_state, prog.abstract_teacher, prog.abstract_batch)
+
+
+def test_a_plan_too_large_is_an_answer_with_knobs():
+  big = program.TrainConfig(batch_size=1024, inputs_length=2048, targets_length=512, pack=False)
+  prog = _program("v5e-4", train=big)
+  report = plan.plan_program(prog, plan.parse_topology("v5e-4"))
+  assert not report.fits and report.excess_bytes > 0
+  assert report.bytes_per_chip > report.xla_hbm_limit_bytes and report.xla_message
+  bindings = " ".join(k.binding for k in report.knobs)
+  assert "remat_policy" in bindings and "TrainConfig.batch_size = 512" in bindings
+  assert "MeshConfig.fsdp = 4" in bindings
+  verdict = report.verdict()
+  assert verdict.startswith("DOES NOT FIT: one chip needs") and "too much" in verdict
+  assert "grad_accum_steps = 2" in verdict
+  assert json.loads(json.dumps(report.to_json()))["fits"] is False
+
+
+def test_plan_command_answers_and_rejects_bad_configs(capsys):
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = plan.add_arguments(argparse.ArgumentParser())
+  bindings = ["ModelSetup.teacher = 't5-v1_1-tiny'", "ModelSetup.student_shape = '1L-32H'",
+              "TrainConfig.batch_size = 8", "TrainConfig.inputs_length = 64",
+              "TrainConfig.targets_length = 16", "MeshConfig.data = 4"]
+  args = parser.parse_args(["--topology", "v5e-4", "--json", "--recipe", "kd_logits"])
+  assert plan.run_from_args(args, bindings) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert report["fits"] and report["chips"] == 4 and report["mesh"]["data"] == 4
+  assert report["step_s_at_50pct_mfu"] > 0 and report["xla_flops"] > 0
+
+  args = parser.parse_args(["--topology", "v5e-3"])
+  assert plan.run_from_args(args, bindings) == 2
+  assert capsys.readouterr().err.startswith("miniend: TPU topology 'v5e-3'")
+  args = parser.parse_args(["--topology", "v5e-4"])
+  assert plan.run_from_args(args, bindings + ["TrainConfig.batch_size = 6"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("miniend: ") and "batch_size=6" in err and len(err.splitlines()) == 1
