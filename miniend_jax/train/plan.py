@@ -329,16 +329,17 @@ class PlanReport:
                  f"{self.peak_flops_per_chip / 1e12:.0f} TFLOP/s (bf16) per chip")
     if self.mesh:
       lines.append("mesh " + " ".join(f"{k}={v}" for k, v in self.mesh.items()))
-    lines.append(f"{'per chip':<26}{'bytes':>12}")
+    width = 44
+    lines.append(f"{'per chip':<{width}}{'bytes':>12}")
     rows = [("arguments", self.argument_bytes), ("outputs", self.output_bytes),
             ("aliased (donated)", None if self.alias_bytes is None else -self.alias_bytes),
             ("temporaries", self.temp_bytes), ("generated code", self.generated_code_bytes)]
     for label, value in rows:
       if value is not None:
-        lines.append(f"  {label:<24}{_gib(value):>12}")
+        lines.append(f"  {label:<{width - 2}}{_gib(value):>12}")
     for label, value in self.expected.items():
-      lines.append(f"    {label + ' (from shardings)':<30}{_gib(value):>12}")
-    lines.append(f"  {'total':<24}{_gib(self.bytes_per_chip):>12}   of "
+      lines.append(f"    {label + ' (from shardings)':<{width - 4}}{_gib(value):>12}")
+    lines.append(f"  {'total':<{width - 2}}{_gib(self.bytes_per_chip):>12}   of "
                  f"{_gib(self.hbm_per_chip_bytes)} HBM")
     flops = f"analytic {self.analytic_flops:.3e}"
     if self.xla_flops is not None:

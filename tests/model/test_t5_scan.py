@@ -65,10 +65,10 @@ def test_scanned_equals_unrolled(family):
 
 
 def test_remat_applies_per_layer_inside_the_scan():
-  cfg = _config("v1.1", scan_layers=True)
+  cfg = _config("v1.1", scan_layers=True, num_layers=2, num_decoder_layers=2)
   params = t5.init_params(cfg, jax.random.key(0))
   enc, dec = _tokens()
-  taps = Taps(decoder_self=(-1,))  # the encoder scans whole, the decoder 3 + 1
+  taps = Taps(decoder_self=(-1,))  # the encoder scans whole, the decoder 1 + 1
   grad = jax.jit(jax.grad(lambda p, c: _loss(p, c, enc, dec, taps)[0]), static_argnums=1)
   dots = lambda policy: grad.lower(params, cfg.replace(remat_policy=policy)).as_text().count(
       "dot_general")
