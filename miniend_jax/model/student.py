@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from miniend_jax.model import presets
@@ -87,7 +88,10 @@ def init_student(config: T5Config, rng: jax.Array, *, teacher_config: T5Config |
       raise ValueError(f"{name}_layers={layers} must name {n_student} teacher layers in "
                        f"0..{n_teacher - 1}.")
 
-  copy = lambda tree: jax.tree.map(np.asarray, tree)
+  # jnp, not np: under jit (the run loop builds the state this way) the teacher's
+  # params are sharded device arrays, copied device to device.
+  dtype = jnp.dtype(config.param_dtype)
+  copy = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
   new = {k: v for k, v in params.items()}
   new["shared"] = copy(teacher_params["shared"])
   if "lm_head" in teacher_params:
