@@ -23,6 +23,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -44,14 +45,26 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh shape. A size of -1 takes all devices the other axes leave."""
+  """Mesh shape: within a slice (ICI) and across slices (DCN).
+
+  `data`, `fsdp` and `model` divide the devices of one slice (a size of -1
+  takes all devices the other axes leave). `dcn_data` and `dcn_fsdp` divide the
+  slices of a multi-slice job (MaxText's dcn_*_parallelism): data parallelism
+  across slices only needs a gradient all-reduce per step over the slower
+  data-centre network, so it is the usual choice. The mesh's "data" axis then
+  has data * dcn_data devices and "fsdp" fsdp * dcn_fsdp; the model axis never
+  crosses slices.
+  """
 
   data: int = -1
   fsdp: int = 1
   model: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
   logical_axis_rules: tuple = DEFAULT_LOGICAL_AXIS_RULES
 
   def shape(self, num_devices: int) -> tuple[int, int, int]:
+    """The (data, fsdp, model) sizes within one slice of `num_devices` devices."""
     sizes = [self.data, self.fsdp, self.model]
     if sizes.count(-1) > 1:
       raise ValueError(f"MeshConfig: at most one axis may be -1 (inferred), got {sizes}.")
@@ -71,18 +84,49 @@ class MeshConfig:
           "(or use -1 for one axis).")
     return tuple(sizes)
 
+  def dcn_shape(self) -> tuple[int, int, int]:
+    """The (data, fsdp, model) sizes across slices."""
+    for name in ("dcn_data", "dcn_fsdp"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"MeshConfig.{name}={value!r} must be a positive integer.")
+    return (self.dcn_data, self.dcn_fsdp, 1)
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """How many slices (TPU pod slices joined over DCN) the devices form; 1 off TPU."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "fsdp", "model") mesh over `devices` (default: all devices)."""
+  """A ("data", "fsdp", "model") mesh over `devices` (default: all devices).
+
+  Devices of several slices get a hybrid mesh: `config.shape` within each slice,
+  `config.dcn_shape` across them. `devices` may be abstract TPU devices of a
+  topology (`jax.experimental.topologies`), which is how `miniend plan` builds
+  the mesh of a pod it does not have.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = config.shape(len(devices))
+  slices = num_slices(devices)
+  dcn = config.dcn_shape()
+  if int(np.prod(dcn)) != slices:
+    raise ValueError(
+        f"MeshConfig dcn_data={config.dcn_data} x dcn_fsdp={config.dcn_fsdp} = "
+        f"{int(np.prod(dcn))} slices, but the devices form {slices} slice(s). Set the dcn_* "
+        "sizes so their product is the number of slices (1 for a single slice).")
+  ici = config.shape(len(devices) // slices)
   # Auto axes: XLA's propagation decides intermediate layouts from the logical
   # constraints (t5x / MaxText practice) instead of sharding-in-types.
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if len(devices) == len(jax.devices()):
-    # Lets JAX order devices for the physical topology (TPU ICI rings).
-    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+  if slices > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                allow_split_physical_axes=True)
+  elif devices[0].platform == "tpu":
+    # Orders devices along the physical torus (ICI rings).
+    grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+  else:
+    grid = np.asarray(devices).reshape(ici)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES):
@@ -95,40 +139,168 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES)
   return logical_to_sharding(PartitionSpec("batch", "length"), mesh, rules)
 
 
-def host_local_to_global(batch, mesh: Mesh, rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES):
-  """Turns each host's slice of the global batch (numpy [local_batch, ...]) into global jax.Arrays.
+def host_batch_rows(mesh: Mesh, global_batch_size: int,
+                    rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES) -> list[tuple[int, int]]:
+  """The rows of a global [global_batch_size, ...] batch that this process's devices hold.
 
-  Each process passes only its own rows; the global batch is their concatenation
-  in process order.
+  Returns sorted, merged [start, stop) ranges. They follow the devices'
+  data-parallel coordinates in the mesh, not the process index: when a model
+  replica spans several processes (a "model" axis across hosts), those
+  processes hold the same rows, so they must read the same examples.
+  """
+  index_map = batch_sharding(mesh, rules).addressable_devices_indices_map((global_batch_size, 1))
+  return _merge_ranges(_row_range(index[0], global_batch_size) for index in index_map.values())
+
+
+def rows_by_process(mesh: Mesh, global_batch_size: int,
+                    rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES) -> dict[int, list[tuple[int, int]]]:
+  """`host_batch_rows` of every process, computed on any one of them."""
+  index_map = batch_sharding(mesh, rules).devices_indices_map((global_batch_size, 1))
+  ranges: dict[int, list] = {}
+  for device, index in index_map.items():
+    ranges.setdefault(device.process_index, []).append(_row_range(index[0], global_batch_size))
+  return {p: _merge_ranges(r) for p, r in sorted(ranges.items())}
+
+
+def _row_range(row_slice: slice, size: int) -> tuple[int, int]:
+  start, stop, _ = row_slice.indices(size)
+  return start, stop
+
+
+def _merge_ranges(ranges) -> list[tuple[int, int]]:
+  merged: list[list[int]] = []
+  for start, stop in sorted(set(ranges)):
+    if merged and start <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], stop)
+    else:
+      merged.append([start, stop])
+  return [(a, b) for a, b in merged]
+
+
+def host_local_to_global(batch, mesh: Mesh, rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES, *,
+                         global_batch_size: int | None = None):
+  """Turns this host's rows of a global batch (numpy [local_rows, ...]) into global jax.Arrays.
+
+  Args:
+    batch: a pytree of numpy arrays holding the rows `host_batch_rows(mesh,
+      global_batch_size)` names, concatenated in that order.
+    global_batch_size: the global batch; None means the processes' rows are
+      contiguous blocks in process order (the global batch is their
+      concatenation), as on meshes whose model axis stays within a host.
+  Returns:
+    The global batch, sharded over the data-parallel axes.
   """
   sharding = batch_sharding(mesh, rules)
+  if global_batch_size is None:
+    def to_global(x):
+      x = np.asarray(x)
+      spec = PartitionSpec(*(sharding.spec[:1] + (None,) * (x.ndim - 1)))
+      return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
+    return jax.tree.map(to_global, batch)
+
+  ranges = host_batch_rows(mesh, global_batch_size, rules)
+  offsets, offset = [], 0
+  for start, stop in ranges:
+    offsets.append((start, stop, offset))
+    offset += stop - start
+
+  def local_rows(row_slice: slice) -> slice:
+    start, stop = _row_range(row_slice, global_batch_size)
+    for range_start, range_stop, local_offset in offsets:
+      if range_start <= start and stop <= range_stop:
+        return slice(local_offset + start - range_start, local_offset + stop - range_start)
+    raise AssertionError(f"rows {start}:{stop} are not on this host")  # cannot happen
 
   def to_global(x):
     x = np.asarray(x)
+    if x.shape[0] != offset:
+      raise ValueError(f"This host holds {offset} rows of the global batch of "
+                       f"{global_batch_size}, but was given {x.shape[0]}.")
     spec = PartitionSpec(*(sharding.spec[:1] + (None,) * (x.ndim - 1)))
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
+    return jax.make_array_from_callback(
+        (global_batch_size,) + x.shape[1:], NamedSharding(mesh, spec),
+        lambda index: x[(local_rows(index[0]),) + tuple(index[1:])])
 
   return jax.tree.map(to_global, batch)
 
 
-def maybe_initialize_distributed() -> bool:
-  """Calls `jax.distributed.initialize()` when several processes run this job.
+# ----------------------------------------------------------------------------
+# Multi-process start-up.
 
-  On TPU VM pods JAX discovers the coordinator itself; elsewhere set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. Returns whether
-  it initialised.
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def detect_cluster() -> str | None:
+  """Names the multi-process environment this process runs in, or None.
+
+  Cloud TPU VMs are recognised by their TPU chips (JAX then reads the slice's
+  coordinator and worker list from the TPU metadata); Slurm and Open MPI by
+  their task counts. MINIEND_DISTRIBUTED=0 turns detection off, =1 forces
+  JAX's own cluster auto-detection.
   """
-  num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-  on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-  if num_processes <= 1 and not on_tpu_pod:
-    return False
-  if num_processes > 1:
-    jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=num_processes,
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
+  forced = os.environ.get("MINIEND_DISTRIBUTED", "").strip().lower()
+  if forced in ("0", "false", "off"):
+    return None
+  if forced in ("1", "true", "on"):
+    return "forced by MINIEND_DISTRIBUTED"
+  try:
+    from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+      return "Cloud TPU VM"
+  except Exception:  # pylint: disable=broad-except  (private helper; fall back on env)
+    if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_ACCELERATOR_TYPE"):
+      return "Cloud TPU VM"
+  for name, variable in (("Slurm", "SLURM_NTASKS"), ("Open MPI", "OMPI_COMM_WORLD_SIZE")):
+    if int(os.environ.get(variable, "1") or 1) > 1:
+      return name
+  return None
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Starts JAX's distributed runtime when this job has several processes.
+
+  Explicit settings (arguments, else JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID) are used as given; otherwise a detected cluster (a Cloud
+  TPU VM, Slurm, Open MPI: `detect_cluster`) is initialised with
+  `jax.distributed.initialize()` and no arguments, so JAX finds the
+  coordinator itself. Idempotent: later calls (sweeps run several jobs in one
+  process) return True without initialising again.
+
+  Returns:
+    Whether the distributed runtime is (now) initialised.
+  Raises:
+    RuntimeError: a multi-process job asked for after JAX already ran a
+      computation (it must be the first JAX call).
+  """
+  if jax.distributed.is_initialized():
+    return True
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  if explicit:
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+    where = f"coordinator {coordinator_address}, {num_processes} processes"
   else:
-    jax.distributed.initialize()
+    cluster = detect_cluster()
+    if cluster is None:
+      return False
+    kwargs, where = {}, cluster
+  try:
+    jax.distributed.initialize(**kwargs)
+  except RuntimeError as e:
+    raise RuntimeError(
+        f"Cannot start JAX's distributed runtime ({where}): {e} Start the run in a fresh "
+        "process (in a notebook, restart the runtime) so it is the first JAX call.") from e
+  except ValueError as e:
+    raise ValueError(
+        f"Cannot start JAX's distributed runtime ({where}): {e} Set JAX_COORDINATOR_ADDRESS "
+        "(host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.") from e
   return True
 
 

@@ -65,7 +65,8 @@ def gradient_norms(grads) -> dict[str, Array]:
 
 def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
                        teacher_config: T5Config | None = None,
-                       learning_rate_fn: Callable[[Array], Array] | None = None):
+                       learning_rate_fn: Callable[[Array], Array] | None = None,
+                       grad_accum_steps: int = 1):
   """The pure (unjitted) step: (state, teacher_params, batch, rng) -> (state, metrics).
 
   Args:
@@ -73,7 +74,10 @@ def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
     recipe: a resolved recipe (`recipe.resolve(teacher_config, student_config)`).
     teacher_config: the teacher, with its compute dtype (bf16 by default in runs);
       None when the recipe has no distillation terms.
-    learning_rate_fn: the optimizer's schedule, to report the learning rate.
+    learning_rate_fn: the learning rate as a function of `state.step`, to report it.
+    grad_accum_steps: micro-batches per optimizer update; the recipe's
+      interpolation schedules count optimizer updates (state.step // this), as
+      the learning-rate schedule does.
 
   `state.params` is {"model": student params, "distill": recipe params}.
   Batch: int32 `encoder_input_tokens` [batch, in_len], `decoder_input_tokens`,
@@ -97,8 +101,8 @@ def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
     def loss_fn(params):
       student_out = _forward(student_config, params["model"], batch, student_taps,
                              dropout_rng=dropout_rng if student_config.dropout_rate else None)
-      return recipe_loss(recipe, teacher_out, student_out, batch, state.step,
-                         params.get("distill"))
+      return recipe_loss(recipe, teacher_out, student_out, batch,
+                         state.step // grad_accum_steps, params.get("distill"))
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     norms = gradient_norms(grads)
@@ -127,9 +131,10 @@ def make_distill_step(student_config: T5Config, recipe: Recipe, *, mesh: Mesh,
                       state_sharding, teacher_config: T5Config | None = None,
                       teacher_sharding=None,
                       rules: partitioning.LogicalRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
-                      learning_rate_fn=None):
+                      learning_rate_fn=None, grad_accum_steps: int = 1):
   """`distill_step(state, teacher_params, batch, rng) -> (state, metrics)` as one jitted
   program: explicit in/out shardings, the student state donated.
+  `distill_step.lower(...)` lowers it on (abstract) arguments in the mesh context.
 
   Args:
     state_sharding: the TrainState's NamedShardings (`state.state_shardings`).
@@ -137,7 +142,8 @@ def make_distill_step(student_config: T5Config, recipe: Recipe, *, mesh: Mesh,
     Other arguments as in `make_train_step_fn`.
   """
   step_fn = make_train_step_fn(student_config, recipe, teacher_config=teacher_config,
-                               learning_rate_fn=learning_rate_fn)
+                               learning_rate_fn=learning_rate_fn,
+                               grad_accum_steps=grad_accum_steps)
   replicated = NamedSharding(mesh, PartitionSpec())
   data = partitioning.batch_sharding(mesh, rules)
   jitted = jax.jit(step_fn,
@@ -150,6 +156,11 @@ def make_distill_step(student_config: T5Config, recipe: Recipe, *, mesh: Mesh,
     with partitioning.mesh_context(mesh, rules):
       return jitted(state, teacher_params, batch, rng)
 
+  def lower(state, teacher_params, batch, rng) -> jax.stages.Lowered:
+    with partitioning.mesh_context(mesh, rules):
+      return jitted.lower(state, teacher_params, batch, rng)
+
+  distill_step.lower = lower
   return distill_step
 
 
@@ -163,17 +174,30 @@ def step_flops(student_config: T5Config, teacher_config: T5Config | None, batch:
   return 3 * forward_flops(student_config, *shape) + teacher
 
 
-PEAK_FLOPS = {  # dense bf16 FLOP/s per device, from the vendors' data sheets
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+PEAK_FLOPS = {  # dense bf16 FLOP/s per device (jax device_kind), from the vendors' data sheets
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p reports itself as "TPU v5"
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,
 }
 
 
 def device_peak_flops(device_kind: str) -> float | None:
-  """Peak FLOP/s of one device of this kind, or None when unknown (e.g. CPUs)."""
+  """Peak FLOP/s of one device of this kind, or None when unknown (e.g. CPUs).
+
+  TPU kinds match exactly ("TPU v5" is v5p, "TPU v5 lite" v5e); GPU kinds by
+  prefix ("NVIDIA H100 80GB HBM3").
+  """
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
   for name, flops in PEAK_FLOPS.items():
-    if device_kind.startswith(name):
+    if name.startswith("NVIDIA") and device_kind.startswith(name):
       return flops
   return None
 
