@@ -316,15 +316,20 @@ def harvest_pydoc_corpus(
     counts[task_name] = {}
     for split, records in splits.items():
       path = corpus_file(out_dir, task_name, split)
-      with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+      # A name of this process's own: the hosts of a multi-process run may harvest
+      # into one shared directory at once (they write the same content).
+      tmp_path = f"{path}.tmp{os.getpid()}"
+      with tf.io.gfile.GFile(tmp_path, "w") as f:
         for record in records:
           f.write(json.dumps(record, ensure_ascii=False) + "\n")
-      tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+      tf.io.gfile.rename(tmp_path, path, overwrite=True)
       counts[task_name][split] = len(records)
   manifest = {**expected, "counts": counts}
   # The manifest is written last: its presence marks a complete harvest.
-  with tf.io.gfile.GFile(manifest_path, "w") as f:
+  tmp_path = f"{manifest_path}.tmp{os.getpid()}"
+  with tf.io.gfile.GFile(tmp_path, "w") as f:
     json.dump(manifest, f, indent=1)
+  tf.io.gfile.rename(tmp_path, manifest_path, overwrite=True)
   return manifest
 
 

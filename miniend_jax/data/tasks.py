@@ -686,7 +686,7 @@ class DatasetIterator:
   prefetch buffers and random-op states), written with
   `tf.train.Checkpoint`; restoring it into an iterator over the same pipeline
   continues with exactly the next batch, neither repeating nor skipping.
-  Each host saves its own state (file names carry the process index).
+  Several iterators can share a directory under different names.
   """
 
   def __init__(self, dataset: tf.data.Dataset):
@@ -702,26 +702,27 @@ class DatasetIterator:
     return tf.nest.map_structure(lambda t: t.numpy(), batch)
 
   @staticmethod
-  def state_prefix(directory: str, process_index: Optional[int] = None) -> str:
-    """Checkpoint prefix of this host's iterator state under `directory`."""
-    if process_index is None:
+  def state_prefix(directory: str, name: Optional[str] = None) -> str:
+    """Checkpoint prefix of a saved position called `name` under `directory`
+    (default: this process's, "input_iterator.process<index>")."""
+    if name is None:
       import jax  # pylint: disable=g-import-not-at-top
 
-      process_index = jax.process_index()
-    return os.path.join(directory, f"input_iterator.process{process_index}")
+      name = f"input_iterator.process{jax.process_index()}"
+    return os.path.join(directory, name)
 
-  def save(self, directory: str, process_index: Optional[int] = None) -> str:
+  def save(self, directory: str, name: Optional[str] = None) -> str:
     """Writes the current position to `directory`; returns the prefix."""
     tf.io.gfile.makedirs(directory)
-    return self._checkpoint.write(self.state_prefix(directory, process_index))
+    return self._checkpoint.write(self.state_prefix(directory, name))
 
-  def restore(self, directory: str, process_index: Optional[int] = None):
-    """Moves this iterator to the position saved in `directory`."""
-    prefix = self.state_prefix(directory, process_index)
+  def restore(self, directory: str, name: Optional[str] = None):
+    """Moves this iterator to the position saved in `directory` as `name`."""
+    prefix = self.state_prefix(directory, name)
     if not tf.io.gfile.exists(prefix + ".index"):
       raise FileNotFoundError(
           f"No saved input position at {prefix} (expected {prefix}.index). "
-          "Was it saved with DatasetIterator.save on this process index?"
+          "Was it saved with DatasetIterator.save under this name?"
       )
     self._checkpoint.read(prefix).assert_consumed()
     return self

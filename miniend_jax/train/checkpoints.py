@@ -1,14 +1,20 @@
 """Checkpoints of a run on orbax's `CheckpointManager`.
 
-A checkpoint step is one directory holding three orbax items:
+A checkpoint step is one directory holding these orbax items:
 
-    <directory>/<step>/state/       the TrainState (params, opt_state, step) as
-                                    sharded arrays (tensorstore / OCDBT)
-    <directory>/<step>/data_state/  the data iterator position (JSON)
-    <directory>/<step>/metadata/    model config, run metadata, metrics (JSON)
+    <directory>/<step>/state/          the TrainState (params, opt_state, step) as
+                                       sharded arrays (tensorstore / OCDBT)
+    <directory>/<step>/data_iterator/  the input pipeline's position: files each
+                                       process writes for its part of the data
+                                       (`train/inputs.py`), when a run passes one
+    <directory>/<step>/data_state/     a JSON-able data position, for callers that
+                                       keep their own
+    <directory>/<step>/metadata/       model config, run metadata, metrics (JSON)
 
 so the state, the data position and the facts needed to rebuild the model
-without gin are always saved and restored together.
+without gin are always saved and restored together: every process writes its
+part into the step's temporary directory, and orbax commits the step only
+when all of them are done.
 
 Safety comes from orbax: each step is written into
 `<step>.orbax-checkpoint-tmp-*` and renamed when complete (on GCS, committed
@@ -29,6 +35,7 @@ import datetime
 import json
 import logging
 import math
+import os
 from typing import Any, Mapping
 
 import gin
@@ -43,12 +50,47 @@ from miniend_jax.model.t5 import T5Config
 PyTree = Any
 DataState = Mapping[str, Any] | bytes | None
 
-STATE, DATA_STATE, METADATA = "state", "data_state", "metadata"
-FORMAT = "miniend_jax.checkpoint/1"
+STATE, DATA_STATE, DATA_ITERATOR, METADATA = "state", "data_state", "data_iterator", "metadata"
+FORMAT = "miniend_jax.checkpoint/2"
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves and restores an input iterator that writes its own files.
+
+  The iterator has `save(directory: str)` and `restore(directory: str)`; every
+  process calls them (each writes and reads its own part, e.g. the logical
+  data shards it owns). Saving is synchronous, so the position written is the
+  one at the time of `Checkpointer.save`, even when the arrays are written
+  asynchronously afterwards.
+  """
+
+  def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    args.iterator.save(os.fspath(directory))
+
+  def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> None:
+    args.iterator.restore(os.fspath(directory))
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any
+
 
 _ITEM_HANDLERS = lambda: {
     STATE: ocp.StandardCheckpointHandler(),
     DATA_STATE: ocp.JsonCheckpointHandler(),
+    DATA_ITERATOR: DataIteratorHandler(),
     METADATA: ocp.JsonCheckpointHandler(),
 }
 
@@ -225,8 +267,9 @@ class Checkpointer:
 
   Every process of a multi-host job must make the same calls. The data state
   and metadata are JSON written by the primary process only, so in multi-host
-  runs `data_state` must describe the position of every process (e.g. a
-  deterministic, step-derived position) rather than one host's iterator.
+  runs `data_state` must describe the position of every process; a
+  `data_iterator` instead writes each process's own part (what the run loop
+  uses).
   """
 
   def __init__(self, directory: str | epath.PathLike, config: CheckpointConfig = CheckpointConfig(),
@@ -289,10 +332,15 @@ class Checkpointer:
   def step_directory(self, step: int) -> epath.Path:
     return self.directory / str(step)
 
+  def item_directory(self, step: int, item: str) -> epath.Path:
+    """Where a finished step keeps one item (STATE, DATA_ITERATOR, ...)."""
+    return self.step_directory(step) / item
+
   # -- Saving.
 
   def save(self, step: int, state: PyTree, *, data_state: DataState = None,
-           metrics: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+           data_iterator: Any = None, metrics: Mapping[str, Any] | None = None,
+           force: bool = False) -> bool:
     """Saves `state` (a TrainState or any pytree of arrays) at `step`.
 
     Writes only when `step` is a multiple of `save_interval_steps` or `force`
@@ -300,7 +348,10 @@ class Checkpointer:
     exists is left alone.
 
     Args:
-      data_state: the data iterator position, a JSON-able dict or bytes.
+      data_state: a data position, a JSON-able dict or bytes.
+      data_iterator: an iterator with `save(directory)` / `restore(directory)`
+        (e.g. `inputs.GlobalBatchReader`); its position is written into this
+        step before `save` returns.
       metrics: scalars (e.g. {"eval_loss": ...}); `best_metric` ranks by them.
     Returns:
       Whether a checkpoint was started (it completes asynchronously).
@@ -321,12 +372,14 @@ class Checkpointer:
         "metrics": metrics,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
-    args = ocp.args.Composite(**{
+    items = {
         STATE: ocp.args.StandardSave(state),
         DATA_STATE: ocp.args.JsonSave(_encode_data_state(data_state)),
         METADATA: ocp.args.JsonSave(metadata),
-    })
-    return self._manager.save(step, args=args, metrics=metrics, force=True)
+    }
+    if data_iterator is not None:
+      items[DATA_ITERATOR] = DataIteratorSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
   def wait_until_finished(self) -> None:
     """Blocks until pending asynchronous saves (and their old-step cleanup) are done."""
@@ -370,8 +423,8 @@ class Checkpointer:
         f"directory. Nothing was deleted. Cause: {_short_error(error)}",
         step=step, directory=str(self.directory))
 
-  def restore(self, step: int | None = None, target_state: PyTree = None
-              ) -> tuple[PyTree, DataState]:
+  def restore(self, step: int | None = None, target_state: PyTree = None, *,
+              data_iterator: Any = None) -> tuple[PyTree, DataState]:
     """Restores a step (default: the latest) and its data iterator position.
 
     Args:
@@ -381,6 +434,8 @@ class Checkpointer:
         Arrays are read straight into those shardings, so the mesh may differ
         from the one that saved. None restores the saved tree as nested dicts
         with the saved shardings (same devices only).
+      data_iterator: an iterator to move to the saved input position (the step
+        must have been saved with one).
     Returns:
       (state, data_state): the state shaped like `target_state`, and the
       data_state given to `save` (dict, bytes or None).
@@ -399,17 +454,18 @@ class Checkpointer:
       if saved is None:
         raise self._restore_error(step, FileNotFoundError("the state item's metadata is missing"))
       _check_matches(getattr(saved, "tree", saved), target_state, step, self.directory)
+    items = {STATE: ocp.args.StandardRestore(target_state), DATA_STATE: ocp.args.JsonRestore()}
+    if data_iterator is not None:
+      items[DATA_ITERATOR] = DataIteratorRestore(data_iterator)
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          STATE: ocp.args.StandardRestore(target_state),
-          DATA_STATE: ocp.args.JsonRestore(),
-      }))
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
       # orbax / tensorstore raise many types for unreadable files.
       raise self._restore_error(step, e) from e
     return restored[STATE], _decode_data_state(restored[DATA_STATE])
 
-  def restore_latest_good(self, target_state: PyTree = None) -> tuple[PyTree, DataState]:
+  def restore_latest_good(self, target_state: PyTree = None, *,
+                          data_iterator: Any = None) -> tuple[PyTree, DataState]:
     """Restores the newest step that reads cleanly, skipping damaged ones.
 
     Damaged steps are logged and left on disk (never deleted). Raises
@@ -419,7 +475,7 @@ class Checkpointer:
     errors = []
     for step in reversed(self._require_steps_list()):
       try:
-        restored = self.restore(step, target_state)
+        restored = self.restore(step, target_state, data_iterator=data_iterator)
       except CheckpointRestoreError as e:
         logging.warning("Skipping unreadable checkpoint: %s", e)
         errors.append(e)

@@ -36,6 +36,7 @@ class JsonlWriter(metric_writers.MetricWriter):
       self._path.write_text("".join(self._lines))
     else:
       self._file.write(line)
+      self._file.flush()  # readable as it grows (tail -f, plots, tests)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {"step": int(step)}
@@ -88,3 +89,17 @@ def create_writer(logdir: str, name: str = "train") -> metric_writers.MetricWrit
       metric_writers.create_default_writer(os.path.join(logdir, name), asynchronous=False),
       JsonlWriter(os.path.join(logdir, f"{name}_metrics.jsonl")),
   ])
+
+
+def drop_rows_after(path: str, step: int) -> int:
+  """Removes the records of steps after `step` from a JSONL metrics file (a resumed
+  run logs them again); returns how many were dropped. Missing file: nothing to do."""
+  path = epath.Path(path)
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines(True)
+  kept = [line for line in lines
+          if not line.strip() or json.loads(line).get("step", -1) <= step]
+  if len(kept) != len(lines):
+    path.write_text("".join(kept))
+  return len(lines) - len(kept)

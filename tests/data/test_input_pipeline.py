@@ -112,9 +112,8 @@ def test_resume_a_mixture_across_epochs(pydoc_setup, tmp_path):
   reference = _batches(tasks.DatasetIterator(dataset()), 40)
   iterator = tasks.DatasetIterator(dataset())
   _batches(iterator, 35)
-  iterator.save(str(tmp_path), process_index=3)
-  resumed = tasks.DatasetIterator(dataset()).restore(
-      str(tmp_path), process_index=3)
+  iterator.save(str(tmp_path), name="shard3")
+  resumed = tasks.DatasetIterator(dataset()).restore(str(tmp_path), name="shard3")
   _assert_same(_batches(resumed, 5), reference[35:])
   with pytest.raises(FileNotFoundError, match="No saved input position"):
-    tasks.DatasetIterator(dataset()).restore(str(tmp_path), process_index=0)
+    tasks.DatasetIterator(dataset()).restore(str(tmp_path), name="shard0")
