@@ -182,7 +182,14 @@ def parse_topology(name: str) -> Topology:
 
 
 def quiet_libtpu() -> None:
-  """Sets the TPU VM variables libtpu otherwise warns about (unless already set)."""
+  """Sets the TPU VM variables libtpu otherwise warns about (unless already set), on a
+  host without TPU chips only: on a TPU VM libtpu reads the real ones."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+      return
+  except (ImportError, AttributeError, OSError):
+    pass
   for key, value in _LIBTPU_QUIET_ENV.items():
     os.environ.setdefault(key, value)
 
