@@ -11,8 +11,10 @@ in its own directory, named from its bindings
 bindings and the point's bindings applied in that order. A finished run (its
 summary.json at TrainConfig.num_steps) is skipped; an interrupted one resumes
 from its checkpoint; so re-running the same command after an interruption
-completes only the missing runs. Every run's summary and logged metrics are
-collected into `W/sweep_results.{md,csv}` and `W/sweep.png`.
+completes only the missing runs. The runs share one compilation cache
+(`W/compilation_cache`, unless gin sets `TrainConfig.compilation_cache_dir`), so
+points with the same shapes compile once. Every run's summary and logged
+metrics are collected into `W/sweep_results.{md,csv}` and `W/sweep.png`.
 
 Values: gin literals ('miniend_d', 100, 0.5, [1, 2], @LinearRamp(), %MACRO);
 a bare word that is not one (miniend_d, 1L-32H) is taken as a string. Commas
@@ -21,14 +23,26 @@ swept like anything else, e.g.
 `--sweep miniend_e_interpolated/LinearRamp.end_step=0,1000,10000` with
 `--gin_file gin_configs/recipes/miniend_e_interpolated.gin`.
 
-Python API: `run_sweep(workdir, gin_files, {"train.recipe": ["scratch", ...]})`.
+Seeds: `--seeds N` runs every point with `TrainConfig.seed` = 0 .. N-1 (the
+last grid axis, `W/<point>__seed=<k>`): the seed fixes the student's
+initialisation and the data order, so within a seed every point starts from
+the same weights and reads the same batches. The runs of a point are then
+aggregated (mean ± sample std per metric) at the top of `W/sweep_results.md` and
+in `W/sweep_summary.csv`, and
+the plot shows means with error bars and bands. A point is marked better (▲)
+or worse (▼) than the baseline point (`--baseline train.recipe=scratch`, the
+default when the grid sweeps a recipe that includes scratch; the other
+bindings equal) only when the means differ by more than the sum of the two
+standard deviations (`quickstart.stats`). `--sweep TrainConfig.seed=3,4,5`
+picks other seeds and is aggregated the same way.
+
+Python API: `run_sweep(workdir, gin_files, {"train.recipe": ["scratch", ...]}, seeds=3)`.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import dataclasses
 import hashlib
 import itertools
@@ -40,9 +54,13 @@ import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
-from miniend_jax.quickstart import claim_settings, read_json, run_finished
+from miniend_jax import gin_flags
+from miniend_jax.quickstart import stats
+from miniend_jax.quickstart.bookkeeping import claim_settings, read_json, run_finished
+from miniend_jax.quickstart.results import write_csv
 
 MANIFEST = "sweep.json"
+SEED_BINDING = "TrainConfig.seed"
 POINT_FILE = "sweep_point.json"
 MODES = ("distill", "pretrain", "finetune")
 _MAX_NAME = 120
@@ -183,16 +201,44 @@ class RunRecord:
   num_steps: int | None = None
 
 
-def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+def _configure(gin_files: Sequence[str], bindings: Sequence[str],
+               cache_dir: str | None = None) -> None:
+  """Gin as one run of the sweep sees it; `cache_dir`: the compilation cache all runs share
+  (unless the files or bindings choose one)."""
   import gin  # pylint: disable=import-outside-toplevel
-  from miniend_jax import cli  # pylint: disable=import-outside-toplevel
   gin.clear_config()
-  cli.parse_gin(list(gin_files), list(bindings))
+  gin_flags.parse_gin(list(gin_files), list(bindings))
+  if cache_dir is not None:
+    try:
+      gin.query_parameter("TrainConfig.compilation_cache_dir")
+    except ValueError:  # not bound: the points' identical programs compile once
+      gin.bind_parameter("TrainConfig.compilation_cache_dir", cache_dir)
+
+
+def with_seeds(grid: Mapping[str, Sequence[str]], seeds: int) -> dict[str, list[str]]:
+  """`grid` with the seed axis TrainConfig.seed = 0 .. seeds-1 last (none for one seed)."""
+  grid = {name: list(values) for name, values in grid.items()}
+  if seeds < 1:
+    raise SweepError(f"--seeds {seeds}: give at least 1.")
+  if seeds > 1:
+    if SEED_BINDING in grid:
+      raise SweepError(f"--seeds and --sweep {SEED_BINDING} both choose seeds; give one.")
+    grid[SEED_BINDING] = [str(i) for i in range(seeds)]
+  return grid
+
+
+def default_baseline(grid: Mapping[str, Sequence[str]]) -> dict[str, str] | None:
+  """{recipe binding: 'scratch'} when the grid sweeps a recipe that includes scratch."""
+  for name, values in grid.items():
+    if _short_key(name) == "recipe" and gin_value("scratch") in values:
+      return {name: gin_value("scratch")}
+  return None
 
 
 def run_sweep(workdir: str, gin_files: Sequence[str] = (),
               grid: Mapping[str, Sequence[str]] | None = None, *,
-              bindings: Sequence[str] = (), mode: str = "distill",
+              bindings: Sequence[str] = (), mode: str = "distill", seeds: int = 1,
+              baseline: Mapping[str, str] | None = None,
               evaluate_tasks: Sequence[str] = (), max_runs: int | None = None,
               keep_going: bool = False, progress: bool = False, verbose: bool = True,
               before_run: Callable[[RunRecord], None] | None = None,
@@ -205,6 +251,9 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
     grid: {binding name: [gin values]} (see `parse_sweep`); bare words are quoted.
     bindings: extra "NAME = VALUE" bindings for every run (after the files).
     mode: "distill", "pretrain" or "finetune".
+    seeds: run every point with TrainConfig.seed = 0 .. seeds-1 and aggregate them.
+    baseline: {binding name: value} of the points the others are compared with
+      (default: `default_baseline`); used when the grid has seeds.
     evaluate_tasks: after training, score each run on these seqio tasks
       (`loop.evaluate`, settings from the gin `evaluate.*` bindings).
     max_runs: start at most this many runs that are not finished (None: all).
@@ -213,12 +262,19 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
     before_run / after_run: called with each run's RunRecord (tests, logging).
 
   Returns:
-    {"runs": [RunRecord as dict], "rows": table rows, "files": {name: path}}.
+    {"runs": [RunRecord as dict], "rows": table rows, "summary": seed aggregates (empty
+     without seeds), "files": {name: path}}.
   """
   from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
   if mode not in MODES:
     raise SweepError(f"Unknown mode {mode!r}; one of {MODES}.")
   grid = {name: [gin_value(str(v)) for v in values] for name, values in (grid or {}).items()}
+  grid = with_seeds(grid, seeds)
+  if baseline is not None:
+    baseline = {name: gin_value(str(v)) for name, v in baseline.items()}
+    unknown = {n: v for n, v in baseline.items() if v not in grid.get(n, ())}
+    if unknown:
+      raise SweepError(f"--baseline {unknown} is not a point of the grid {grid}.")
   points = grid_points(grid) if grid else [{}]
   names = run_names(points)
   workdir = os.path.abspath(workdir)
@@ -234,8 +290,9 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
     claim_settings(record.directory, {"mode": mode, "gin_files": list(gin_files),
                                       "bindings": list(bindings), "point": record.bindings},
                    POINT_FILE)
+  baseline = baseline if baseline is not None else default_baseline(grid)
   manifest = {"mode": mode, "gin_files": list(gin_files), "bindings": list(bindings),
-              "grid": grid, "evaluate_tasks": list(evaluate_tasks),
+              "grid": grid, "baseline": baseline, "evaluate_tasks": list(evaluate_tasks),
               "runs": [{"name": r.name, "bindings": r.bindings} for r in records]}
   _write_json(os.path.join(workdir, MANIFEST), manifest)
 
@@ -257,7 +314,7 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
       if before_run:
         before_run(record)
       try:
-        _configure(gin_files, point_bindings)
+        _configure(gin_files, point_bindings, os.path.join(workdir, "compilation_cache"))
         _run_point(record, mode, evaluate_tasks, progress)
         record.status = "ran"
       except Exception as e:  # pylint: disable=broad-except
@@ -272,14 +329,16 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
     import gin  # pylint: disable=import-outside-toplevel
     gin.clear_config()
   rows = collect(workdir, records=records, evaluate_tasks=evaluate_tasks)
-  files = write_table(workdir, rows)
+  summary = summarize(rows, grid, baseline)
+  files = write_table(workdir, rows, summary, grid)
   if verbose:
     print()
-    print(format_markdown(rows))
+    print(format_summary(summary, grid) if summary else format_markdown(rows))
     print()
     for key, path in files.items():
       print(f"{key:>9}: {path}")
-  return {"runs": [dataclasses.asdict(r) for r in records], "rows": rows, "files": files}
+  return {"runs": [dataclasses.asdict(r) for r in records], "rows": rows, "summary": summary,
+          "files": files}
 
 
 def _point_bindings(point: Mapping[str, str]) -> list[str]:
@@ -353,6 +412,46 @@ def collect(workdir: str, records: Sequence[RunRecord] | None = None,
   return rows
 
 
+_NOT_METRICS = ("run", "state", "step")
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Sequence[str]],
+              baseline: Mapping[str, str] | None = None) -> list[dict]:
+  """The seeds of every point aggregated (`stats.aggregate`); [] when the grid has no
+  seed axis. Columns: the point's bindings, `seeds`, and per metric m: m (mean),
+  m/std, m/n and, against the baseline point with the same other bindings,
+  m/vs_baseline."""
+  if SEED_BINDING not in grid:
+    return []
+  keys = column_keys(list(grid))
+  points = [keys[name] for name in grid if name != SEED_BINDING]
+  skip = set(_NOT_METRICS) | set(keys.values())
+  metrics = list(dict.fromkeys(
+      k for row in rows for k, v in row.items()
+      if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)))
+  base = ({keys[name]: _display(value) for name, value in baseline.items()}
+          if baseline else None)
+  return stats.aggregate(rows, points, metrics, baseline=base,
+                         match=[k for k in points if k not in (base or {})])
+
+
+def format_summary(summary: Sequence[Mapping[str, Any]], grid: Mapping[str, Sequence[str]]) -> str:
+  """The Markdown table of the seed aggregates: mean ± std, ▲ / ▼ against the baseline."""
+  if not summary:
+    return "(no runs)"
+  keys = column_keys(list(grid))
+  points = [keys[name] for name in grid if name != SEED_BINDING]
+  metrics = [k for k in summary[0] if f"{k}/std" in summary[0]]
+  lines = ["| " + " | ".join(points + ["seeds"] + metrics) + " |",
+           "|" + "|".join(["---"] * (len(points) + 1 + len(metrics))) + "|"]
+  for row in summary:
+    cells = [_fmt(row.get(k)) for k in points + ["seeds"]]
+    cells += [stats.format_spread(row.get(m), row.get(f"{m}/std"), ".4g",
+                                  row.get(f"{m}/vs_baseline")) for m in metrics]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def _max(points):
   values = [v for _, v in points or [] if math.isfinite(v)]
   return max(values) if values else None
@@ -377,27 +476,50 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def write_table(workdir: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-  """Writes sweep_results.md / .csv and sweep.png; returns their paths."""
+def write_table(workdir: str, rows: Sequence[Mapping[str, Any]],
+                summary: Sequence[Mapping[str, Any]] = (),
+                grid: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
+  """Writes sweep_results.md / .csv, sweep_summary.csv (with seeds) and sweep.png; returns
+  their paths."""
   import jax  # pylint: disable=import-outside-toplevel
   from miniend_jax import plots  # pylint: disable=import-outside-toplevel
   files = {"markdown": os.path.join(workdir, "sweep_results.md"),
            "csv": os.path.join(workdir, "sweep_results.csv"),
            "plot": os.path.join(workdir, "sweep.png")}
+  if summary:
+    files["summary_csv"] = os.path.join(workdir, "sweep_summary.csv")
   if jax.process_index() != 0:
     return files
   with open(files["markdown"], "w", encoding="utf-8") as f:
-    f.write("# miniend sweep\n\n" + format_markdown(rows) + "\n")
-  columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(files["csv"], "w", encoding="utf-8", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    f.write("# miniend sweep\n\n")
+    if summary:
+      f.write(f"Mean ± sample std over seeds; {stats.MARKS[stats.BETTER]} / "
+              f"{stats.MARKS[stats.WORSE]}: better / worse than the baseline point by more "
+              "than the sum of the two standard deviations.\n\n"
+              + format_summary(summary, grid or {}) + "\n\n## Every run\n\n")
+    f.write(format_markdown(rows) + "\n")
+  write_csv(files["csv"], rows)
+  if summary:
+    write_csv(files["summary_csv"], summary)
   runs = {row["run"]: plots.read_metrics(os.path.join(workdir, row["run"], "logs",
                                                       "train_metrics.jsonl"))
           for row in rows}
-  plots.plot_sweep(runs, rows, files["plot"])
+  if not summary:
+    plots.plot_sweep(runs, rows, files["plot"])
+    return files
+  # One curve (mean, band of one std) and one bar (error bar) per point.
+  keys = column_keys(list(grid or {}))
+  points = [keys[name] for name in grid or {} if name != SEED_BINDING]
+  label = lambda row: "__".join(f"{k}={row.get(k)}" for k in points) or "all"
+  members: dict[str, list] = {}
+  for row in rows:
+    members.setdefault(label(row), []).append(runs[row["run"]])
+  curves, bands = {}, {}
+  for name, series in members.items():
+    curves[name], bands[name] = plots.mean_curves(series)
+  plots.plot_sweep(curves, [{**row, "point": label(row)} for row in summary], files["plot"],
+                   label_key="point", spread=bands,
+                   title=f"Sweep: mean ± std over {len(grid[SEED_BINDING])} seeds")
   return files
 
 
@@ -415,6 +537,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="a gin binding and its values (repeatable: the grid is the product)")
   parser.add_argument("--mode", choices=MODES, default="distill",
                       help="what each run does (default: distill)")
+  parser.add_argument("--seeds", type=int, default=1,
+                      help="run every point with TrainConfig.seed = 0..N-1; report mean ± std")
+  parser.add_argument("--baseline", metavar="NAME=VALUE",
+                      help="the point the others are compared with (default: "
+                           "train.recipe=scratch when the grid sweeps it)")
   parser.add_argument("--teacher", help="shorthand for --gin.ModelSetup.teacher=...")
   parser.add_argument("--num_steps", type=int, help="shorthand for --gin.TrainConfig.num_steps")
   parser.add_argument("--evaluate_task", action="append", default=[],
@@ -429,7 +556,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace, bindings: Sequence[str] = ()) -> int:
   """Entry point of `miniend sweep` (args from `add_arguments`; bindings: --gin.* flags)."""
-  from miniend_jax import cli  # pylint: disable=import-outside-toplevel
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   extra = list(bindings)
   if args.teacher is not None:
@@ -438,21 +564,31 @@ def run_from_args(args: argparse.Namespace, bindings: Sequence[str] = ()) -> int
     extra.append(f"TrainConfig.num_steps = {args.num_steps!r}")
   try:
     grid = parse_sweep(args.sweep)
+    baseline = None
+    if args.baseline:
+      name, sep, value = args.baseline.partition("=")
+      if not sep or not name.strip() or not value.strip():
+        raise SweepError(f"--baseline {args.baseline!r}: write --baseline NAME=VALUE.")
+      baseline = {name.strip(): value.strip()}
     run_sweep(args.workdir, args.gin_file, grid, bindings=extra, mode=args.mode,
-              evaluate_tasks=args.evaluate_task, max_runs=args.max_runs,
-              keep_going=args.keep_going, progress=not args.no_progress)
-  except (SweepError, cli.GinError) as e:
+              seeds=args.seeds, baseline=baseline, evaluate_tasks=args.evaluate_task,
+              max_runs=args.max_runs, keep_going=args.keep_going,
+              progress=not args.no_progress)
+  except (SweepError, gin_flags.GinError) as e:
     print(f"miniend sweep: {e}", file=sys.stderr)
     return 2
   return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from miniend_jax import cli  # pylint: disable=import-outside-toplevel
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   argv = list(sys.argv[1:] if argv is None else argv)
-  rest, bindings = cli._split_gin_flags(argv)  # pylint: disable=protected-access
+  try:
+    rest, bindings = gin_flags.split_gin_flags(argv)
+  except gin_flags.GinError as e:
+    print(f"miniend sweep: {e}", file=sys.stderr)
+    return 2
   parser = add_arguments(argparse.ArgumentParser(
       prog="miniend sweep", description="Run a grid of gin bindings, one run each, resumable."))
   return run_from_args(parser.parse_args(rest), bindings)

@@ -1,16 +1,18 @@
 """Shared pieces of the quickstart / sweep / notebook tests.
 
-TINY is the setting the tests (and the notebook's test mode) run: two paths, a
-few steps, short sequences. All of them share one persistent XLA compilation
-cache per test session, so a program compiled by one test (or by the notebook's
-kernel) is read from disk by the next.
+TINY is the setting the tests (and the notebook's test mode) run: the smallest
+teacher and student, two paths, one seed, a few steps, short sequences (they
+check the mechanics, not the results). All of them share one persistent XLA
+compilation cache per test session, so a program compiled by one test (or by
+the notebook's kernel) is read from disk by the next.
 """
 
 import os
 
 import pytest
 
-TINY = dict(size="tiny", paths=("scratch", "miniend_d"), teacher_steps=4, steps=4,
+TINY = dict(size="cpu", teacher_preset="t5-v1_1-tiny", student_shape="1L-32H",
+            paths=("scratch", "miniend_d"), seeds=1, teacher_steps=4, steps=4,
             finetune_steps=2, batch_size=8, inputs_length=32, targets_length=8,
             eval_examples=8)
 

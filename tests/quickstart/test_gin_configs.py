@@ -6,7 +6,7 @@ import os
 import gin
 import pytest
 
-from miniend_jax import cli
+from miniend_jax import gin_flags
 from miniend_jax.distill import recipe as recipe_lib
 from miniend_jax.train import checkpoints, loop, partitioning, state as state_lib
 
@@ -32,7 +32,7 @@ def test_there_are_paper_and_quickstart_runs():
 
 @pytest.mark.parametrize("path", RUNS + MODELS, ids=os.path.basename)
 def test_gin_file_parses(path):
-  cli.parse_gin([os.path.relpath(path, ROOT) if os.getcwd() == ROOT else path], [])
+  gin_flags.parse_gin([os.path.relpath(path, ROOT) if os.getcwd() == ROOT else path], [])
   train, model, optimizer, checkpoint, mesh = _build_all()
   assert train.num_steps > 0 and optimizer.learning_rate > 0
   assert checkpoint.save_interval_steps >= 1 and mesh.model >= 1
@@ -40,7 +40,7 @@ def test_gin_file_parses(path):
 
 
 def _parse(name, *bindings):
-  cli.parse_gin([os.path.join(ROOT, "gin_configs", "runs", name)], list(bindings))
+  gin_flags.parse_gin([os.path.join(ROOT, "gin_configs", "runs", name)], list(bindings))
   return _build_all()
 
 

@@ -1,0 +1,119 @@
+"""Which stages are finished, with which settings: what makes a re-run resume.
+
+Every stage directory records the settings it was made with
+(`quickstart_stage.json`, or the file name a caller chooses): `claim_settings`
+writes them the first time and refuses other settings later, naming what
+changed. A training stage is finished when its run's summary.json reaches its
+step count (`run_finished`); an evaluation when its result file exists.
+`StageLog` runs the stages in order, skipping the finished ones, and keeps the
+record of what ran. `miniend sweep` uses the same pieces for its grid points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+STAGE_FILE = "quickstart_stage.json"
+
+
+class StageMismatchError(RuntimeError):
+  """A stage directory was made with other settings than the ones asked for now."""
+
+
+class Preempted(RuntimeError):
+  """A training stage stopped early on SIGTERM (its checkpoint is saved; re-run to resume)."""
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+  """A short hash of JSON-able settings (key order does not matter)."""
+  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def claim_settings(directory: str, settings: Mapping[str, Any], filename: str = STAGE_FILE) -> str:
+  """Records `settings` in `directory` (or checks them against the recorded ones).
+
+  Returns the settings' fingerprint; raises StageMismatchError, naming what
+  changed, when `directory` was made with other settings.
+  """
+  path = os.path.join(directory, filename)
+  fp = fingerprint(settings)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f)
+    if recorded.get("fingerprint") != fp:
+      old = recorded.get("settings", {})
+      diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings))
+              if old.get(k) != settings.get(k)}
+      raise StageMismatchError(
+          f"{directory} was made with other settings ("
+          f"{', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}). "
+          "Re-run with the same flags to resume, use another --workdir, or delete that "
+          "directory (and those made from it) to redo it.")
+    return fp
+  os.makedirs(directory, exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump({"fingerprint": fp, "settings": dict(settings)}, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return fp
+
+
+def read_json(path: str) -> dict | None:
+  """The JSON in `path`, or None when it is missing or unreadable."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def run_finished(directory: str, num_steps: int) -> bool:
+  """Whether the training run in `directory` completed `num_steps` (its summary says so)."""
+  summary = read_json(os.path.join(directory, "summary.json"))
+  return bool(summary) and summary.get("step") == num_steps and not summary.get("preempted")
+
+
+class StageLog:
+  """Runs named stages in order, skipping finished ones, and records what happened.
+
+  `records` holds (name, "ran" | "skipped", seconds) per stage. Skipped
+  stages are announced together, on one line, before the next one that runs.
+  """
+
+  def __init__(self, say: Callable[[str], None],
+               on_stage: Callable[[str, str], None] | None = None):
+    self.say = say
+    self.on_stage = on_stage
+    self.records: list[tuple[str, str, float]] = []
+    self._skipped: list[str] = []
+
+  def flush_skipped(self) -> None:
+    if self._skipped:
+      self.say(f"finished earlier, skipped: {', '.join(self._skipped)}")
+      self._skipped.clear()
+
+  def run(self, name: str, done: bool, body: Callable[[], Any], what: str = "") -> Any:
+    """Runs `body` unless `done`; returns its result (None when skipped)."""
+    if done:
+      self.records.append((name, "skipped", 0.0))
+      self._skipped.append(name)
+      if self.on_stage:
+        self.on_stage(name, "skipped")
+      return None
+    self.flush_skipped()
+    self.say(f"{name}: {what}..." if what else f"{name}...")
+    began = time.perf_counter()
+    out = body()
+    seconds = time.perf_counter() - began
+    self.records.append((name, "ran", seconds))
+    self.say(f"{name}: done in {seconds:.0f} s")
+    if self.on_stage:
+      self.on_stage(name, "ran")
+    return out
+
+  @property
+  def ran(self) -> int:
+    return sum(1 for _, status, _ in self.records if status == "ran")
