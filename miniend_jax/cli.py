@@ -4,6 +4,8 @@
   miniend pretrain | finetune   (same flags)
   miniend evaluate --workdir DIR [--task T] [--gin.evaluate.num_beams=4]
   miniend export   --workdir DIR --out_dir HF_DIR
+  miniend convert  --teacher HF_DIR --out_dir DIR   (Hugging Face -> orbax, for pods)
+  miniend plan     --gin_file RUN.gin --topology v4-64 [--slices N]   (fits a TPU slice?)
   miniend quickstart [--workdir DIR]   (the offline end-to-end demo)
   miniend sweep    --gin_file F --sweep NAME=v1,v2 [...] --workdir DIR
   miniend models   (presets and student shapes with sizes)
@@ -19,6 +21,8 @@ import json
 import logging
 import os
 import sys
+
+from miniend_jax.gin_flags import GinError, parse_gin, split_gin_flags
 
 _SHORTHANDS = {
     "recipe": "train.recipe",
@@ -49,43 +53,6 @@ def _models(args) -> int:
   return 0
 
 
-class GinError(ValueError):
-  """A gin file or binding that cannot be applied."""
-
-
-def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
-  """Parses gin files and NAME=VALUE bindings (after importing every configurable)."""
-  import gin  # pylint: disable=import-outside-toplevel
-  from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel,unused-import
-
-  search = [os.getcwd(), os.path.dirname(os.path.dirname(__file__))]
-  for path in search:
-    gin.add_config_file_search_path(path)
-  for f in gin_files:
-    if not os.path.exists(f) and not any(os.path.exists(os.path.join(p, f)) for p in search):
-      raise GinError(f"gin file {f!r} not found (looked in {search}).")
-  try:
-    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
-  except (ValueError, KeyError, SyntaxError) as e:
-    raise GinError(f"Invalid gin configuration: {e}\nCheck the binding's name against the "
-                   "configurables in README.md (e.g. TrainConfig.num_steps=100) and quote "
-                   "strings (--gin.TrainConfig.task=\"'pydoc_span_corruption'\").") from e
-
-
-def _split_gin_flags(argv: list[str]) -> tuple[list[str], list[str]]:
-  """Separates --gin.NAME=VALUE flags (gin bindings) from the other arguments."""
-  rest, bindings = [], []
-  for arg in argv:
-    if arg.startswith("--gin."):
-      name, sep, value = arg[len("--gin."):].partition("=")
-      if not sep:
-        raise GinError(f"{arg!r}: write --gin.NAME=VALUE.")
-      bindings.append(f"{name} = {value}")
-    else:
-      rest.append(arg)
-  return rest, bindings
-
-
 def _shorthand_bindings(args) -> list[str]:
   out = []
   for flag, binding in _SHORTHANDS.items():
@@ -105,7 +72,10 @@ def _train(args, bindings) -> int:
   (workdir / f"{args.command}_config.gin").write_text(gin.config_str())
   summary = loop.train(args.command, args.workdir, progress=not args.no_progress)
   print(json.dumps(summary, indent=2))
-  return 0
+  if summary["preempted"]:
+    print(f"miniend: stopped at step {summary['step']} ({summary['stopped_by']}); the "
+          f"checkpoint is saved. Run the same command again to resume.", file=sys.stderr)
+  return summary["exit_code"]
 
 
 def _evaluate(args, bindings) -> int:
@@ -126,6 +96,24 @@ def _export(args, bindings) -> int:
   return 0
 
 
+def _convert(args, bindings) -> int:
+  from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
+  parse_gin(args.gin_file, bindings)
+  out = loop.convert(args.teacher, args.out_dir, dtype=args.dtype)
+  print(f"Wrote a miniend checkpoint to {out}; pass it as --teacher.")
+  return 0
+
+
+def _set_distributed_env(args) -> None:
+  """--coordinator_address / --num_processes / --process_id as JAX's own variables."""
+  for flag, variable in (("coordinator_address", "JAX_COORDINATOR_ADDRESS"),
+                         ("num_processes", "JAX_NUM_PROCESSES"),
+                         ("process_id", "JAX_PROCESS_ID")):
+    value = getattr(args, flag, None)
+    if value is not None:
+      os.environ[variable] = str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="miniend", description="Task-agnostic distillation of T5 models (MiniEnD) in JAX.",
@@ -137,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (checkpoints, logs, results); local or gs://")
     p.add_argument("--gin_file", action="append", default=[],
                    help="gin file (repeatable), e.g. gin_configs/runs/quickstart_distill.gin")
+    distributed(p)
+
+  def distributed(p):
+    group = p.add_argument_group(
+        "multi-process jobs", "Not needed on Cloud TPU VMs, Slurm or Open MPI, which are "
+        "detected; elsewhere give all three on every process (or set JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID).")
+    group.add_argument("--coordinator_address", help="host:port of process 0")
+    group.add_argument("--num_processes", type=int, help="processes in the job")
+    group.add_argument("--process_id", type=int, help="this process's index")
 
   for mode, text in (("distill", "Distil a student from a teacher (a recipe)."),
                      ("pretrain", "Train a model from scratch on span corruption."),
@@ -177,6 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
       "sweep", help="A grid of gin bindings, one resumable run each, collected in a table."))
   p.set_defaults(func=lambda args, bindings: sweep.run_from_args(args, bindings))
 
+  p = sub.add_parser(
+      "convert", help="Write a Hugging Face teacher as a miniend (orbax) checkpoint.",
+      description="Convert a Hugging Face T5 checkpoint (local, gs:// or hub id) once into an "
+                  "orbax checkpoint (e.g. on a bucket), which every host of a pod restores in "
+                  "parallel, each reading only its own slices. Pass it as --teacher.")
+  p.add_argument("--teacher", required=True, help="Hugging Face directory or hub id")
+  p.add_argument("--out_dir", required=True, help="the new checkpoint directory (local or gs://)")
+  p.add_argument("--dtype", help="store the weights in this dtype, e.g. bfloat16")
+  p.add_argument("--gin_file", action="append", default=[])
+  distributed(p)
+  p.set_defaults(func=_convert)
+
+  from miniend_jax.train import plan  # pylint: disable=import-outside-toplevel
+  p = plan.add_arguments(sub.add_parser(
+      "plan", help="Compile a run's step for a TPU slice from this host: does it fit, how fast.",
+      description="Builds the exact step a run would jit (its gin file and bindings), compiles "
+                  "it with the TPU compiler (libtpu, no TPU needed) for a slice topology, and "
+                  "reports per-chip memory against HBM, FLOPs, compile time and the step time "
+                  "at 50% and 100% of peak. Exit 0 with an answer (fits or not), 2 for a bad "
+                  "config."))
+  p.set_defaults(func=lambda args, bindings: plan.run_from_args(args, bindings))
+
   p = sub.add_parser("models", help="List model presets and student shapes with sizes.")
   p.add_argument("--teacher", default="t5-v1_1-base",
                  help="teacher preset whose family the student shapes take")
@@ -190,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
   logging.getLogger("absl").setLevel(logging.WARNING)
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
-    rest, bindings = _split_gin_flags(argv)
+    rest, bindings = split_gin_flags(argv)
     args = build_parser().parse_args(rest)
+    _set_distributed_env(args)
     return args.func(args, bindings)
   except GinError as e:
     print(f"miniend: {e}", file=sys.stderr)

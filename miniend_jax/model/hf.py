@@ -546,8 +546,7 @@ def load_hf_sharded(path_or_hub_id: str, shardings, *, config: T5Config | None =
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
   if getattr(config, "scan_layers", False):
-    from miniend_jax.model import t5  # pylint: disable=import-outside-toplevel
-    unstacked_shardings = t5.unstack_layer_shardings(shardings, config)
+    unstacked_shardings = _unstacked_shardings(shardings, config)
     params = {}
     for ours in entries:
       _set_path(params, ours, load(ours, _get_path(unstacked_shardings, ours)))
@@ -556,6 +555,20 @@ def load_hf_sharded(path_or_hub_id: str, shardings, *, config: T5Config | None =
   for ours in entries:
     _set_path(params, ours, load(ours, _get_path(shardings, ours)))
   return config, params
+
+
+def _unstacked_shardings(shardings, config: T5Config):
+  """The shardings of a scanned config's params as `layers_i` subtrees (each layer's
+  leaf sharded like its stacked leaf without the leading layer axis)."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+  out = dict(shardings)
+  for stack, num_layers in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers)):
+    sub = dict(shardings[stack])
+    per_layer = jax.tree.map(lambda sh: NamedSharding(sh.mesh, PartitionSpec(*sh.spec[1:])),
+                             sub.pop("layers"))
+    sub.update({f"layers_{i}": per_layer for i in range(num_layers)})
+    out[stack] = sub
+  return out
 
 
 def _maybe_stack(config: T5Config, params: dict, shardings=None) -> dict:

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from miniend_jax.model import presets
-from miniend_jax.model.t5 import T5Config, init_params
+from miniend_jax.model.t5 import (T5Config, init_params, stack_layer_params,
+                                  unstack_layer_params)
 
 
 def student_config(teacher: T5Config, shape: str | presets.StudentShape, **overrides) -> T5Config:
@@ -23,10 +24,11 @@ def student_config(teacher: T5Config, shape: str | presets.StudentShape, **overr
     shape = presets.get_student_shape(shape)
   if shape.d_model % shape.num_heads:
     raise ValueError(f"Student width {shape.d_model} is not divisible by {shape.num_heads} heads.")
-  return teacher.replace(
-      d_model=shape.d_model, num_heads=shape.num_heads, d_kv=shape.d_kv, d_ff=shape.d_ff,
-      num_layers=shape.num_layers,
-      num_decoder_layers=shape.num_decoder_layers or shape.num_layers, **overrides)
+  fields = dict(d_model=shape.d_model, num_heads=shape.num_heads, d_kv=shape.d_kv,
+                d_ff=shape.d_ff, num_layers=shape.num_layers,
+                num_decoder_layers=shape.num_decoder_layers or shape.num_layers)
+  fields.update(overrides)  # e.g. {"num_heads": 8, "d_kv": 4}: the overrides win
+  return teacher.replace(**fields)
 
 
 def evenly_spaced_layers(num_teacher: int, num_student: int) -> tuple[int, ...]:
@@ -62,11 +64,20 @@ def init_student(config: T5Config, rng: jax.Array, *, teacher_config: T5Config |
   Returns:
     params: nested dict of arrays, shaped for `config`.
   """
-  params = init_params(config, rng)
   if teacher_params is None:
-    return params
+    return init_params(config, rng)
   if teacher_config is None:
     raise ValueError("init_student: teacher_params needs teacher_config too.")
+  # Layers are copied one by one, in the unrolled layout, whatever either side scans.
+  if teacher_config.scan_layers:
+    teacher_params = unstack_layer_params(teacher_params, teacher_config)
+    teacher_config = teacher_config.replace(scan_layers=False)
+  if config.scan_layers:
+    unrolled = init_student(config.replace(scan_layers=False), rng,
+                            teacher_config=teacher_config, teacher_params=teacher_params,
+                            encoder_layers=encoder_layers, decoder_layers=decoder_layers)
+    return stack_layer_params(unrolled, config)
+  params = init_params(config, rng)
   check_same_vocabulary(teacher_config, config)
   mismatched = [f for f in ("d_model", "num_heads", "d_kv", "d_ff", "feed_forward_proj",
                             "tie_word_embeddings", "relative_attention_num_buckets")

@@ -16,7 +16,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from miniend_jax.model.t5 import T5, T5Config
+from miniend_jax.model.t5 import T5, T5Config, unstack_layer_params
 
 Array = jax.Array
 
@@ -43,6 +43,13 @@ def _step_log_probs(model, params, cache, encoded, encoder_input_tokens, tokens,
   return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1), variables["cache"]
 
 
+def unrolled(config: T5Config, params: Mapping) -> tuple[T5Config, Mapping]:
+  """The unrolled layout of a scanned model: the key/value cache is per layer."""
+  if not config.scan_layers:
+    return config, params
+  return config.replace(scan_layers=False), unstack_layer_params(params, config)
+
+
 def greedy_decode(config: T5Config, params: Mapping, encoder_input_tokens: Array, *,
                   max_decode_length: int, eos_id: int = EOS_ID) -> tuple[Array, Array]:
   """Greedy decoding.
@@ -55,6 +62,7 @@ def greedy_decode(config: T5Config, params: Mapping, encoder_input_tokens: Array
     tokens: int32 [batch, max_decode_length], 0 after each row's EOS.
     log_probs: float32 [batch], the sum of the chosen tokens' log-probabilities.
   """
+  config, params = unrolled(config, params)
   model = T5(config)
   batch = encoder_input_tokens.shape[0]
   encoded = model.apply({"params": params}, encoder_input_tokens, method=T5.encode)
@@ -106,6 +114,7 @@ def beam_search(config: T5Config, params: Mapping, encoder_input_tokens: Array, 
     tokens: int32 [batch, num_beams, max_decode_length], best first, 0 after EOS.
     scores: float32 [batch, num_beams], normalised scores, descending.
   """
+  config, params = unrolled(config, params)
   model = T5(config)
   batch, k, max_len = encoder_input_tokens.shape[0], num_beams, max_decode_length
   flat_inputs = jnp.repeat(encoder_input_tokens, k, axis=0)  # [batch * k, input_len]

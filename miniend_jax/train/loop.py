@@ -1,22 +1,33 @@
-"""The run loop behind `miniend distill | pretrain | finetune | evaluate | export`.
+"""The run loop behind `miniend distill | pretrain | finetune | evaluate | export | convert`.
 
-One function per command. Each builds every config first and checks it
-(recipe against the two models, vocabulary against the task, mesh against the
-devices, checkpoints present), so a wrong setting fails before anything
-compiles. Training then runs the single jitted step of `train/steps.py`,
-checkpoints with orbax (state + each host's data-iterator position), resumes
-from the latest good checkpoint, saves and exits on SIGTERM (TPU preemption),
-and stops with a clear error on a non-finite loss, the last good checkpoint
-untouched.
+One function per command, the same program on one host and on many. `train`
+first builds and checks everything that can be wrong (recipe against the two
+models, vocabulary against the task, mesh against the devices, batch against
+the mesh: `program.build_step_program`), so a wrong setting fails before
+anything loads or compiles. Then:
+
+- every process starts JAX's distributed runtime when it is one of several
+  (`partitioning.maybe_initialize_distributed`);
+- the teacher (and finetuning's initial weights) load straight into their
+  shardings, each host reading only the slices its devices hold;
+- each host reads its rows of every global batch from logical data shards
+  (`inputs.py`), so the batches do not depend on the number of hosts;
+- the single jitted step of `train/steps.py` runs; every host logs goodput
+  (step, data-wait, evaluation and checkpoint time) and MFU on compute time;
+- checkpoints (orbax) hold the state and every shard's data position in one
+  atomic step; a run resumes from the latest good one, on any number of hosts;
+- SIGTERM or Ctrl-C on any host stops every host after the same step, which
+  they save together (`preemption.py`); a non-finite loss stops with a clear
+  error and the last good checkpoint untouched;
+- evaluation runs the same number of steps on every host (exhausted shards
+  give zero-weight rows).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any, Mapping
 
@@ -25,99 +36,22 @@ import jax
 import numpy as np
 import seqio
 from etils import epath  # local paths and gs:// alike (multi-host runs need gs://)
+from jax.sharding import NamedSharding, PartitionSpec
 
 from miniend_jax.data import local_corpus, tasks as tasks_lib, vocab as vocab_lib
-from miniend_jax.distill.recipe import Recipe, get_recipe
-from miniend_jax.model import hf, presets, student as student_lib, t5
-from miniend_jax.train import checkpoints, partitioning, state as state_lib, steps, writers
-
-MODES = ("distill", "pretrain", "finetune")
+from miniend_jax.distill.recipe import Recipe
+from miniend_jax.model import hf, student as student_lib, t5
+from miniend_jax.train import (checkpoints, inputs, partitioning, preemption, program,
+                               state as state_lib, steps, writers)
+from miniend_jax.train.program import MODES, ModelSetup, TrainConfig  # noqa: F401  (gin + API)
 
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
 
 
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """What to train on and for how long.
-
-  Attributes:
-    task: a registered seqio task or mixture ("pydoc_span_corruption",
-      "c4_span_corruption", "glue", "xsum", ...).
-    inputs_length / targets_length: feature lengths.
-    batch_size: global batch (split evenly over processes).
-    num_steps: total training steps.
-    seed: data order, span-corruption noise, dropout and initialisation.
-    pack: pack several examples per row.
-    log_every: steps between metric writes (and NaN checks).
-    eval_every: steps between evaluations (0: only at the end).
-    eval_batches: validation batches per evaluation (loss and token accuracy).
-    eval_split: the split evaluated.
-    data_dir: where the embedded pydoc corpus and vocabulary are built
-      (default: the work directory's parent, so runs share them).
-  """
-
-  task: str = "pydoc_span_corruption"
-  inputs_length: int = 128
-  targets_length: int = 32
-  batch_size: int = 8
-  num_steps: int = 100
-  seed: int = 0
-  pack: bool = True
-  log_every: int = 10
-  eval_every: int = 0
-  eval_batches: int = 4
-  eval_split: str = "validation"
-  data_dir: str | None = None
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class ModelSetup:
-  """Which models a run uses.
-
-  Attributes:
-    teacher: for distill: a Hugging Face directory or hub id, or a miniend
-      checkpoint directory (a pretrain run's `checkpoints/`).
-    teacher_dtype: teacher compute and storage dtype (frozen: bf16 halves memory).
-    student_shape: for distill: a shape from `presets.STUDENT_SHAPES`, built with
-      the teacher's vocabulary and family.
-    student_init: "random" or "teacher_layers" (same width only).
-    preset: for pretrain: a preset from `presets.MODEL_PRESETS`.
-    overrides: T5Config fields to override (e.g. {"num_layers": 2}); for
-      pretrain `vocab_size` defaults to the task vocabulary's (padded to 128).
-    init_from: for finetune: a miniend checkpoint directory or a Hugging Face
-      directory / hub id.
-    dtype: the trained model's compute dtype (parameters stay float32).
-  """
-
-  teacher: str | None = None
-  teacher_dtype: str = "bfloat16"
-  student_shape: str = "6L-384H"
-  student_init: str = "random"
-  preset: str = "t5-v1_1-small"
-  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  init_from: str | None = None
-  dtype: str = "float32"
-
-
 # ----------------------------------------------------------------------------
 # Set-up helpers.
-
-
-def load_model(source: str, **config_overrides) -> tuple[t5.T5Config, dict]:
-  """(config, params) from a miniend checkpoint directory or a Hugging Face one / hub id."""
-  path = epath.Path(source)
-  if path.is_dir() and not (path / hf.CONFIG_NAME).exists():
-    candidates = [source, os.path.join(source, "checkpoints")]
-    for directory in candidates:
-      if checkpoints.latest_step(directory) is not None:
-        config = checkpoints.load_model_config(directory).replace(**config_overrides)
-        return config, checkpoints.load_params_from_checkpoint(directory)
-    raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
-  return hf.load_hf(source, **config_overrides)
 
 
 def task_vocabulary(task_name: str, data_dir: str) -> seqio.Vocabulary:
@@ -142,214 +76,211 @@ def check_vocabulary(config: t5.T5Config, vocabulary: seqio.Vocabulary, who: str
         "vocabulary, or a task tokenised with the model's own spiece.model.")
 
 
-def _recipe_from(value: str | Recipe) -> Recipe:
-  return get_recipe(value) if isinstance(value, str) else value
+def load_model(source: str, **config_overrides) -> tuple[t5.T5Config, dict]:
+  """(config, host numpy params) from a miniend checkpoint directory or a Hugging Face
+  one / hub id. For one host's worth of model; runs use `load_params`."""
+  if program.is_miniend_checkpoint(source):
+    directory = program.checkpoint_directory(source)
+    config = checkpoints.load_model_config(directory).replace(**config_overrides)
+    return config, checkpoints.load_params_from_checkpoint(directory)
+  path = epath.Path(os.path.expanduser(source))
+  if path.is_dir() and not (path / hf.CONFIG_NAME).exists():
+    raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
+  return hf.load_hf(source, **config_overrides)
 
 
-@dataclasses.dataclass
-class _Run:
-  """Everything one training run set up (used by `train` and its tests)."""
+def load_params(source: str, config: t5.T5Config, shardings) -> Any:
+  """A model's parameters straight into `shardings`, in `config.param_dtype`.
 
-  mode: str
-  workdir: str
-  train: TrainConfig
-  config: t5.T5Config
-  recipe: Recipe
-  teacher_config: t5.T5Config | None
-  teacher_params: Any
-  vocabulary: seqio.Vocabulary
-  init_params: Any
-
-
-def prepare(mode: str, workdir: str, train: TrainConfig, model: ModelSetup,
-            recipe: str | Recipe) -> _Run:
-  """Builds and checks every config of a run; loads teacher / initial weights. Compiles nothing."""
-  if mode not in MODES:
-    raise ValueError(f"Unknown mode {mode!r}; one of {MODES}.")
-  data_dir = train.data_dir or os.path.dirname(os.path.abspath(workdir))
-  vocabulary = task_vocabulary(train.task, data_dir)
-  teacher_config = teacher_params = init_params = None
-  if mode == "distill":
-    if not model.teacher:
-      raise ValueError("distill needs a teacher: bind ModelSetup.teacher (a Hugging Face "
-                       "directory or a miniend checkpoint directory), e.g. --teacher DIR.")
-    teacher_config, teacher_params = load_model(model.teacher)
-    teacher_config = teacher_config.replace(dtype=model.teacher_dtype, dropout_rate=0.0,
-                                            param_dtype=model.teacher_dtype)
-    check_vocabulary(teacher_config, vocabulary, "teacher")
-    config = student_lib.student_config(teacher_config, model.student_shape, dtype=model.dtype,
-                                        param_dtype="float32", **dict(model.overrides))
-    recipe = _recipe_from(recipe)
-    if model.student_init == "teacher_layers":
-      init_params = student_lib.init_student(config, jax.random.key(train.seed),
-                                             teacher_config=teacher_config,
-                                             teacher_params=teacher_params)
-    elif model.student_init != "random":
-      raise ValueError(f"ModelSetup.student_init={model.student_init!r}: 'random' or "
-                       "'teacher_layers'.")
-  elif mode == "pretrain":
-    overrides = {"vocab_size": vocab_lib.padded_vocab_size(vocabulary), **dict(model.overrides)}
-    config = presets.get_model_config(model.preset, dtype=model.dtype, **overrides)
-    recipe = get_recipe("scratch")
-  else:
-    if not model.init_from:
-      raise ValueError("finetune needs initial weights: --init_from DIR (a distilled "
-                       "student's workdir or checkpoints, or a Hugging Face directory).")
-    config, init_params = load_model(model.init_from)
-    config = config.replace(dtype=model.dtype, **dict(model.overrides))
-    recipe = get_recipe("scratch")
-  check_vocabulary(config, vocabulary, "student" if mode == "distill" else "model")
-  recipe = recipe.resolve(teacher_config, config)  # raises on impossible recipes
-  return _Run(mode, workdir, train, config, recipe, teacher_config, teacher_params, vocabulary,
-              init_params)
+  A miniend checkpoint (e.g. from `miniend convert`) is restored by orbax into
+  the shardings; a Hugging Face directory (local, gs://) or hub id is read
+  slice by slice (`hf.load_hf_sharded`). Either way each host reads only what
+  its devices hold.
+  """
+  if program.is_miniend_checkpoint(source):
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, np.dtype(config.param_dtype), sharding=sh),
+        t5.param_shapes(config), shardings)
+    return checkpoints.load_params_from_checkpoint(program.checkpoint_directory(source),
+                                                   target_params=target)
+  path = epath.Path(os.path.expanduser(source))
+  if path.is_dir() and not (path / hf.CONFIG_NAME).exists():
+    raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
+  return hf.load_hf_sharded(source, shardings, config=config)[1]
 
 
-def _dataset_iterator(train: TrainConfig, split: str, *, shuffle: bool, num_epochs=None,
-                      seed=None):
-  batch = train.batch_size // jax.process_count()
-  dataset = tasks_lib.get_dataset(
-      train.task, {"inputs": train.inputs_length, "targets": train.targets_length}, split,
-      batch_size=batch, shuffle=shuffle, seed=train.seed if seed is None else seed,
-      pack=train.pack, num_epochs=num_epochs)
-  return tasks_lib.DatasetIterator(dataset)
+def _use_compilation_cache(directory: str | None, workdir: str) -> None:
+  """Turns on JAX's persistent compilation cache, so a resumed run does not compile again.
+
+  `directory` (TrainConfig.compilation_cache_dir): "" leaves the cache off; None
+  keeps a cache this process already uses (JAX_COMPILATION_CACHE_DIR, the
+  quickstart's, an earlier run's), else uses `<workdir>/compilation_cache`.
+  """
+  if directory == "":
+    return
+  if directory is None:
+    if jax.config.jax_compilation_cache_dir:
+      return
+    directory = os.path.join(workdir, "compilation_cache")
+  if jax.config.jax_compilation_cache_dir != directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # The cache binds to its directory at the first compile; rebind.
+    from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+    compilation_cache.reset_cache()
 
 
-class _PreemptionFlag:
-  """Set by SIGTERM (what TPU VMs send before preemption); checked between steps."""
+def _shard_datasets(cfg: TrainConfig, layout: inputs.ShardLayout, split: str, *, train: bool):
+  """shard -> tf.data.Dataset of that logical shard's batches."""
+  lengths = {"inputs": cfg.inputs_length, "targets": cfg.targets_length}
 
-  def __init__(self):
-    self.triggered = False
-    self._previous = None
+  def make(shard: int):
+    return tasks_lib.get_dataset(
+        cfg.task, lengths, split, batch_size=layout.rows_per_shard, shuffle=train,
+        seed=inputs.shard_seed(cfg.seed, shard),
+        shard_info=seqio.ShardInfo(index=shard, num_shards=layout.num_shards), pack=cfg.pack,
+        num_epochs=None if train else 1, drop_remainder=train)
 
-  def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
-    self.triggered = True
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
-# ----------------------------------------------------------------------------
-# Training.
+  return make
 
 
 @gin.configurable(denylist=["mode", "workdir"])
 def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
-          model: ModelSetup | None = None,
-          optimizer: state_lib.OptimizerConfig | None = None,
+          model: ModelSetup | None = None, optimizer: state_lib.OptimizerConfig | None = None,
           checkpoint: checkpoints.CheckpointConfig | None = None,
           mesh: partitioning.MeshConfig | None = None,
           recipe: str | Recipe = "miniend_d", progress: bool = True) -> dict:
   """Runs (or resumes) a distill / pretrain / finetune job in `workdir`.
 
-  The config objects default to their gin-configured instances (built here,
-  at call time, so `TrainConfig.num_steps = ...` bindings apply).
+  Every process of a multi-host job calls this with the same settings. The
+  config objects default to their gin-configured instances (built here, at
+  call time, so `TrainConfig.num_steps = ...` bindings apply).
 
   Returns:
-    A summary: final step, last train metrics, last eval metrics, and whether
-    the run was preempted.
+    A summary: final step, last train and eval metrics, whether the run was
+    stopped early (`preempted`), by which signal on this host (`stopped_by`),
+    and the process exit code that goes with it (`exit_code`: 0, or 130 after
+    Ctrl-C).
   """
-  train_config = train_config or TrainConfig()
+  cfg = train_config or TrainConfig()
   model = model or ModelSetup()
   optimizer = optimizer or state_lib.OptimizerConfig()
   checkpoint = checkpoint or checkpoints.CheckpointConfig()
   mesh = mesh or partitioning.MeshConfig()
   partitioning.maybe_initialize_distributed()
-  run = prepare(mode, workdir, train_config, model, recipe)
-  cfg = run.train
-  if cfg.batch_size % jax.process_count():
-    raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes.")
-  device_mesh = partitioning.make_mesh(mesh)
-  rules = mesh.logical_axis_rules
-  if cfg.batch_size % (device_mesh.shape["data"] * device_mesh.shape["fsdp"]):
-    raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over the "
-                     f"data x fsdp = {device_mesh.shape['data'] * device_mesh.shape['fsdp']} "
-                     "data-parallel devices.")
-  # The schedule counts optimizer updates; num_steps counts micro-batches.
-  accum = optimizer.grad_accum_steps
-  optimizer = optimizer.replace(total_steps=optimizer.total_steps or max(cfg.num_steps // accum, 1))
-  schedule = state_lib.make_schedule(optimizer)
-  tx = state_lib.make_optimizer(optimizer)
-  extra_init = lambda rng: run.recipe.init_extra_params(rng, run.teacher_config, run.config)
-  extra_specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(),
-                             jax.eval_shape(extra_init, jax.random.key(0)))
-  logical_specs = {"model": t5.param_logical_axes(run.config), "distill": extra_specs}
+  began = time.perf_counter()
 
-  if run.init_params is None:
-    init_fn = lambda rng: {"model": t5.init_params(run.config, rng), "distill": extra_init(rng)}
-  else:
-    # Loaded weights enter as an argument (not baked into the program as constants).
-    loaded = run.init_params
-    init_fn = lambda rng, params: {"model": params, "distill": extra_init(rng)}
-  init_args = ((jax.random.key(cfg.seed),) if run.init_params is None
-               else (jax.random.key(cfg.seed), loaded))
-  abstract = state_lib.abstract_train_state(init_fn, tx, device_mesh, rules, logical_specs,
-                                            init_args)
-  shardings = state_lib.state_shardings(abstract)
-
-  teacher_params = teacher_sharding = None
-  if run.recipe.needs_teacher:
-    teacher_sharding = partitioning.logical_to_sharding(
-        t5.param_logical_axes(run.teacher_config), device_mesh, rules)
-    teacher_params = jax.device_put(
-        jax.tree.map(lambda x: np.asarray(x).astype(run.teacher_config.param_dtype),
-                     run.teacher_params), teacher_sharding)
+  # -- Everything that can be wrong, before anything loads or compiles.
+  data_dir = cfg.data_dir or os.path.dirname(os.path.abspath(workdir))
+  vocabulary = task_vocabulary(cfg.task, data_dir)
+  student_config, teacher_config = program.model_configs(
+      mode, model, vocab_size=vocab_lib.padded_vocab_size(vocabulary))
+  if teacher_config is not None:
+    check_vocabulary(teacher_config, vocabulary, "teacher")
+  check_vocabulary(student_config, vocabulary, "student" if mode == "distill" else "model")
+  prog = program.build_step_program(mode, cfg, model, optimizer, mesh, recipe,
+                                    student_config=student_config,
+                                    teacher_config=teacher_config)
+  device_mesh, rules = prog.mesh, prog.rules
+  _use_compilation_cache(cfg.compilation_cache_dir, workdir)
 
   ckpt = checkpoints.Checkpointer(
-      os.path.join(workdir, "checkpoints"), checkpoint, model_config=run.config,
-      metadata={"mode": mode, "task": cfg.task, "recipe": run.recipe.name,
+      os.path.join(workdir, "checkpoints"), checkpoint, model_config=prog.student_config,
+      metadata={"mode": mode, "task": cfg.task, "recipe": prog.recipe.name,
                 "teacher": model.teacher, "student_shape": model.student_shape,
-                "vocabulary": getattr(run.vocabulary, "sentencepiece_model_file", None)})
-  iterator = _dataset_iterator(cfg, "train", shuffle=True)
-  input_state_root = os.path.join(workdir, "input_state")
-  if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore_latest_good(target_state=abstract)
-    iterator.restore(data_state["directory"])
+                "vocabulary": getattr(vocabulary, "sentencepiece_model_file", None)})
+  latest = ckpt.latest_step()
+  rows_by_process = partitioning.rows_by_process(device_mesh, cfg.batch_size, rules)
+  saved = (inputs.saved_layout(ckpt.item_directory(latest, checkpoints.DATA_ITERATOR))
+           if latest is not None else None)
+  num_shards = cfg.data_shards or (saved or {}).get("num_shards") or len(
+      {tuple(rows) for rows in rows_by_process.values()})
+  layout = inputs.ShardLayout(cfg.batch_size, num_shards)
+  if saved is not None:
+    inputs.check_layout(ckpt.item_directory(latest, checkpoints.DATA_ITERATOR), layout)
+  host_rows = rows_by_process[jax.process_index()]
+  owned = [s for s, p in layout.owners(rows_by_process).items() if p == jax.process_index()]
+  reader = inputs.GlobalBatchReader(_shard_datasets(cfg, layout, "train", train=True), layout,
+                                    host_rows, owned)
+
+  logging.info("Run checked in %.1f s: %s on %d process(es) x %d devices, mesh %s, %d logical "
+               "data shard(s), this host reads %s.", time.perf_counter() - began, mode,
+               jax.process_count(), jax.local_device_count(), dict(device_mesh.shape),
+               layout.num_shards, reader.shards)
+
+  # -- Weights: straight into their shardings.
+  began = time.perf_counter()
+  teacher_params = None
+  if prog.teacher_config is not None:
+    teacher_params = load_params(model.teacher, prog.teacher_config, prog.teacher_shardings)
+  model_shardings = prog.state_shardings.params["model"]
+  if latest is not None:
+    state, _ = ckpt.restore_latest_good(target_state=prog.abstract_state, data_iterator=reader)
     logging.info("Resumed from step %d of %s.", int(state.step), ckpt.directory)
   else:
-    state = state_lib.create_sharded_state(init_fn, tx, device_mesh, rules, logical_specs,
-                                           init_args)
+    init_args = (jax.random.key(cfg.seed),)
+    if mode == "finetune":
+      init_args += (load_params(model.init_from, prog.student_config, model_shardings),)
+    elif prog.init_from_params:  # a student initialised from the teacher's layers
+      teacher = teacher_params
+      if teacher is None:  # the recipe itself needs no teacher
+        teacher_shardings = partitioning.logical_to_sharding(
+            t5.param_logical_axes(teacher_config), device_mesh, rules)
+        teacher = load_params(model.teacher, teacher_config, teacher_shardings)
+      copy = jax.jit(lambda t: student_lib.init_student(
+          prog.student_config, jax.random.key(cfg.seed), teacher_config=teacher_config,
+          teacher_params=t), out_shardings=model_shardings)
+      init_args += (copy(teacher),)
+      del teacher
+    state = state_lib.create_sharded_state(prog.init_fn, prog.tx, device_mesh, rules,
+                                           prog.logical_specs, init_args)
   start_step = int(state.step)
+  logging.info("Weights and state ready in %.1f s (step %d).", time.perf_counter() - began,
+               start_step)
 
-  step_fn = steps.make_distill_step(run.config, run.recipe, mesh=device_mesh,
-                                    state_sharding=shardings,
-                                    teacher_config=run.teacher_config if run.recipe.needs_teacher else None,
-                                    teacher_sharding=teacher_sharding, rules=rules,
-                                    learning_rate_fn=lambda step: schedule(step // accum))
-  eval_step = jax.jit(steps.make_eval_step(run.config))
-  writer = writers.create_writer(os.path.join(workdir, "logs"))
-  tokens_per_step = cfg.batch_size * (cfg.inputs_length + cfg.targets_length)
-  flops = steps.step_flops(run.config, run.teacher_config if run.recipe.needs_teacher else None,
-                           cfg.batch_size, cfg.inputs_length, cfg.targets_length)
+  replicated = NamedSharding(device_mesh, PartitionSpec())
+  eval_step = jax.jit(steps.make_eval_step(prog.student_config), out_shardings=replicated)
+  log_dir = os.path.join(workdir, "logs")
+  if jax.process_index() == 0 and start_step:
+    # Steps after the restored one will be logged again; drop their old rows.
+    writers.drop_rows_after(os.path.join(log_dir, "train_metrics.jsonl"), start_step)
+  writer = writers.create_writer(log_dir)
   peak = steps.device_peak_flops(jax.devices()[0].device_kind)
   rng = jax.random.key(cfg.seed + 1)
+  eval_reader = None
+  timers = {"data": 0.0, "eval": 0.0, "checkpoint": 0.0}
 
   def save(step_number: int, metrics=None) -> None:
-    directory = os.path.join(input_state_root, str(step_number))
-    iterator.save(directory)
-    ckpt.save(step_number, state, data_state={"directory": directory}, metrics=metrics,
-              force=True)
-    _prune_input_states(input_state_root, ckpt)
+    began = time.perf_counter()
+    ckpt.save(step_number, state, data_iterator=reader, metrics=metrics, force=True)
+    timers["checkpoint"] += time.perf_counter() - began
 
   def evaluate_now(step_number: int) -> dict:
-    eval_iter = _dataset_iterator(cfg, cfg.eval_split, shuffle=False, num_epochs=1)
+    nonlocal eval_reader
+    began = time.perf_counter()
+    if eval_reader is None:
+      eval_reader = inputs.GlobalBatchReader(
+          _shard_datasets(cfg, layout, cfg.eval_split, train=False), layout, host_rows,
+          pad_exhausted=True)
+    eval_reader.reset()
     sums = None
-    for _, batch in zip(range(cfg.eval_batches), eval_iter):
-      # Each host holds its own slice of the eval batch, as in training.
-      batch = partitioning.host_local_to_global(batch, device_mesh, rules)
+    for _ in range(cfg.eval_batches):
+      # Every host steps until the global batch is all padding: the eval step's
+      # replicated sums are the same number on every host, so they stop together.
+      batch = partitioning.host_local_to_global(next(eval_reader), device_mesh, rules,
+                                                global_batch_size=cfg.batch_size)
       with partitioning.mesh_context(device_mesh, rules):
-        out = eval_step(state.params["model"], batch)
+        out = jax.device_get(eval_step(state.params["model"], batch))
+      if float(out["weight_sum"]) == 0:
+        break
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    timers["eval"] += time.perf_counter() - began
+    logging.info("Evaluated at step %d in %.1f s (%s tokens).", step_number,
+                 time.perf_counter() - began, None if sums is None else int(sums["weight_sum"]))
     if sums is None:
       return {}
-    sums = jax.device_get(sums)
     metrics = {"eval/loss": float(sums["loss_sum"] / max(sums["weight_sum"], 1.0)),
-               "eval/token_accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0))}
+               "eval/token_accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0)),
+               "eval/tokens": float(sums["weight_sum"])}
     writer.write_scalars(step_number, metrics)
     return metrics
 
@@ -357,58 +288,114 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   preempted = False
   bar = _progress(progress, start_step, cfg.num_steps)
   interval_start, interval_steps = time.perf_counter(), 0
-  with _PreemptionFlag() as preemption:
+  profiler = _Profiler(cfg.profile_steps, os.path.join(log_dir, "profile"))
+  with preemption.StopSignals() as stop:
     for step_number in range(start_step, cfg.num_steps):
-      if preemption.triggered:
-        preempted = True
-        break
-      batch = partitioning.host_local_to_global(next(iterator), device_mesh, rules)
-      state, metrics = step_fn(state, teacher_params, batch, rng)
+      began = time.perf_counter()
+      batch = partitioning.host_local_to_global(next(reader), device_mesh, rules,
+                                                global_batch_size=cfg.batch_size)
+      timers["data"] += time.perf_counter() - began
+      profiler.before(step_number)
+      state, metrics = prog.step(state, teacher_params, batch, rng)
+      profiler.after(step_number, metrics)
+      if step_number == start_step:
+        jax.block_until_ready(metrics)
+        logging.info("First step compiled and ran in %.1f s.", time.perf_counter() - began)
       pending.append(metrics)
       interval_steps += 1
       done = step_number + 1
+      stopping = stop.should_stop() and done < cfg.num_steps
       # The last step is saved after the loop, with the final evaluation's metrics.
       save_due = done % checkpoint.save_interval_steps == 0 and done < cfg.num_steps
-      if save_due and done % cfg.log_every:
+      if (save_due or stopping) and done % cfg.log_every:
         _check_finite(jax.device_get(pending), done)  # never checkpoint past a bad step
       if done % cfg.log_every == 0 or done == cfg.num_steps:
         last_train = _summarise(pending, done, writer)
         pending = []
-        elapsed = time.perf_counter() - interval_start
-        rates = {"perf/steps_per_s": interval_steps / elapsed,
-                 "perf/tokens_per_s": interval_steps * tokens_per_step / elapsed}
-        if peak:
-          rates["perf/mfu"] = flops * interval_steps / elapsed / (peak * jax.device_count())
+        rates = _rates(time.perf_counter() - interval_start, interval_steps, timers,
+                       prog.tokens_per_step, prog.analytic_flops, peak)
         writer.write_scalars(done, rates)
         last_train.update(rates)
         interval_start, interval_steps = time.perf_counter(), 0
+        timers = dict.fromkeys(timers, 0.0)
         if bar is not None:
           bar.set_postfix(loss=f"{last_train['loss']:.4f}",
                           tok_s=f"{rates['perf/tokens_per_s']:.0f}")
       if bar is not None:
         bar.update(1)
+      if stopping:
+        preempted = True
+        break
       if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
         last_eval = evaluate_now(done)
       if save_due:
         save(done, metrics=last_eval or None)
-  if bar is not None:
-    bar.close()
-  final_step = int(state.step)
-  _check_finite(jax.device_get(pending), final_step)  # steps since the last check, if any
-  if not preempted and final_step == cfg.num_steps:
-    last_eval = evaluate_now(final_step) or last_eval
-  save(final_step, metrics=last_eval or None)
-  ckpt.wait_until_finished()
+    if bar is not None:
+      bar.close()
+    profiler.close()
+    final_step = int(state.step)
+    _check_finite(jax.device_get(pending), final_step)  # steps since the last check, if any
+    if not preempted and final_step == cfg.num_steps:
+      last_eval = evaluate_now(final_step) or last_eval
+    save(final_step, metrics=last_eval or None)
+    ckpt.wait_until_finished()
   ckpt.close()
   writer.flush()
+  stopped_by = (stop.signal_name or "a signal to another host") if preempted else None
   if preempted:
-    logging.warning("Preempted at step %d: checkpoint saved in %s; run the same command again "
-                    "to resume.", final_step, ckpt.directory)
-  summary = {"mode": mode, "step": final_step, "preempted": preempted, "train": last_train,
-             "eval": last_eval, "workdir": workdir}
+    logging.warning("Stopped at step %d (%s): checkpoint saved in %s; run the same command "
+                    "again to resume.", final_step, stopped_by or "another host was signalled",
+                    ckpt.directory)
+  summary = {"mode": mode, "step": final_step, "preempted": preempted,
+             "stopped_by": stopped_by, "exit_code": stop.exit_code if preempted else 0,
+             "train": last_train, "eval": last_eval, "workdir": workdir}
   if jax.process_index() == 0:
     epath.Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
+
+
+def _rates(elapsed: float, num_steps: int, timers: Mapping[str, float], tokens_per_step: int,
+           flops_per_step: float, peak: float | None) -> dict[str, float]:
+  """Throughput and goodput of the steps since the last log.
+
+  Host time not spent waiting for data, evaluating or checkpointing is the
+  steps' own time (the host waits on the device at least once per step), so
+  MFU is computed on it rather than on the wall clock.
+  """
+  overhead = sum(timers.values())
+  compute = max(elapsed - overhead, 1e-9)
+  rates = {"perf/steps_per_s": num_steps / elapsed,
+           "perf/tokens_per_s": num_steps * tokens_per_step / elapsed,
+           "perf/step_time_s": compute / num_steps,
+           "perf/goodput": compute / elapsed}
+  rates.update({f"perf/{name}_s": seconds for name, seconds in timers.items()})
+  if peak:
+    rates["perf/mfu"] = flops_per_step * num_steps / compute / (peak * jax.device_count())
+  return rates
+
+
+class _Profiler:
+  """Traces the steps in `steps` with jax.profiler (consecutive steps in one trace)."""
+
+  def __init__(self, profile_steps, log_dir: str):
+    self._steps = set(profile_steps)
+    self._log_dir = log_dir
+    self._active = False
+
+  def before(self, step_number: int) -> None:
+    if step_number in self._steps and not self._active:
+      jax.profiler.start_trace(self._log_dir)
+      self._active = True
+
+  def after(self, step_number: int, metrics) -> None:
+    if self._active and step_number + 1 not in self._steps:
+      jax.block_until_ready(metrics)
+      self.close()
+
+  def close(self) -> None:
+    if self._active:
+      jax.profiler.stop_trace()
+      self._active = False
 
 
 def _progress(enabled: bool, start: int, total: int):
@@ -441,18 +428,6 @@ def _summarise(pending: list, step_number: int, writer) -> dict:
   return means
 
 
-def _prune_input_states(root: str, ckpt: checkpoints.Checkpointer) -> None:
-  """Deletes saved iterator positions whose checkpoint step is gone (never a kept one)."""
-  root = epath.Path(root)
-  if jax.process_index() != 0 or not root.is_dir():
-    return
-  keep = {str(s) for s in ckpt.all_steps()}
-  for child in root.iterdir():
-    if child.name.isdigit() and child.name not in keep and int(child.name) < max(
-        map(int, keep or {"0"})):
-      child.rmtree(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------
 # Evaluate and export.
 
@@ -461,15 +436,23 @@ def _prune_input_states(root: str, ckpt: checkpoints.Checkpointer) -> None:
 def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | None = None,
              split: str = "validation", inputs_length: int = 128, targets_length: int = 32,
              batch_size: int = 8, num_examples: int | None = None, max_decode_length: int = 32,
-             num_beams: int = 1, data_dir: str | None = None) -> dict:
+             num_beams: int = 1, data_dir: str | None = None,
+             mesh: partitioning.MeshConfig | None = None) -> dict:
   """Scores a checkpoint on a seqio task with its own metrics (ROUGE, accuracy, ...).
+
+  Every process of a multi-host job calls it. Each global batch of examples is
+  sharded over the hosts and devices like training batches; predictions and
+  scores are gathered back, and the primary host computes seqio's metrics.
 
   Args:
     workdir: where results go (`<workdir>/eval/<task>.json`); also the default
       checkpoint directory (`<workdir>/checkpoints`).
     checkpoint_dir: a Checkpointer directory or a Hugging Face directory.
     task: the seqio task (default: the task the checkpoint was trained on).
+    batch_size: the global batch of examples decoded at once.
+    mesh: default MeshConfig() (data parallel over all devices).
   """
+  partitioning.maybe_initialize_distributed()
   source = checkpoint_dir or os.path.join(workdir, "checkpoints")
   if task is None:
     task = checkpoints.load_metadata(source).get("run", {}).get("task")
@@ -477,20 +460,35 @@ def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | Non
       raise ValueError("evaluate: pass --task (the checkpoint does not record one).")
   data_dir = data_dir or os.path.dirname(os.path.abspath(workdir))
   vocabulary = task_vocabulary(task, data_dir)
-  config, params = load_model(source, dtype="float32")
+  config = program.model_config_of(source).replace(dtype="float32", param_dtype="float32")
   check_vocabulary(config, vocabulary, "model")
-  params = jax.device_put(params)
+  mesh = mesh or partitioning.MeshConfig()
+  device_mesh, rules = partitioning.make_mesh(mesh), mesh.logical_axis_rules
+  data_parallel = device_mesh.shape["data"] * device_mesh.shape["fsdp"]
+  if batch_size % data_parallel:
+    raise ValueError(f"evaluate: batch_size={batch_size} must divide evenly over the "
+                     f"data x fsdp = {data_parallel} data-parallel devices.")
+  params = load_params(source, config, partitioning.logical_to_sharding(
+      t5.param_logical_axes(config), device_mesh, rules))
+  replicated = NamedSharding(device_mesh, PartitionSpec())
   predict = jax.jit(steps.make_predict_fn(config, max_decode_length=max_decode_length,
-                                          num_beams=num_beams))
-  score = jax.jit(steps.make_score_fn(config))
+                                          num_beams=num_beams), out_shardings=replicated)
+  score = jax.jit(steps.make_score_fn(config), out_shardings=replicated)
   converter = seqio.EncDecFeatureConverter(pack=False)
+  rows = partitioning.host_batch_rows(device_mesh, batch_size, rules)
 
   def run_model(fn, dataset):
-    """[(index, output)] over an enumerated dataset of model features."""
+    """[(index, output)] over an enumerated dataset of model features (the same on
+    every host: each feeds its rows of each batch)."""
     outputs = []
     for indices, features in dataset.batch(batch_size).as_numpy_iterator():
       batch = _model_batch(features, inputs_length, targets_length, batch_size)
-      out = np.asarray(fn(params, batch))[:len(indices)]  # drop the padding rows
+      local = {k: np.concatenate([v[a:b] for a, b in rows]) for k, v in batch.items()}
+      global_batch = partitioning.host_local_to_global(local, device_mesh, rules,
+                                                       global_batch_size=batch_size)
+      with partitioning.mesh_context(device_mesh, rules):
+        out = fn(params, global_batch)
+      out = np.asarray(out.addressable_data(0))[:len(indices)]  # drop the padding rows
       outputs.extend(zip(indices.tolist(), out.tolist()))
     return outputs
 
@@ -502,9 +500,10 @@ def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | Non
       compute_metrics=jax.process_index() == 0,
       predict_fn=lambda ds: run_model(predict, ds),
       score_fn=lambda ds: run_model(score, ds))
-  results = {name: {k: _to_float(v) for k, v in metrics.items()}
-             for name, metrics in all_metrics.result().items()}
+  results = {}
   if jax.process_index() == 0:
+    results = {name: {k: _to_float(v) for k, v in metrics.items()}
+               for name, metrics in all_metrics.result().items()}
     out_dir = epath.Path(workdir, "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{task}.json").write_text(json.dumps(results, indent=2))
@@ -540,4 +539,40 @@ def export(workdir: str, out_dir: str, *, checkpoint_dir: str | None = None,
   spm = checkpoints.load_metadata(source, step).get("run", {}).get("vocabulary")
   if spm and os.path.exists(spm):
     vocab_lib.save_hf_tokenizer(spm, out_dir)
+  return out_dir
+
+
+@gin.configurable(denylist=["source", "out_dir"])
+def convert(source: str, out_dir: str, *, dtype: str | None = None,
+            mesh: partitioning.MeshConfig | None = None) -> str:
+  """Writes a Hugging Face T5 checkpoint as a miniend (orbax) checkpoint.
+
+  Pods then restore the teacher in parallel, every host reading only its own
+  slices with tensorstore, instead of each parsing safetensors: convert once,
+  to a bucket, and pass the result as `--teacher`. Every process of a
+  multi-host job calls it; the weights are loaded sharded (fully sharded over
+  all devices by default), so no host holds the whole model.
+
+  Args:
+    source: a Hugging Face directory (local or gs://) or hub id.
+    out_dir: the checkpoint directory to create (local or gs://).
+    dtype: store the weights in this dtype (default: as stored).
+  Returns:
+    out_dir.
+  """
+  partitioning.maybe_initialize_distributed()
+  if checkpoints.latest_step(out_dir) is not None:
+    raise FileExistsError(f"{out_dir} already holds a checkpoint; pick a new directory.")
+  checkpoint = hf.HFCheckpoint(source)
+  config = checkpoint.config(**({"param_dtype": dtype} if dtype else {}))
+  mesh = mesh or partitioning.MeshConfig(data=1, fsdp=-1)
+  device_mesh = partitioning.make_mesh(mesh)
+  shardings = partitioning.logical_to_sharding(t5.param_logical_axes(config), device_mesh,
+                                               mesh.logical_axis_rules)
+  _, params = hf.load_hf_sharded(source, shardings, config=config)
+  with checkpoints.Checkpointer(out_dir, checkpoints.CheckpointConfig(async_save=False),
+                                model_config=config, metadata={"converted_from": source}) as ckpt:
+    ckpt.save(0, {"params": params}, force=True)
+  if jax.process_index() == 0:
+    hf.copy_tokenizer_files(checkpoint.directory, out_dir)
   return out_dir

@@ -39,6 +39,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("length", None),
     ("relpos_buckets", None),
+    ("layers", None),  # the stacked axis of scanned layers (ModelSetup.scan_layers)
 )
 
 

@@ -555,19 +555,10 @@ def _gin_recipe(default: str = "miniend_d"):
     return default
 
 
-def _gin_flags():
-  """The shared gin command-line helpers: `miniend_jax.gin_flags` (`cli` before it)."""
-  try:
-    from miniend_jax import gin_flags  # pylint: disable=import-outside-toplevel
-    return gin_flags.split_gin_flags, gin_flags.parse_gin
-  except ImportError:
-    from miniend_jax import cli  # pylint: disable=import-outside-toplevel
-    return cli._split_gin_flags, cli.parse_gin  # pylint: disable=protected-access
-
-
 def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """(other arguments, "NAME = VALUE" bindings of the --gin.NAME=VALUE flags)."""
-  return _gin_flags()[0](list(argv))
+  from miniend_jax import gin_flags  # pylint: disable=import-outside-toplevel
+  return gin_flags.split_gin_flags(list(argv))
 
 
 def build_program(args, bindings: Sequence[str]):
@@ -575,7 +566,8 @@ def build_program(args, bindings: Sequence[str]):
   from miniend_jax.train import partitioning, program, state  # pylint: disable=import-outside-toplevel
   topology = parse_topology(args.topology)
   shorthand = [f"train.recipe = {args.recipe!r}"] if getattr(args, "recipe", None) else []
-  _gin_flags()[1](list(args.gin_file), list(bindings) + shorthand)
+  from miniend_jax import gin_flags  # pylint: disable=import-outside-toplevel
+  gin_flags.parse_gin(list(args.gin_file), list(bindings) + shorthand)
   mesh = partitioning.MeshConfig()
   if args.slices > 1 and mesh.dcn_data * mesh.dcn_fsdp == 1:
     mesh = dataclasses.replace(mesh, dcn_data=args.slices)

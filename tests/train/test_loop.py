@@ -89,3 +89,61 @@ def test_bad_setups_fail_before_compiling(tmp_path, data_dir):
   with pytest.raises(ValueError, match="vocab_size=128, but the task's vocabulary has"):
     loop_testing.run("pretrain", workdir, data_dir, num_steps=1, overrides={"vocab_size": 128})
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_profile_goodput_and_a_compilation_cache_that_a_resumed_run_reads(tmp_path, data_dir):
+  import glob  # pylint: disable=import-outside-toplevel
+  import jax.monitoring  # pylint: disable=import-outside-toplevel
+  from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+
+  workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
+  previous = jax.config.jax_compilation_cache_dir
+  hits = []
+  jax.monitoring.register_event_listener(
+      lambda event, **_: hits.append(event) if event.endswith("/cache_hits") else None)
+  try:
+    def run(num_steps):
+      return loop.train(
+          "pretrain", workdir,
+          train_config=loop.TrainConfig(num_steps=num_steps, data_dir=data_dir,
+                                        profile_steps=(1, 2), compilation_cache_dir=cache,
+                                        **loop_testing.TINY_TRAIN),
+          model=loop.ModelSetup(preset="t5-v1_1-tiny"),
+          optimizer=loop.state_lib.OptimizerConfig(learning_rate=3e-3),
+          checkpoint=checkpoints.CheckpointConfig(save_interval_steps=2, async_save=False),
+          mesh=loop.partitioning.MeshConfig(data=-1), progress=False)
+
+    first = run(4)
+    assert os.listdir(cache)  # the compiled programs were written
+    # Steps 1 and 2 were traced, in one trace (TensorBoard's profile plugin layout).
+    assert len(glob.glob(os.path.join(workdir, "logs", "profile", "plugins", "profile", "*",
+                                      "*.xplane.pb"))) == 1
+    perf = first["train"]
+    assert 0 < perf["perf/goodput"] <= 1 and perf["perf/step_time_s"] > 0
+    assert {"perf/data_s", "perf/eval_s", "perf/checkpoint_s"} <= perf.keys()
+    # A resumed run in a fresh process compiles nothing: here, with JAX's in-memory
+    # caches cleared, the programs come from the persistent cache.
+    jax.clear_caches()
+    hits.clear()
+    assert run(6)["step"] == 6
+    assert hits, "the resumed run recompiled instead of reading the cache"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
+def test_convert_writes_a_teacher_that_restores_into_its_sharding(tmp_path, data_dir):
+  from miniend_jax.model import hf, presets, t5  # pylint: disable=import-outside-toplevel
+  config = presets.get_model_config("t5-v1_1-tiny", vocab_size=256)
+  hf.save_hf(config, t5.init_params(config, jax.random.key(3)), str(tmp_path / "hf"))
+  out = loop.convert(str(tmp_path / "hf"), str(tmp_path / "orbax"), dtype="bfloat16")
+  _, expected = hf.load_hf(str(tmp_path / "hf"), param_dtype="bfloat16")
+  mesh = loop.partitioning.make_mesh(loop.partitioning.MeshConfig(data=1, fsdp=-1))
+  shardings = loop.partitioning.logical_to_sharding(t5.param_logical_axes(config), mesh)
+  restored = loop.load_params(out, config.replace(param_dtype="bfloat16"), shardings)
+  for got, want, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(expected),
+                                 jax.tree.leaves(shardings)):
+    assert got.dtype == want.dtype and got.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(got), want)
+  with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    loop.convert(str(tmp_path / "hf"), out)

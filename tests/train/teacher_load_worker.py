@@ -1,0 +1,83 @@
+"""One process of the teacher-loading test: load a Hugging Face checkpoint into an fsdp mesh.
+
+  python -m tests.train.teacher_load_worker --checkpoint DIR --out OUT.json
+      [--num_processes N --process_id I --port P] [--impl sharded|host]
+
+Measures this process's peak RSS growth while loading (VmHWM after, reset just
+before, minus VmRSS before), then checks every shard it holds against the
+file, read independently.
+"""
+
+import argparse
+import json
+import os
+
+
+def _status(field: str) -> int:
+  """A /proc/self/status memory field in bytes."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise KeyError(field)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--checkpoint", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--impl", choices=("sharded", "host"), default="sharded")
+  args = parser.parse_args()
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // args.num_processes}"
+  if args.num_processes > 1:
+    os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{args.port}",
+                      JAX_NUM_PROCESSES=str(args.num_processes),
+                      JAX_PROCESS_ID=str(args.process_id))
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from miniend_jax.model import hf, t5  # pylint: disable=import-outside-toplevel
+  from miniend_jax.train import partitioning  # pylint: disable=import-outside-toplevel
+
+  partitioning.maybe_initialize_distributed()
+  mesh_config = partitioning.MeshConfig(data=1, fsdp=-1)
+  mesh = partitioning.make_mesh(mesh_config)
+  config = hf.read_hf_config(args.checkpoint, param_dtype="float32")
+  shardings = partitioning.logical_to_sharding(t5.param_logical_axes(config), mesh)
+  jax.block_until_ready(jax.numpy.zeros(8))  # the backend is up before measuring
+
+  rss_before = _status("VmRSS")
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current RSS
+  if args.impl == "sharded":
+    _, params = hf.load_hf_sharded(args.checkpoint, shardings, config=config)
+  else:  # what every host did before: read the whole file, then place it
+    _, host = hf.load_hf(args.checkpoint)
+    params = jax.device_put(host, shardings)
+    del host
+  jax.block_until_ready(params)
+  peak_growth = _status("VmHWM") - rss_before
+
+  _, reference = hf.load_hf(args.checkpoint)  # every tensor, read the plain way
+  checked = 0
+  for path, array in jax.tree_util.tree_leaves_with_path(params):
+    expected = reference
+    for key in path:
+      expected = expected[key.key]
+    assert array.shape == expected.shape and array.dtype == expected.dtype, path
+    for shard in array.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index])
+      checked += 1
+  with open(f"{args.out}.{args.process_id}", "w") as f:
+    json.dump({"peak_rss_growth_bytes": peak_growth, "rss_before_bytes": rss_before,
+               "checked_shards": checked,
+               "held_bytes": sum(s.data.nbytes for a in jax.tree.leaves(params)
+                                 for s in a.addressable_shards)}, f)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,139 @@
+"""The whole run loop as a pod runs it: `miniend distill` in 2 JAX processes x 4 CPU devices.
+
+The runs read 2 logical data shards, evaluate periodically until the
+validation split runs out (at different steps on the two hosts: the shards
+are uneven), and checkpoint asynchronously. They must:
+- equal the same run in 1 process x 8 devices (same global batches, same updates);
+- stop together, exit 0 and save the same step when SIGTERM reaches one host;
+- resume exactly, also on another number of processes (2 -> 1 and 1 -> 2).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from miniend_jax.train import checkpoints, writers
+from tests.train import loop_testing, multihost_testing as mh
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return loop_testing.shared_data_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, data_dir):
+  directory = str(tmp_path_factory.mktemp("hf_teacher"))
+  mh.write_tiny_teacher(directory, data_dir)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("compilation_cache"))
+
+
+def _distill(workdir, teacher, num_steps, *extra):
+  # pydoc_topic: a validation split of ~150 short examples, read to its end.
+  return ["distill", "--workdir", workdir, "--teacher", teacher, "--student_shape", "1L-32H",
+          "--recipe", "miniend_d", "--num_steps", str(num_steps), "--task", "pydoc_topic",
+          *mh.TINY_FLAGS, "--gin.TrainConfig.eval_every=8", "--gin.TrainConfig.eval_batches=1000",
+          "--gin.CheckpointConfig.save_interval_steps=4", *extra]
+
+
+def _losses(workdir):
+  return [r["loss"] for r in writers.read_jsonl(os.path.join(workdir, "logs",
+                                                             "train_metrics.jsonl"))
+          if "loss" in r]
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
+def _stop_one_host(num_processes, workdir, teacher, data_dir, cache_dir):
+  """Starts an endless run, sends SIGTERM to its last process; returns the saved step."""
+  procs = mh.launch(num_processes, _distill(workdir, teacher, 100000,
+                                            "--gin.TrainConfig.data_shards=2"),
+                    data_dir=data_dir, cache_dir=cache_dir)
+  mh.signal_after_first_log(procs, workdir)
+  outputs = mh.wait(procs)  # every process exits 0
+  summary = _summary(workdir)
+  assert summary["preempted"] and 0 < summary["step"] < STEPS, summary
+  assert checkpoints.latest_step(os.path.join(workdir, "checkpoints")) == summary["step"]
+  if num_processes > 1:  # the signalled host says so; the other stopped with it, same step
+    assert "SIGTERM received" in outputs[-1] and "SIGTERM received" not in outputs[0]
+  return summary["step"]
+
+
+def test_two_processes_equal_one_and_resume_across_host_counts(tmp_path, teacher, data_dir,
+                                                                cache_dir):
+  kwargs = dict(data_dir=data_dir, cache_dir=cache_dir)
+  reference = str(tmp_path / "one_process")
+  mh.run(1, _distill(reference, teacher, STEPS, "--gin.TrainConfig.data_shards=2"), **kwargs)
+  summary = _summary(reference)
+  assert summary["step"] == STEPS and summary["eval"]["eval/tokens"] > 0
+
+  # `miniend evaluate` decodes on both hosts' devices; the primary scores: same results.
+  scores = {}
+  for processes in (1, 2):
+    out_dir = str(tmp_path / f"evaluate{processes}")
+    mh.run(processes, ["evaluate", "--workdir", out_dir, "--checkpoint_dir",
+                       os.path.join(reference, "checkpoints"), "--gin.evaluate.batch_size=16",
+                       "--gin.evaluate.inputs_length=32", "--gin.evaluate.targets_length=8",
+                       "--gin.evaluate.max_decode_length=4",
+                       f"--gin.evaluate.data_dir='{data_dir}'"], **kwargs)
+    with open(os.path.join(out_dir, "eval", "pydoc_topic.json")) as f:
+      scores[processes] = json.load(f)
+  assert scores[2] == scores[1] and "accuracy" in scores[1]["pydoc_topic"]
+
+  two = str(tmp_path / "two_processes")
+  mh.run(2, _distill(two, teacher, STEPS, "--gin.TrainConfig.data_shards=2"), **kwargs)
+  assert _summary(two)["eval"] == pytest.approx(summary["eval"], rel=1e-5)
+  mh.assert_params_close(mh.final_params(reference), mh.final_params(two))
+
+  # SIGTERM reaches one of two hosts; resume on one host (2 -> 1). data_shards is
+  # not given again: the run keeps the checkpoint's.
+  two_to_one = str(tmp_path / "two_to_one")
+  _stop_one_host(2, two_to_one, teacher, data_dir, cache_dir)
+  mh.run(1, _distill(two_to_one, teacher, STEPS), **kwargs)
+  assert _summary(two_to_one)["step"] == STEPS
+  mh.assert_params_close(mh.final_params(reference), mh.final_params(two_to_one))
+
+  # And the reverse (1 -> 2), resumed from the step the single host saved.
+  one_to_two = str(tmp_path / "one_to_two")
+  stopped = _stop_one_host(1, one_to_two, teacher, data_dir, cache_dir)
+  outputs = mh.run(2, _distill(one_to_two, teacher, STEPS), **kwargs)
+  assert all(f"Resumed from step {stopped}" in out for out in outputs)
+  mh.assert_params_close(mh.final_params(reference), mh.final_params(one_to_two))
+
+
+def test_a_model_replica_across_both_processes(tmp_path, data_dir, cache_dir):
+  """model=8: every device holds a slice of every layer, so both hosts hold the same
+  batch rows and must read the same examples (one logical shard, read by both)."""
+  teacher = str(tmp_path / "teacher8")
+  mh.write_tiny_teacher(teacher, data_dir, num_heads=8, d_kv=8)
+  runs = {}
+  for processes in (1, 2):
+    workdir = str(tmp_path / f"model8_{processes}")
+    outputs = mh.run(processes, [
+        "distill", "--workdir", workdir, "--teacher", teacher, "--student_shape", "1L-32H",
+        "--gin.ModelSetup.overrides={'num_heads': 8, 'd_kv': 4}", "--num_steps", "6",
+        *mh.TINY_FLAGS, "--gin.MeshConfig.data=1", "--gin.MeshConfig.model=8",
+        "--gin.OptimizerConfig.eps=1e-3", "--gin.ModelSetup.teacher_dtype='float32'"],
+        data_dir=data_dir, cache_dir=cache_dir)
+    assert all("'model': 8" in out and "this host reads [0]" in out for out in outputs)
+    runs[processes] = workdir
+  # Tensor-parallel partial sums are reduced in another order across processes
+  # (gloo) than within one: round-off in the gradients (bf16 round-off with a bf16
+  # teacher, hence float32 here). Adam's default eps would turn it into updates of
+  # up to ~lr where a gradient is ~0, hence eps=1e-3.
+  # Other examples would change every loss and move the weights by ~lr per step.
+  np.testing.assert_allclose(_losses(runs[2]), _losses(runs[1]), rtol=1e-5)
+  mh.assert_params_close(mh.final_params(runs[1]), mh.final_params(runs[2]), rtol=1e-4,
+                         atol=1e-5)
