@@ -70,6 +70,7 @@ def _run(workdir: str, s: Settings, *, started: float, compilation_cache: bool, 
   stages.prepare_data(ctx)
   teacher = stages.pretrain_teacher(ctx)
   # 3-5. Per seed: a student per path, then every model finetuned and scored per task.
+  # The teacher is a reference, not compared: finetuned with the first seed only.
   per_seed, distill_dirs = [], {path: [] for path in s.paths}
   if not s.finetune_teacher:  # still a row: its held-out loss, size and speed
     per_seed.append(results.run_row(teacher.name, s.seed, teacher.directory, {}))
@@ -77,7 +78,8 @@ def _run(workdir: str, s: Settings, *, started: float, compilation_cache: bool, 
     students = [stages.distill_student(ctx, teacher, path, seed) for path in s.paths]
     for student in students:
       distill_dirs[student.name].append(student.directory)
-    for model in ([teacher] if s.finetune_teacher else []) + students:
+    reference = [teacher] if s.finetune_teacher and seed == s.seed else []
+    for model in reference + students:
       finetuned = {task: stages.finetune_and_evaluate(ctx, model, seed, task)
                    for task in s.tasks}
       per_seed.append(results.run_row(model.name, seed, model.directory, finetuned))
@@ -137,7 +139,8 @@ def _notes(s: Settings, speed: dict, counts: dict) -> list[str]:
       f"seeds: {s.seeds} ({seeds}); each cell is the mean ± sample standard deviation "
       "(ddof=1) over them. Within a seed every path starts from the same student "
       "initialisation and sees the same batches in the same order at the same learning "
-      f"rate; the teacher is pretrained once (seed {s.seed}) and finetuned with every seed.",
+      f"rate. The teacher (a reference, not compared) is pretrained and finetuned once "
+      f"(seed {s.seed}).",
       f"▲ / ▼: the path's mean is better / worse than {BASELINE}'s by more than the sum of "
       "the two standard deviations (the intervals mean ± std do not overlap); no mark: "
       "within the seeds' spread (or a single seed). Loss columns: lower is better; scores: "

@@ -63,15 +63,18 @@ def enable_compilation_cache(directory: str) -> bool:
 
 @contextlib.contextmanager
 def quiet_logs():
-  """absl / TensorFlow / orbax / jax chatter at ERROR only, inside the block."""
-  loggers = [logging.getLogger(n) for n in ("absl", "tensorflow", "orbax", "jax")]
-  levels = [lg.level for lg in loggers]
-  for lg in loggers:
-    lg.setLevel(logging.ERROR)
+  """Inside the block: absl / TensorFlow / orbax / jax chatter at ERROR only, and the run
+  loop's own progress lines (INFO, one set per run; the stage lines replace them) off."""
+  quiet = {"absl": logging.ERROR, "tensorflow": logging.ERROR, "orbax": logging.ERROR,
+           "jax": logging.ERROR, "": logging.WARNING}
+  loggers = {logging.getLogger(name or None): level for name, level in quiet.items()}
+  levels = {lg: lg.level for lg in loggers}
+  for lg, level in loggers.items():
+    lg.setLevel(max(level, lg.level))
   try:
     yield
   finally:
-    for lg, level in zip(loggers, levels):
+    for lg, level in levels.items():
       lg.setLevel(level)
 
 
@@ -98,8 +101,9 @@ def train(ctx: Context, mode: str, directory: str, *, task: str, steps: int,
       name="adamw", learning_rate=learning_rate, warmup_steps=max(1, steps // 20),
       decay="cosine", total_steps=steps, end_learning_rate=0.1, weight_decay=0.0,
       grad_clip_norm=1.0, grad_accum_steps=1)
-  # Few saves: each costs about a second here, and a run is seconds to minutes long.
-  checkpoint = checkpoints.CheckpointConfig(save_interval_steps=max(100, steps // 2),
+  # Few saves: each costs about a second here, and most runs are under a minute long (the
+  # final step is always saved).
+  checkpoint = checkpoints.CheckpointConfig(save_interval_steps=max(250, steps // 2),
                                             max_to_keep=1, best_metric=None, async_save=True)
   summary = loop.train(mode, directory, train_config=train_config, model=model,
                        optimizer=optimizer, checkpoint=checkpoint,
