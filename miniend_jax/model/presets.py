@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from miniend_jax.model.t5 import T5Config
+from miniend_jax.model.config import T5Config
 
 _V1_0 = dict(feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=32128)
 _V1_1 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=32128)

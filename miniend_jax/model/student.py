@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from miniend_jax.model import presets
-from miniend_jax.model.t5 import (T5Config, init_params, stack_layer_params,
-                                  unstack_layer_params)
+from miniend_jax.model.config import T5Config
 
 
 def student_config(teacher: T5Config, shape: str | presets.StudentShape, **overrides) -> T5Config:
@@ -50,7 +47,7 @@ def check_same_vocabulary(teacher: T5Config, student: T5Config) -> None:
         "student with student_config(teacher_config, shape).")
 
 
-def init_student(config: T5Config, rng: jax.Array, *, teacher_config: T5Config | None = None,
+def init_student(config: T5Config, rng, *, teacher_config: T5Config | None = None,
                  teacher_params: Mapping | None = None,
                  encoder_layers: Sequence[int] | None = None,
                  decoder_layers: Sequence[int] | None = None) -> dict:
@@ -64,6 +61,10 @@ def init_student(config: T5Config, rng: jax.Array, *, teacher_config: T5Config |
   Returns:
     params: nested dict of arrays, shaped for `config`.
   """
+  import jax  # pylint: disable=import-outside-toplevel  (student_config needs no JAX)
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model.t5 import (init_params, stack_layer_params,  # pylint: disable=import-outside-toplevel
+                                    unstack_layer_params)
   if teacher_params is None:
     return init_params(config, rng)
   if teacher_config is None:

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
+from miniend_jax.model.config import REMAT_POLICIES, T5Config, count_params  # noqa: F401  (re-exported)
+
 Array = jax.Array
 
 # Additive attention bias for masked keys. Large but finite, so a row whose keys
 # are all masked (a fully padded example) softmaxes to finite values, not NaN.
 _MASK_BIAS = -1e10
-
-_FEED_FORWARD_KINDS = ("relu", "gated-gelu", "gated-relu", "gelu")
 
 # The dense projections run through `matmul`'s custom VJP, which remat policies
 # do not see as a dot, so its outputs are named and saved by name as well.
@@ -52,88 +52,7 @@ _REMAT_POLICIES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class T5Config:
-  """Hyper-parameters of a T5 model; field names follow Hugging Face's `T5Config`.
-
-  `dtype` is the compute dtype (activations, matmuls); `param_dtype` the storage
-  dtype of the parameters. bf16 compute with f32 parameters is the usual
-  training setting; layer norms and softmaxes always run in float32.
-
-  `scan_layers` stores each stack's layers as one stacked subtree ("layers",
-  leading logical axis "layers") and runs the layers no tap asks for under
-  `jax.lax.scan`, so XLA compiles one layer body instead of every layer (see
-  `stack_layer_params` / `unstack_layer_params` to convert parameters).
-  """
-
-  vocab_size: int = 32128
-  d_model: int = 512
-  d_kv: int = 64
-  d_ff: int = 2048
-  num_layers: int = 6
-  num_decoder_layers: int | None = None
-  num_heads: int = 8
-  relative_attention_num_buckets: int = 32
-  relative_attention_max_distance: int = 128
-  feed_forward_proj: str = "relu"
-  tie_word_embeddings: bool = True
-  dropout_rate: float = 0.1
-  layer_norm_epsilon: float = 1e-6
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat_policy: str = "none"
-  scan_layers: bool = False
-
-  def __post_init__(self):
-    if self.num_decoder_layers is None:
-      object.__setattr__(self, "num_decoder_layers", self.num_layers)
-    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers",
-                 "num_decoder_layers", "num_heads",
-                 "relative_attention_num_buckets",
-                 "relative_attention_max_distance"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}.")
-    if self.feed_forward_proj not in _FEED_FORWARD_KINDS:
-      raise ValueError(
-          f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; "
-          f"use one of {_FEED_FORWARD_KINDS}.")
-    if self.remat_policy not in _REMAT_POLICIES:
-      raise ValueError(
-          f"T5Config.remat_policy={self.remat_policy!r} is unknown; "
-          f"use one of {tuple(_REMAT_POLICIES)}.")
-    for name in ("dtype", "param_dtype"):
-      try:
-        jnp.dtype(getattr(self, name))
-      except TypeError as e:
-        raise ValueError(f"T5Config.{name}={getattr(self, name)!r} is not a dtype.") from e
-    if not isinstance(self.scan_layers, (bool, np.bool_)):
-      raise ValueError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}.")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
-
-  @property
-  def is_gated(self) -> bool:
-    return self.feed_forward_proj.startswith("gated-")
-
-  @property
-  def activation(self):
-    name = self.feed_forward_proj.removeprefix("gated-")
-    if name == "gelu":
-      # Hugging Face maps "gated-gelu" to gelu_new, the tanh approximation.
-      return functools.partial(jax.nn.gelu, approximate=True)
-    return jax.nn.relu
-
-  @property
-  def inner_dim(self) -> int:
-    """Width of the joined attention heads, num_heads * d_kv."""
-    return self.num_heads * self.d_kv
-
-  def replace(self, **changes) -> "T5Config":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+assert tuple(_REMAT_POLICIES) == REMAT_POLICIES, "model/config.py names the same policies"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +124,7 @@ class AttentionTap:
 class T5Output:
   """What `T5.__call__` returns.
 
-  logits: [batch, target_len, vocab_size] in the compute dtype.
+  logits: [batch, target_len, vocab_size] in `config.logits_dtype` (float32 by default).
   encoder_self / decoder_self / decoder_cross: {layer: AttentionTap}, keyed by the
     non-negative layer index. Cross-attention queries come from the decoder
     ([batch, target_len, ...]), keys and values from the encoder output
@@ -271,17 +190,18 @@ def _dot_f32(lhs: Array, rhs: Array, contracting: tuple[int, int], out_dtype: An
   return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-@jax.custom_vjp
-def _matmul_2d(lhs: Array, rhs: Array) -> Array:
-  """[m, k] @ [k, n] -> [m, n] in lhs.dtype, accumulated in float32."""
-  return _dot_f32(lhs, rhs, (1, 0), lhs.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_2d(lhs: Array, rhs: Array, out_dtype: Any = None) -> Array:
+  """[m, k] @ [k, n] -> [m, n] in `out_dtype` (default lhs.dtype), accumulated in float32."""
+  return _dot_f32(lhs, rhs, (1, 0), out_dtype or lhs.dtype)
 
 
-def _matmul_2d_fwd(lhs, rhs):
-  return _matmul_2d(lhs, rhs), (lhs, rhs)
+def _matmul_2d_fwd(lhs, rhs, out_dtype):
+  return _matmul_2d(lhs, rhs, out_dtype), (lhs, rhs)
 
 
-def _matmul_2d_bwd(residuals, grad):
+def _matmul_2d_bwd(out_dtype, residuals, grad):
+  del out_dtype
   lhs, rhs = residuals
   grad = grad.astype(lhs.dtype)
   return (_dot_f32(grad, rhs, (1, 1), lhs.dtype),   # [m, n] x [k, n] -> [m, k]
@@ -291,11 +211,14 @@ def _matmul_2d_bwd(residuals, grad):
 _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
-def matmul(x: Array, kernel: Array, num_contracting: int) -> Array:
+def matmul(x: Array, kernel: Array, num_contracting: int, out_dtype: Any = None) -> Array:
   """Contracts the trailing `num_contracting` axes of x with the leading ones of kernel.
 
   x: [*batch, *in_shape]; kernel: [*in_shape, *out_shape] -> [*batch, *out_shape],
-  in x's dtype (x and kernel share it), accumulated in float32.
+  accumulated in float32, returned in `out_dtype` (default x's dtype; x and
+  kernel share it). The output head asks for float32, so bf16 models still give
+  float32 logits: rounding logits of 16-64 to bf16 (spacing 0.125-0.25) would
+  coarsen the distillation targets.
 
   Written as one 2-D matmul with its own VJP rather than a plain
   `lax.dot_general` for XLA:CPU's sake (TPU and GPU compile either form to the
@@ -313,7 +236,8 @@ def matmul(x: Array, kernel: Array, num_contracting: int) -> Array:
     raise ValueError(f"matmul: input shape {x.shape} does not end with kernel input {in_shape}")
   out_shape = kernel.shape[num_contracting:]
   k, n = math.prod(in_shape), math.prod(out_shape)
-  out = _matmul_2d(x.reshape(-1, k), kernel.reshape(k, n))
+  out = _matmul_2d(x.reshape(-1, k), kernel.reshape(k, n),
+                   None if out_dtype is None else jnp.dtype(out_dtype))
   return checkpoint_name(out, _MATMUL_NAME).reshape(batch_shape + out_shape)
 
 
@@ -329,12 +253,14 @@ class Dense(nn.Module):
   init_std: float
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  out_dtype: Any = None  # default: dtype
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = _param(self, "kernel", nn.initializers.normal(self.init_std),
                     self.in_shape + self.out_shape, self.kernel_axes, self.param_dtype)
-    return matmul(x.astype(self.dtype), kernel.astype(self.dtype), len(self.in_shape))
+    return matmul(x.astype(self.dtype), kernel.astype(self.dtype), len(self.in_shape),
+                  self.out_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -739,7 +665,8 @@ class T5(nn.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"),
                            cfg.d_model ** -0.5, jnp.dtype(cfg.dtype),
-                           jnp.dtype(cfg.param_dtype), name="lm_head")
+                           jnp.dtype(cfg.param_dtype), out_dtype=jnp.dtype(cfg.logits_dtype),
+                           name="lm_head")
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array | None = None, *,
@@ -819,7 +746,7 @@ class T5(nn.Module):
       # Mesh TensorFlow's T5 rescales before the tied output projection.
       embedding = self.shared.embedding.astype(self.shared.dtype)
       logits = matmul((decoded * (cfg.d_model ** -0.5)).astype(self.shared.dtype),
-                      embedding.T, 1)
+                      embedding.T, 1, cfg.logits_dtype)
     else:
       logits = self.lm_head(decoded)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
@@ -907,10 +834,6 @@ def unstack_layer_params(params: Mapping, config: T5Config) -> dict:
       sub[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
     out[stack] = sub
   return out
-
-
-def count_params(config: T5Config) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(config))))
 
 
 def forward_flops(config: T5Config, batch: int, input_len: int, target_len: int) -> float:

@@ -177,3 +177,55 @@ def test_distill_step_without_teacher_config_fails_before_compiling():
   with pytest.raises(ValueError, match="vocab"):
     steps.make_train_step_fn(STUDENT.replace(vocab_size=64), get_recipe("kd_logits"),
                              teacher_config=TEACHER)
+
+
+def test_a_bf16_teacher_gives_float32_logits_and_a_kl_close_to_a_float32_teachers():
+  """The output head returns float32 even in bf16, so the KD target is not rounded to
+  bf16's coarse grid at the logits' scale (spacing 0.125-0.25 at 16-64)."""
+  from miniend_jax.distill import losses  # pylint: disable=import-outside-toplevel
+  teacher = TEACHER.replace(d_model=64, d_kv=8, d_ff=128)
+  params = t5.init_params(teacher, jax.random.key(0))
+  # Scale the head so the logits reach T5's usual magnitudes (tens).
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 10.0
+  batch = make_batch(seed=3)
+  inputs = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+  mask = batch["decoder_loss_weights"]
+  student_logits = jax.random.normal(jax.random.key(1), mask.shape + (teacher.vocab_size,))
+
+  def run(config):
+    cast = jax.tree.map(lambda p: p.astype(config.param_dtype), params)
+    logits = t5.T5(config).apply({"params": cast}, *inputs).logits
+    return logits, float(losses.logits_kl(logits, student_logits, mask))
+
+  exact, exact_kl = run(teacher)
+  assert 16 < np.abs(np.asarray(exact)).max() < 128
+  # The head's result dtype alone: a float32 model whose head rounds to bf16 moves
+  # the first-step KL; with the float32 head it is exact.
+  rounded, rounded_kl = run(teacher.replace(logits_dtype="bfloat16"))
+  assert rounded.dtype == jnp.bfloat16 and abs(rounded_kl - exact_kl) > 1e-4
+  # A bf16 teacher (compute and storage, as runs use) still gives float32 logits,
+  # not confined to bf16 values, and a first-step KL within 1% of the float32 one.
+  bf16, bf16_kl = run(teacher.replace(dtype="bfloat16", param_dtype="bfloat16"))
+  assert bf16.dtype == jnp.float32
+  on_grid = np.asarray(bf16).astype(jnp.bfloat16).astype(np.float32) == np.asarray(bf16)
+  assert on_grid.mean() < 0.1
+  np.testing.assert_allclose(bf16_kl, exact_kl, rtol=1e-2)
+
+
+def test_interpolation_schedules_count_optimizer_updates_under_accumulation():
+  """With 4 micro-batches per update, micro-batch 8 is update 2: a ramp over 10 updates
+  stands at 0.2 there (counting micro-batches would give 0.8)."""
+  from miniend_jax.distill.recipe import LinearRamp, Recipe, Term  # pylint: disable=import-outside-toplevel
+  recipe = Recipe(name="ramped", terms=(Term(kind="logits", interpolation=LinearRamp(
+      start_value=0.0, end_value=1.0, start_step=0, end_step=10)),))
+  optimizer = OPTIMIZER.replace(grad_accum_steps=4)
+  tx = state_lib.make_optimizer(optimizer)
+  state = state_lib.TrainState.create({"model": t5.init_params(STUDENT, jax.random.key(1)),
+                                       "distill": {}}, tx).replace(step=jnp.int32(8))
+  teacher = t5.init_params(TEACHER, jax.random.key(0))
+  batch = jax.tree.map(jnp.asarray, make_batch())
+  for accum, expected in ((4, 0.2), (1, 0.8)):
+    step = steps.make_train_step_fn(STUDENT, recipe.resolve(TEACHER, STUDENT),
+                                    teacher_config=TEACHER, grad_accum_steps=accum)
+    _, metrics = jax.jit(step)(state, teacher, batch, jax.random.key(2))
+    np.testing.assert_allclose(float(metrics["interpolation/logits"]), expected, rtol=1e-6)
