@@ -55,6 +55,7 @@ import sys
 from typing import Any, Callable, Mapping, Sequence
 
 from miniend_jax import gin_flags
+from miniend_jax.gin_flags import gin_value
 from miniend_jax.quickstart import stats
 from miniend_jax.quickstart.bookkeeping import claim_settings, read_json, run_finished
 from miniend_jax.quickstart.results import write_csv
@@ -100,18 +101,6 @@ def split_values(text: str) -> list[str]:
   if any(not v for v in values):
     raise SweepError(f"Empty value in sweep values {text!r}.")
   return values
-
-
-def gin_value(value: str) -> str:
-  """`value` as a gin expression: literals and references as they are, bare words quoted."""
-  value = value.strip()
-  if value.startswith(("@", "%")):
-    return value
-  try:
-    ast.literal_eval(value)
-    return value
-  except (ValueError, SyntaxError):
-    return repr(value)
 
 
 def parse_sweep(specs: Sequence[str]) -> dict[str, list[str]]:

@@ -636,6 +636,7 @@ def save_hf(config: T5Config, params: Mapping, out_dir: str, *,
   for filename, names in split.filename_to_tensors.items():
     tmp = os.path.join(out_dir, filename + ".tmp")
     save_file({n: tensors[n] for n in names}, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; give it the usual mode
     os.replace(tmp, os.path.join(out_dir, filename))
   if split.is_sharded:
     with open(os.path.join(out_dir, WEIGHTS_INDEX_NAME), "w") as f:
@@ -645,6 +646,12 @@ def save_hf(config: T5Config, params: Mapping, out_dir: str, *,
   if tokenizer_from is not None:
     copy_tokenizer_files(tokenizer_from, out_dir)
   return out_dir
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="do not finetune / score the teacher")
   parser.add_argument("--no_compilation_cache", action="store_true",
                       help="no persistent XLA compilation cache in WORKDIR/jax_cache")
-  parser.add_argument("--progress", action="store_true", help="progress bars per run")
+  parser.add_argument("--no_progress", action="store_true",
+                      help="no progress bar per run (as for every other command)")
   return parser
 
 
@@ -63,7 +64,7 @@ def run_from_args(args: argparse.Namespace, bindings: Sequence[str] = ()) -> int
   overrides = {name: getattr(args, name) for name in _SETTINGS_FLAGS}
   try:
     run(args.workdir, size=args.size, finetune_teacher=False if args.no_finetune_teacher else None,
-        compilation_cache=not args.no_compilation_cache, progress=args.progress, **overrides)
+        compilation_cache=not args.no_compilation_cache, progress=not args.no_progress, **overrides)
   except (ValueError, StageMismatchError) as e:
     print(f"miniend quickstart: {e}", file=sys.stderr)
     return 2

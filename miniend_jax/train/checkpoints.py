@@ -285,6 +285,9 @@ class Checkpointer:
       read_only: for reading another run: never writes, deletes or creates
         anything (not even `directory`).
     """
+    directory = os.fspath(directory)
+    if "://" not in directory:  # orbax wants absolute paths; users give relative ones
+      directory = os.path.abspath(os.path.expanduser(directory))
     self.directory = epath.Path(directory)
     self.config = config
     self._model_config = _config_dict(model_config)

@@ -25,6 +25,7 @@ anything loads or compiles. Then:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from miniend_jax.data import local_corpus, tasks as tasks_lib, vocab as vocab_li
 from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model import hf, student as student_lib, t5
 from miniend_jax.train import (checkpoints, inputs, partitioning, preemption, program,
-                               state as state_lib, steps, writers)
+                               run_record, state as state_lib, steps, writers)
 from miniend_jax.train.program import MODES, ModelSetup, TrainConfig  # noqa: F401  (gin + API)
 
 
@@ -109,6 +110,24 @@ def load_params(source: str, config: t5.T5Config, shardings) -> Any:
   return hf.load_hf_sharded(source, shardings, config=config)[1]
 
 
+def default_data_dir(data_dir: str | None) -> str:
+  """Where the embedded pydoc corpus and its vocabulary are built and cached:
+  `data_dir`, else $MINIEND_DATA_DIR, else ~/.cache/miniend_jax."""
+  return (data_dir or os.environ.get("MINIEND_DATA_DIR")
+          or os.path.join(os.path.expanduser("~"), ".cache", "miniend_jax"))
+
+
+def _warn_if_schedule_mismatches(optimizer: state_lib.OptimizerConfig, num_steps: int) -> None:
+  """One line when an explicit OptimizerConfig.total_steps is not the run's length."""
+  updates = max(num_steps // optimizer.grad_accum_steps, 1)
+  if optimizer.total_steps is not None and optimizer.total_steps != updates:
+    logging.warning(
+        "OptimizerConfig.total_steps=%d but the run makes %d optimizer updates: the "
+        "learning-rate schedule %s. Leave total_steps unset to follow --num_steps.",
+        optimizer.total_steps, updates,
+        "ends before the run" if optimizer.total_steps < updates else "never finishes its decay")
+
+
 def _use_compilation_cache(directory: str | None, workdir: str) -> None:
   """Turns on JAX's persistent compilation cache, so a resumed run does not compile again.
 
@@ -148,12 +167,15 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
           model: ModelSetup | None = None, optimizer: state_lib.OptimizerConfig | None = None,
           checkpoint: checkpoints.CheckpointConfig | None = None,
           mesh: partitioning.MeshConfig | None = None,
-          recipe: str | Recipe = "miniend_d", progress: bool = True) -> dict:
+          recipe: str | Recipe = "miniend_d", progress: bool = True,
+          allow_changes: bool = False) -> dict:
   """Runs (or resumes) a distill / pretrain / finetune job in `workdir`.
 
   Every process of a multi-host job calls this with the same settings. The
   config objects default to their gin-configured instances (built here, at
-  call time, so `TrainConfig.num_steps = ...` bindings apply).
+  call time, so `TrainConfig.num_steps = ...` bindings apply). A work
+  directory made with other settings is refused before anything is touched
+  (`run_record`), unless `allow_changes`.
 
   Returns:
     A summary: final step, last train and eval metrics, whether the run was
@@ -170,8 +192,10 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   began = time.perf_counter()
 
   # -- Everything that can be wrong, before anything loads or compiles.
-  data_dir = cfg.data_dir or os.path.dirname(os.path.abspath(workdir))
-  vocabulary = task_vocabulary(cfg.task, data_dir)
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+    raise ValueError(f"--workdir {workdir} is a file, not a directory. Pass a directory "
+                     "(it is created if missing).")
+  vocabulary = task_vocabulary(cfg.task, default_data_dir(cfg.data_dir))
   student_config, teacher_config = program.model_configs(
       mode, model, vocab_size=vocab_lib.padded_vocab_size(vocabulary))
   if teacher_config is not None:
@@ -181,22 +205,33 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
                                     student_config=student_config,
                                     teacher_config=teacher_config)
   device_mesh, rules = prog.mesh, prog.rules
-  _use_compilation_cache(cfg.compilation_cache_dir, workdir)
-
-  ckpt = checkpoints.Checkpointer(
-      os.path.join(workdir, "checkpoints"), checkpoint, model_config=prog.student_config,
-      metadata={"mode": mode, "task": cfg.task, "recipe": prog.recipe.name,
-                "teacher": model.teacher, "student_shape": model.student_shape,
-                "vocabulary": getattr(vocabulary, "sentencepiece_model_file", None)})
-  latest = ckpt.latest_step()
+  _warn_if_schedule_mismatches(optimizer, cfg.num_steps)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  latest = checkpoints.latest_step(ckpt_dir)  # reads only: nothing is created yet
   rows_by_process = partitioning.rows_by_process(device_mesh, cfg.batch_size, rules)
-  saved = (inputs.saved_layout(ckpt.item_directory(latest, checkpoints.DATA_ITERATOR))
+  saved = (inputs.saved_layout(os.path.join(ckpt_dir, str(latest), checkpoints.DATA_ITERATOR))
            if latest is not None else None)
   num_shards = cfg.data_shards or (saved or {}).get("num_shards") or len(
       {tuple(rows) for rows in rows_by_process.values()})
   layout = inputs.ShardLayout(cfg.batch_size, num_shards)
   if saved is not None:
-    inputs.check_layout(ckpt.item_directory(latest, checkpoints.DATA_ITERATOR), layout)
+    inputs.check_layout(os.path.join(ckpt_dir, str(latest), checkpoints.DATA_ITERATOR), layout)
+  # The record holds the data shards in use, so leaving data_shards unset on a
+  # resumed run (it then keeps the checkpoint's) is no change.
+  settings = run_record.describe_run(
+      mode, train=dataclasses.replace(cfg, data_shards=num_shards), model=model,
+      optimizer=optimizer, checkpoint=checkpoint, mesh=mesh, recipe=prog.recipe,
+      vocabulary=run_record.vocabulary_id(vocabulary))
+  claim = lambda write: run_record.claim(workdir, settings, allow_changes=allow_changes,
+                                         what=f"`miniend {mode}` with these settings",
+                                         write=write)
+  claim(False)  # refuses a directory made by another run before touching anything
+  _use_compilation_cache(cfg.compilation_cache_dir, workdir)
+  ckpt = checkpoints.Checkpointer(
+      ckpt_dir, checkpoint, model_config=prog.student_config,
+      metadata={"mode": mode, "task": cfg.task, "recipe": prog.recipe.name,
+                "teacher": model.teacher, "student_shape": model.student_shape,
+                "vocabulary": getattr(vocabulary, "sentencepiece_model_file", None)})
   host_rows = rows_by_process[jax.process_index()]
   owned = [s for s, p in layout.owners(rows_by_process).items() if p == jax.process_index()]
   reader = inputs.GlobalBatchReader(_shard_datasets(cfg, layout, "train", train=True), layout,
@@ -214,7 +249,11 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
     teacher_params = load_params(model.teacher, prog.teacher_config, prog.teacher_shardings)
   model_shardings = prog.state_shardings.params["model"]
   if latest is not None:
-    state, _ = ckpt.restore_latest_good(target_state=prog.abstract_state, data_iterator=reader)
+    try:
+      state, _ = ckpt.restore_latest_good(target_state=prog.abstract_state, data_iterator=reader)
+    except Exception:
+      ckpt.close()  # orbax's background threads would otherwise fail noisily at exit
+      raise
     logging.info("Resumed from step %d of %s.", int(state.step), ckpt.directory)
   else:
     init_args = (jax.random.key(cfg.seed),)
@@ -236,12 +275,18 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   start_step = int(state.step)
   logging.info("Weights and state ready in %.1f s (step %d).", time.perf_counter() - began,
                start_step)
+  if jax.process_index() == 0:  # the run is under way: record what made it
+    changes = claim(True)
+    if changes:
+      logging.info("Continuing %s with changed settings: %s", workdir,
+                   "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    epath.Path(workdir, f"{mode}_config.gin").write_text(gin.config_str())
 
   replicated = NamedSharding(device_mesh, PartitionSpec())
   eval_step = jax.jit(steps.make_eval_step(prog.student_config), out_shardings=replicated)
   log_dir = os.path.join(workdir, "logs")
-  if jax.process_index() == 0 and start_step:
-    # Steps after the restored one will be logged again; drop their old rows.
+  if jax.process_index() == 0:
+    # Steps after the restored one (all, on a fresh start) will be logged again.
     writers.drop_rows_after(os.path.join(log_dir, "train_metrics.jsonl"), start_step)
   writer = writers.create_writer(log_dir)
   peak = steps.device_peak_flops(jax.devices()[0].device_kind)
@@ -454,12 +499,13 @@ def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | Non
   """
   partitioning.maybe_initialize_distributed()
   source = checkpoint_dir or os.path.join(workdir, "checkpoints")
+  if not epath.Path(source).exists():
+    raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
   if task is None:
     task = checkpoints.load_metadata(source).get("run", {}).get("task")
     if not task:
       raise ValueError("evaluate: pass --task (the checkpoint does not record one).")
-  data_dir = data_dir or os.path.dirname(os.path.abspath(workdir))
-  vocabulary = task_vocabulary(task, data_dir)
+  vocabulary = task_vocabulary(task, default_data_dir(data_dir))
   config = program.model_config_of(source).replace(dtype="float32", param_dtype="float32")
   check_vocabulary(config, vocabulary, "model")
   mesh = mesh or partitioning.MeshConfig()
@@ -530,15 +576,41 @@ def _to_float(value):
 
 @gin.configurable(denylist=["workdir", "out_dir"])
 def export(workdir: str, out_dir: str, *, checkpoint_dir: str | None = None,
-           step: int | None = None, dtype: str | None = None) -> str:
-  """Writes a checkpoint's model as a Hugging Face directory (with its tokenizer)."""
+           step: int | None = None, dtype: str | None = None, overwrite: bool = False) -> str:
+  """Writes a checkpoint's model as a Hugging Face directory (with its tokenizer).
+
+  `out_dir` must be new or empty unless `overwrite`, in which case its old
+  contents are replaced whole (no stale files stay). The export is written
+  into a temporary sibling directory and renamed into place, so a failed
+  export leaves `out_dir` as it was.
+
+  transformers 5 forces `tie_word_embeddings=True` on every T5 config (it reads
+  a stored `false` only as "do not rescale the head"), so loading any T5 v1.1
+  model with its separate output head, ours or Google's, logs that it will
+  "NOT tie" the two: the head is loaded as stored, as the parity tests check.
+  """
+  target = epath.Path(out_dir)
+  if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+    raise FileExistsError(f"--out_dir {out_dir} exists and is not empty. Pass --overwrite "
+                          "to replace its contents, or choose a new directory.")
   source = checkpoint_dir or os.path.join(workdir, "checkpoints")
   config = checkpoints.load_model_config(source, step)
   params = checkpoints.load_params_from_checkpoint(source, step)
-  hf.save_hf(config, params, out_dir, dtype=dtype)
+  tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+  if tmp.exists():
+    tmp.rmtree()
+  hf.save_hf(config, params, os.fspath(tmp), dtype=dtype)
   spm = checkpoints.load_metadata(source, step).get("run", {}).get("vocabulary")
   if spm and os.path.exists(spm):
-    vocab_lib.save_hf_tokenizer(spm, out_dir)
+    vocab_lib.save_hf_tokenizer(spm, os.fspath(tmp))
+  if target.exists():
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    target.rename(old)
+    tmp.rename(target)
+    old.rmtree() if old.is_dir() else old.unlink()
+  else:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(target)
   return out_dir
 
 

@@ -103,13 +103,16 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
   """A ("data", "fsdp", "model") mesh over `devices` (default: all devices).
 
   Devices of several slices get a hybrid mesh: `config.shape` within each slice,
-  `config.dcn_shape` across them. `devices` may be abstract TPU devices of a
+  `config.dcn_shape` across them (data parallel across all slices when the dcn_*
+  sizes are left at 1). `devices` may be abstract TPU devices of a
   topology (`jax.experimental.topologies`), which is how `miniend plan` builds
   the mesh of a pod it does not have.
   """
   devices = list(jax.devices() if devices is None else devices)
   slices = num_slices(devices)
   dcn = config.dcn_shape()
+  if dcn == (1, 1, 1) and slices > 1:
+    dcn = (slices, 1, 1)  # unset: data parallelism across slices, the usual choice
   if int(np.prod(dcn)) != slices:
     raise ValueError(
         f"MeshConfig dcn_data={config.dcn_data} x dcn_fsdp={config.dcn_fsdp} = "

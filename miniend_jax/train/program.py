@@ -46,8 +46,9 @@ class TrainConfig:
     eval_batches: the most global validation batches per evaluation (loss and
       token accuracy); fewer when the split runs out first.
     eval_split: the split evaluated.
-    data_dir: where the embedded pydoc corpus and vocabulary are built
-      (default: the work directory's parent, so runs share them).
+    data_dir: where the embedded pydoc corpus and its vocabulary are built
+      and cached (default $MINIEND_DATA_DIR, else ~/.cache/miniend_jax; built
+      once, shared by every run).
     data_shards: logical shards the data is read as (a divisor of batch_size).
       The sequence of global batches depends on it and never on the number of
       hosts, and each host reads only the shards its rows come from. None: one
@@ -78,6 +79,17 @@ class TrainConfig:
   data_shards: int | None = None
   profile_steps: tuple[int, ...] = ()
   compilation_cache_dir: str | None = None
+
+  def __post_init__(self):
+    for name in ("inputs_length", "targets_length", "batch_size", "num_steps", "log_every"):
+      _check_int(self, name, minimum=1)
+    for name in ("eval_every", "eval_batches", "seed"):
+      _check_int(self, name, minimum=0)
+    if self.data_shards is not None:
+      _check_int(self, "data_shards", minimum=1)
+    for name in ("task", "eval_split"):
+      if not isinstance(getattr(self, name), str) or not getattr(self, name):
+        raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a name.")
 
 
 @gin.configurable
@@ -117,6 +129,16 @@ class ModelSetup:
   dtype: str = "float32"
   scan_layers: tuple[str, ...] = ()
 
+  def __post_init__(self):
+    for name in ("teacher_dtype", "dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"ModelSetup.{name}={getattr(self, name)!r}: 'float32', 'bfloat16' "
+                         "or 'float16'.")
+    if not isinstance(self.overrides, Mapping):
+      raise ValueError(f"ModelSetup.overrides={self.overrides!r} must be a dict of T5Config "
+                       "fields, e.g. {'dropout_rate': 0.0}.")
+    self.scans("teacher")  # validates scan_layers
+
   def scans(self, which: str) -> dict:
     """{"scan_layers": True} when `which` ("teacher" / "student") scans, else {}."""
     unknown = set(self.scan_layers) - {"teacher", "student"}
@@ -124,6 +146,12 @@ class ModelSetup:
       raise ValueError(f"ModelSetup.scan_layers={self.scan_layers!r}: a tuple of 'teacher' "
                        "and/or 'student', e.g. ('teacher',).")
     return {"scan_layers": True} if which in self.scan_layers else {}
+
+
+def _check_int(config, name: str, *, minimum: int) -> None:
+  value = getattr(config, name)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{type(config).__name__}.{name}={value!r} must be an integer >= {minimum}.")
 
 
 def recipe_from(value: str | Recipe) -> Recipe:

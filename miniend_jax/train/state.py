@@ -98,8 +98,10 @@ class OptimizerConfig:
       `end_learning_rate * learning_rate` at `total_steps`), or "rsqrt"
       (T5's inverse square root, lr * sqrt(max(warmup_steps, 1) / step);
       needs no `total_steps`).
-    total_steps: optimizer updates of the whole run (required by linear and
-      cosine decay). With gradient accumulation count updates, not micro-batches.
+    total_steps: optimizer updates over which linear and cosine decay run;
+      None (the usual choice) means the run's own number of updates, so
+      `--num_steps` sets it (the run loop fills it in). Set it only to decay
+      over another length (a warning says so when it differs from the run's).
     end_learning_rate: final learning rate as a fraction of the peak.
     weight_decay: decoupled weight decay (per update: p -= weight_decay * lr(t) * p);
       parameters matching `no_decay_patterns` are exempt.
@@ -161,9 +163,6 @@ def _validate(cfg: OptimizerConfig) -> None:
     fail("warmup_steps", "must be an integer >= 0.")
   if cfg.total_steps is not None and (not isinstance(cfg.total_steps, int) or cfg.total_steps <= 0):
     fail("total_steps", "must be a positive integer or None.")
-  if cfg.decay in ("linear", "cosine") and cfg.total_steps is None:
-    fail("total_steps", f"must be set for decay={cfg.decay!r} (it is where the decay ends); "
-         "use decay='constant' or 'rsqrt' for open-ended runs.")
   if cfg.total_steps is not None and cfg.warmup_steps > cfg.total_steps:
     fail("warmup_steps", f"is longer than total_steps={cfg.total_steps}; warm-up must end "
          "within the run.")
@@ -204,6 +203,9 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
   Continuous at the joint: every decay starts at the peak.
   """
   peak = cfg.learning_rate
+  if cfg.decay in ("linear", "cosine") and cfg.total_steps is None:
+    raise ValueError(f"OptimizerConfig.total_steps=None: decay={cfg.decay!r} needs the number "
+                     "of updates it runs over (the run loop sets it to the run's length).")
   decay_steps = None if cfg.total_steps is None else max(cfg.total_steps - cfg.warmup_steps, 1)
   end_value = cfg.end_learning_rate * peak
 

@@ -56,7 +56,7 @@ def test_paper_distillation_settings():
   train, model, optimizer, _, mesh = _parse("paper_t5_base_6L384H.gin")
   assert train.task == "c4_span_corruption" and train.inputs_length == 512
   assert model.teacher == "google/t5-v1_1-base" and model.student_shape == "6L-384H"
-  assert optimizer.total_steps == train.num_steps
+  assert optimizer.total_steps is None  # the decay follows the run's length (--num_steps)
   assert _bound_recipe().name == "miniend_d"
   gin.clear_config()
   # --recipe is a later binding and wins over the file's recipe.
@@ -85,3 +85,22 @@ def test_paper_finetuning_settings():
   gin.clear_config()
   train, *_ = _parse("paper_finetune_cnn_dailymail.gin")
   assert train.task == "cnn_dailymail" and train.targets_length == 128
+
+
+@pytest.mark.parametrize("teacher, shape", [("t5-v1_1-mini", "2L-64H"),
+                                            ("t5-v1_1-base", "6L-384H")])
+def test_the_readme_recipe_example_resolves(teacher, shape):
+  """README's "Adding a recipe" example, against the quickstart's and the paper's models."""
+  from miniend_jax.model import presets, student  # pylint: disable=import-outside-toplevel
+  gin_flags.parse_gin([os.path.join(ROOT, "gin_configs", "recipes", "examples", "my_path.gin")],
+                      [])
+  recipe = gin.query_parameter("%RECIPE").scoped_configurable_fn()
+  teacher_config = presets.get_model_config(teacher)
+  resolved = recipe.resolve(teacher_config, student.student_config(teacher_config, shape))
+  assert resolved.name == "my_path" and {t.kind for t in resolved.terms} == {"logits",
+                                                                            "decoder_cross"}
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  with open(os.path.join(ROOT, "gin_configs", "recipes", "examples", "my_path.gin")) as f:
+    example = "".join(line for line in f if not line.startswith("#")).strip()
+  assert example in readme  # the README shows this very file

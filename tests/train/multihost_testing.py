@@ -26,11 +26,14 @@ from miniend_jax.train import checkpoints, loop
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Tiny, fast settings; constant learning rate so a run's length does not change
-# its schedule (a stopped run is resumed with another --num_steps).
+# its schedule (a stopped run is resumed with another --num_steps). Gradients
+# summed over processes (gloo) and within one differ by float round-off, which
+# Adam's default eps turns into updates of up to ~lr where a gradient is ~0;
+# eps=1e-3 keeps such updates as small as the round-off.
 TINY_FLAGS = ["--no_progress", "--gin.TrainConfig.inputs_length=32",
               "--gin.TrainConfig.targets_length=8", "--gin.TrainConfig.batch_size=8",
               "--gin.TrainConfig.log_every=2", "--gin.OptimizerConfig.learning_rate=3e-3",
-              "--gin.OptimizerConfig.warmup_steps=0"]
+              "--gin.OptimizerConfig.warmup_steps=0", "--gin.OptimizerConfig.eps=1e-3"]
 
 
 def free_port() -> int:
@@ -103,7 +106,8 @@ def final_params(workdir: str) -> dict:
   return checkpoints.load_params_from_checkpoint(os.path.join(workdir, "checkpoints"))
 
 
-def assert_params_close(a, b, rtol=1e-5, atol=1e-6) -> None:
+def assert_params_close(a, b, rtol=1e-4, atol=1e-5) -> None:
+  """Equal up to float round-off (other examples would move weights by ~lr per step)."""
   flat_a = dict(jax.tree_util.tree_leaves_with_path(a))
   flat_b = dict(jax.tree_util.tree_leaves_with_path(b))
   assert flat_a.keys() == flat_b.keys() and flat_a

@@ -54,7 +54,8 @@ def test_nonfinite_update_stops_and_keeps_the_last_good_checkpoint(tmp_path, dat
                # A learning rate of 1e30 makes the weights overflow within two updates.
                optimizer=loop.state_lib.OptimizerConfig(learning_rate=1e30),
                checkpoint=checkpoints.CheckpointConfig(save_interval_steps=2, async_save=False),
-               mesh=loop.partitioning.MeshConfig(data=-1), progress=False)
+               mesh=loop.partitioning.MeshConfig(data=-1), progress=False,
+               allow_changes=True)  # another learning rate on purpose
   ckpt_dir = os.path.join(workdir, "checkpoints")
   assert checkpoints.latest_step(ckpt_dir) == 2
   restored = loop_testing.final_params(workdir)

@@ -78,7 +78,7 @@ def test_rsqrt_without_warmup_starts_at_peak():
     ({"decay": "exponential"}, "decay"),
     ({"learning_rate": -1.0}, "learning_rate"),
     ({"warmup_steps": 20, "total_steps": 10}, "warmup_steps"),
-    ({"decay": "cosine"}, "total_steps"),
+    ({"total_steps": 0}, "total_steps"),
     ({"end_learning_rate": 2.0}, "end_learning_rate"),
     ({"weight_decay": -0.1}, "weight_decay"),
     ({"b2": 1.0}, "b2"),
