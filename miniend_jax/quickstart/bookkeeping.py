@@ -17,6 +17,8 @@ import os
 import time
 from typing import Any, Callable, Mapping
 
+from miniend_jax.train import run_record
+
 STAGE_FILE = "quickstart_stage.json"
 
 
@@ -36,29 +38,19 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 def claim_settings(directory: str, settings: Mapping[str, Any], filename: str = STAGE_FILE) -> str:
   """Records `settings` in `directory` (or checks them against the recorded ones).
 
-  Returns the settings' fingerprint; raises StageMismatchError, naming what
-  changed, when `directory` was made with other settings.
+  The run loop's own mechanism (`train.run_record.claim`), with no change
+  allowed: a stage is redone only by hand. Returns the settings' fingerprint;
+  raises StageMismatchError, naming what changed, when `directory` was made
+  with other settings.
   """
-  path = os.path.join(directory, filename)
-  fp = fingerprint(settings)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      recorded = json.load(f)
-    if recorded.get("fingerprint") != fp:
-      old = recorded.get("settings", {})
-      diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings))
-              if old.get(k) != settings.get(k)}
-      raise StageMismatchError(
-          f"{directory} was made with other settings ("
-          f"{', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}). "
-          "Re-run with the same flags to resume, use another --workdir, or delete that "
-          "directory (and those made from it) to redo it.")
-    return fp
-  os.makedirs(directory, exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump({"fingerprint": fp, "settings": dict(settings)}, f, indent=1)
-  os.replace(path + ".tmp", path)
-  return fp
+  try:
+    run_record.claim(directory, settings, filename=filename, safe_to_change=(),
+                     what="these settings",
+                     advice="Re-run with the same flags to resume, use another --workdir, or "
+                            "delete that directory (and those made from it) to redo it.")
+  except run_record.RunMismatchError as e:
+    raise StageMismatchError(str(e)) from e
+  return fingerprint(settings)
 
 
 def read_json(path: str) -> dict | None:

@@ -80,9 +80,14 @@ def _safe(key: str, safe_to_change: Sequence[str]) -> bool:
   return any(fnmatch.fnmatchcase(key, pattern) for pattern in safe_to_change)
 
 
+ALLOW_CHANGES_ADVICE = ("Use a new --workdir, or pass --allow_changes to continue this run with "
+                        "the new settings anyway.")
+
+
 def claim(directory, settings: Mapping[str, Any], *, filename: str = RECORD_FILE,
           safe_to_change: Sequence[str] = SAFE_TO_CHANGE, allow_changes: bool = False,
-          what: str = "this command", write: bool = True) -> dict[str, tuple[Any, Any]]:
+          what: str = "this command", write: bool = True,
+          advice: str = ALLOW_CHANGES_ADVICE) -> dict[str, tuple[Any, Any]]:
   """Checks `settings` against the record in `directory`, or records them.
 
   Args:
@@ -93,6 +98,7 @@ def claim(directory, settings: Mapping[str, Any], *, filename: str = RECORD_FILE
     allow_changes: continue even when other keys differ (the caller's choice).
     what: how to name the refused invocation in the message.
     write: record (or update) the settings; False only checks (other hosts).
+    advice: what the refusal tells the user to do.
   Returns:
     {key: (recorded, given)} of every setting that differs.
   Raises:
@@ -117,8 +123,7 @@ def claim(directory, settings: Mapping[str, Any], *, filename: str = RECORD_FILE
       more = f"; and {len(unsafe) - 8} more" if len(unsafe) > 8 else ""
       raise RunMismatchError(
           f"{directory} holds a run made with other settings than {what} ({shown}{more}). "
-          "Nothing was changed. Use a new --workdir, or pass --allow_changes to continue "
-          "this run with the new settings anyway.", unsafe)
+          f"Nothing was changed. {advice}", unsafe)
   if write and (recorded is None or differences):
     history = list((recorded or {}).get("history", []))
     history.append({"at": datetime.datetime.now(datetime.timezone.utc).isoformat(),

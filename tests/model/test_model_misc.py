@@ -83,7 +83,10 @@ def test_bf16_compute_with_f32_params_is_close_to_f32():
   enc, dec = _tokens()
   f32 = T5(TINY).apply({"params": params}, enc, dec).logits
   bf16 = T5(TINY.replace(dtype="bfloat16")).apply({"params": params}, enc, dec).logits
-  assert bf16.dtype == jnp.bfloat16
+  assert bf16.dtype == jnp.float32  # the head returns float32 logits (logits_dtype)
+  coarse = T5(TINY.replace(dtype="bfloat16", logits_dtype="bfloat16")).apply(
+      {"params": params}, enc, dec).logits
+  assert coarse.dtype == jnp.bfloat16
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   err = np.max(np.abs(np.asarray(bf16, np.float32) - f32)) / np.max(np.abs(f32))
   assert 0 < err < 3e-2
