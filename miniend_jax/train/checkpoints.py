@@ -292,8 +292,13 @@ class Checkpointer:
     self.config = config
     self._model_config = _config_dict(model_config)
     self._run_metadata = json.loads(json.dumps(dict(metadata or {})))
-    options = (ocp.CheckpointManagerOptions(read_only=True, create=False) if read_only
-               else self._options(config))
+    # A reader is this process's alone: hosts of a pod query at different times
+    # (one may see the directory another just created), so a reader that joined
+    # orbax's global barriers would pair them with another host's save barriers.
+    options = (ocp.CheckpointManagerOptions(
+        read_only=True, create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(), active_processes={jax.process_index()}))
+               if read_only else self._options(config))
     self._manager = ocp.CheckpointManager(
         self.directory, item_handlers=_ITEM_HANDLERS(), options=options)
 

@@ -42,12 +42,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(num_processes: int, command: list[str], *, data_dir: str,
-           cache_dir: str | None = None) -> list[subprocess.Popen]:
+def launch(num_processes: int, command: list[str], *, data_dir: str | None,
+           cache_dir: str | None = None, python: list[str] | None = None
+           ) -> list[subprocess.Popen]:
   """Starts `python -m miniend_jax COMMAND...` as `num_processes` processes.
 
   `cache_dir`: a persistent compilation cache the runs share (the programs of
-  runs with the same process count are the same).
+  runs with the same process count are the same). `python`: other
+  interpreter arguments instead of `-m miniend_jax` (e.g. ["-c", code]); the
+  process index is then argv[1].
   """
   port = free_port()
   procs = []
@@ -61,9 +64,10 @@ def launch(num_processes: int, command: list[str], *, data_dir: str,
     if num_processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                  JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(index))
+    argv = ([*python, str(index), *command] if python else
+            ["-m", "miniend_jax", *command, f"--gin.TrainConfig.data_dir='{data_dir}'"])
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "miniend_jax", *command,
-         f"--gin.TrainConfig.data_dir='{data_dir}'"],
+        [sys.executable, *argv],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return procs
 

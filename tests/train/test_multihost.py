@@ -10,6 +10,7 @@ are uneven), and checkpoint asynchronously. They must:
 
 import json
 import os
+import textwrap
 
 import numpy as np
 import pytest
@@ -134,3 +135,27 @@ def test_a_model_replica_across_both_processes(tmp_path, data_dir, cache_dir):
   # hence a float32 teacher here. Other examples would change every loss.
   np.testing.assert_allclose(_losses(runs[2]), _losses(runs[1]), rtol=1e-5)
   mh.assert_params_close(mh.final_params(runs[1]), mh.final_params(runs[2]))
+
+
+def test_checkpoint_queries_join_no_barrier(tmp_path):
+  """Hosts look at a checkpoint directory at different times (one may see the
+  directory another just made): a query must stay on its host, or it pairs
+  with another host's barrier and the run dies (seen: a fresh 2-host run,
+  where one host's `latest_step` met the other's CheckpointManager barrier)."""
+  ckpt_dir = str(tmp_path / "checkpoints")
+  ckpt = checkpoints.Checkpointer(ckpt_dir)
+  ckpt.save(3, {"w": np.ones(2, np.float32)}, force=True)
+  ckpt.close()
+  code = textwrap.dedent(f"""
+      import sys
+      from jax.experimental import multihost_utils
+      from miniend_jax.train import checkpoints, partitioning
+      partitioning.maybe_initialize_distributed()
+      if sys.argv[1] == "0":  # only host 0 looks
+        assert checkpoints.latest_step({ckpt_dir!r}) == 3
+        assert checkpoints.load_metadata({ckpt_dir!r})["step"] == 3
+      multihost_utils.sync_global_devices("after the queries")
+      print("done", sys.argv[1])
+      """)
+  outputs = mh.wait(mh.launch(2, [], data_dir=None, python=["-c", code]), timeout=120)
+  assert all(f"done {index}\n" in out for index, out in enumerate(outputs)), outputs
