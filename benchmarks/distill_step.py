@@ -66,7 +66,8 @@ def _peak_flops(device_kind: str, backend: str) -> tuple[float, str]:
 def _configs(args):
   from miniend_jax.distill.recipe import get_recipe  # pylint: disable=import-outside-toplevel
   from miniend_jax.model import presets, student  # pylint: disable=import-outside-toplevel
-  teacher = presets.get_model_config(args.teacher, dropout_rate=0.0, dtype=args.teacher_dtype)
+  teacher = presets.get_model_config(args.teacher, dropout_rate=0.0, dtype=args.teacher_dtype,
+                                     attention_impl=args.attention)
   student_cfg = student.student_config(teacher.replace(dtype=args.dtype), args.student,
                                        dropout_rate=0.0)
   recipe = get_recipe(args.recipe).resolve(teacher, student_cfg)
@@ -292,6 +293,9 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
                       help="student compute dtype (parameters stay float32)")
   parser.add_argument("--impl", default="jax", choices=["jax", "torch", "both"])
+  parser.add_argument("--attention", default="auto", choices=["auto", "explicit", "xla", "cudnn"],
+                      help="our models' attention kernel (T5Config.attention_impl); 'auto' "
+                      "is cuDNN flash attention on GPUs for bf16, explicit elsewhere")
   args = parser.parse_args()
   if args.impl == "both":
     lines = {}

@@ -16,6 +16,7 @@ import numpy as np
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu", "gated-relu", "gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,11 @@ class T5Config:
   leading logical axis "layers") and runs the layers no tap asks for under
   `jax.lax.scan`, so XLA compiles one layer body instead of every layer (see
   `t5.stack_layer_params` / `t5.unstack_layer_params` to convert parameters).
+
+  `attention_impl` picks the attention kernel (the same math; see
+  `t5.attention_implementation`): "explicit" einsums and softmax, "xla" or
+  "cudnn" through `jax.nn.dot_product_attention` (cuDNN: fused flash attention
+  on NVIDIA GPUs, bf16/fp16 only), "auto" cuDNN where it applies, else explicit.
   """
 
   vocab_size: int = 32128
@@ -53,6 +59,7 @@ class T5Config:
   remat_policy: str = "none"
   scan_layers: bool = False
   logits_dtype: str = "float32"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.num_decoder_layers is None:
@@ -72,6 +79,10 @@ class T5Config:
       raise ValueError(
           f"T5Config.remat_policy={self.remat_policy!r} is unknown; "
           f"use one of {REMAT_POLICIES}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(
+          f"T5Config.attention_impl={self.attention_impl!r} is unknown; "
+          f"use one of {ATTENTION_IMPLS}.")
     for name in ("dtype", "param_dtype", "logits_dtype"):
       try:
         np.dtype(getattr(self, name))

@@ -300,6 +300,34 @@ class RelativePositionBias(nn.Module):
     return jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=1)[None]
 
 
+def attention_implementation(config: T5Config, *, dropout: bool = False,
+                             decode: bool = False) -> str:
+  """The attention kernel a layer of `config` runs: "explicit", "xla" or "cudnn".
+
+  "auto" takes cuDNN's fused attention on GPUs for bf16 / fp16 compute with
+  head sizes cuDNN accepts (a multiple of 8, at most 128), and the explicit
+  einsums everywhere else: on CPUs the explicit path measured faster, and on
+  TPUs XLA fuses it. Incremental decoding (`decode`: one query against a
+  cache) always runs explicit, whatever the config says, so a model trained
+  with a fused kernel decodes as usual. `jax.nn.dot_product_attention` has no
+  attention-probability dropout: with `dropout` "auto" stays explicit and
+  naming "xla" / "cudnn" is an error.
+  """
+  chosen = config.attention_impl
+  if decode:
+    return "explicit"
+  if chosen == "auto":
+    fusable = (jax.default_backend() == "gpu"
+               and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
+               and config.d_kv % 8 == 0 and config.d_kv <= 128)
+    return "cudnn" if fusable and not dropout else "explicit"
+  if chosen != "explicit" and dropout:
+    raise ValueError(
+        f"T5Config.attention_impl={chosen!r} cannot apply attention dropout; use 'auto' "
+        "(explicit for layers with dropout) or set dropout_rate=0.")
+  return chosen
+
+
 class Attention(nn.Module):
   """Multi-head attention without score scaling (T5 folds it into the query init)."""
 
@@ -335,12 +363,21 @@ class Attention(nn.Module):
     if self.decode:
       key, value = self._update_cache(key, value)
 
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                        preferred_element_type=jnp.float32) + bias
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
-                         preferred_element_type=jnp.float32).astype(dtype)
+    implementation = attention_implementation(
+        cfg, dropout=not self.deterministic and cfg.dropout_rate > 0, decode=self.decode)
+    if implementation == "explicit":
+      scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                          preferred_element_type=jnp.float32) + bias
+      weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+      weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
+      context = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
+                           preferred_element_type=jnp.float32).astype(dtype)
+    else:
+      # The relative-position bias and the masks travel as one additive bias
+      # (cuDNN wants it in the inputs' dtype); scale 1: T5 scales by its init.
+      context = jax.nn.dot_product_attention(
+          query, key, value, bias=bias.astype(query.dtype) if implementation == "cudnn" else bias,
+          scale=1.0, implementation=implementation).astype(dtype)
     out = Dense(heads_shape, (cfg.d_model,), ("heads", "kv", "embed"),
                 cfg.inner_dim ** -0.5, dtype, param_dtype, name="out")(context)
 

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from miniend_jax.distill.recipe import Recipe, get_recipe
 from miniend_jax.model import hf, presets, student as student_lib, t5
+from miniend_jax.model.config import ATTENTION_IMPLS
 from miniend_jax.train import partitioning, state as state_lib, steps
 
 MODES = ("distill", "pretrain", "finetune")
@@ -117,6 +118,10 @@ class ModelSetup:
       gains most (no optimizer state; the 11B plan on v4-64 compiles in 214 s
       instead of 274 s and needs less HBM); a scanned student's checkpoints
       store stacked layers (export and decoding unstack them).
+    attention_impl: the attention kernel of every model of the run
+      (`T5Config.attention_impl`): "auto" (cuDNN flash attention on GPUs for
+      bf16 / fp16 models, explicit elsewhere), "explicit", "xla" or "cudnn".
+      The same math, so a resumed run may change it.
   """
 
   teacher: str | None = None
@@ -128,8 +133,12 @@ class ModelSetup:
   init_from: str | None = None
   dtype: str = "float32"
   scan_layers: tuple[str, ...] = ()
+  attention_impl: str = "auto"
 
   def __post_init__(self):
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelSetup.attention_impl={self.attention_impl!r}: one of "
+                       f"{ATTENTION_IMPLS}.")
     for name in ("teacher_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"ModelSetup.{name}={getattr(self, name)!r}: 'float32', 'bfloat16' "
@@ -214,7 +223,9 @@ def model_configs(mode: str, model: ModelSetup, *, vocab_size: int | None = None
   """
   if mode not in MODES:
     raise ValueError(f"Unknown mode {mode!r}; one of {MODES}.")
-  scan = model.scans("student")
+  # The trained model's settings; explicit `overrides` win.
+  own = {**model.scans("student"), "attention_impl": model.attention_impl,
+         **dict(model.overrides)}
   teacher_config = None
   if mode == "distill":
     if not model.teacher:
@@ -222,21 +233,20 @@ def model_configs(mode: str, model: ModelSetup, *, vocab_size: int | None = None
                        "directory or a miniend checkpoint directory), e.g. --teacher DIR.")
     teacher_config = model_config_of(model.teacher).replace(
         dtype=model.teacher_dtype, dropout_rate=0.0, param_dtype=model.teacher_dtype,
-        scan_layers=bool(model.scans("teacher")))
+        scan_layers=bool(model.scans("teacher")), attention_impl=model.attention_impl)
     config = student_lib.student_config(teacher_config, model.student_shape, dtype=model.dtype,
-                                        param_dtype="float32", scan_layers=bool(scan),
-                                        **dict(model.overrides))
+                                        param_dtype="float32",
+                                        **{"scan_layers": False, **own})
   elif mode == "pretrain":
-    overrides = dict(model.overrides)
     if vocab_size is not None:
-      overrides.setdefault("vocab_size", vocab_size)
-    config = presets.get_model_config(model.preset, dtype=model.dtype, **scan, **overrides)
+      own.setdefault("vocab_size", vocab_size)
+    config = presets.get_model_config(model.preset, dtype=model.dtype, **own)
   else:
     if not model.init_from:
       raise ValueError("finetune needs initial weights: --init_from DIR (a distilled "
                        "student's workdir or checkpoints, or a Hugging Face directory).")
     config = model_config_of(model.init_from).replace(dtype=model.dtype, param_dtype="float32",
-                                                      **scan, **dict(model.overrides))
+                                                      **own)
   if model.student_init not in ("random", "teacher_layers"):
     raise ValueError(f"ModelSetup.student_init={model.student_init!r}: 'random' or "
                      "'teacher_layers'.")

@@ -30,6 +30,7 @@ SAFE_TO_CHANGE = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.profile_steps", "train.compilation_cache_dir", "train.data_dir",
     "optimizer.total_steps_from_num_steps", "checkpoint.*", "mesh.*",
+    "model.attention_impl",  # the kernel, not the math
 )
 
 
