@@ -16,7 +16,10 @@ The PyTorch step is Hugging Face's T5ForConditionalGeneration for teacher and
 student (same random weights as ours, exported with save_hf), q/k/v captured
 with forward hooks, the recipe's terms written in torch, AdamW; the teacher is
 cast to `--teacher_dtype`, and `--dtype bfloat16` runs the student under
-torch.autocast (bf16 matmuls, float32 weights), as ours does. Only the
+torch.autocast (bf16 matmuls, float32 weights), as ours does; attention is
+PyTorch's fused SDPA. On a CUDA machine both sides run on the GPU and report
+`peak_device_mb`; ours reports the attention kernel it ran (`--attention`,
+default auto: cuDNN flash attention on GPUs for bf16). Only the
 recipes' term kinds logits / encoder_self / decoder_self / decoder_cross are
 implemented there.
 
@@ -140,9 +143,12 @@ def run_jax(args) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   device = jax.devices()[0]
+  peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
   return _result("jax", args, teacher, student_cfg, recipe, statistics.median(times), compile_s,
                  first_loss, float(metrics["loss"]), str(device.device_kind),
-                 jax.default_backend(), jax.device_count())
+                 jax.default_backend(), jax.device_count(), attention=args.attention,
+                 attention_kernel=t5.attention_implementation(student_cfg),
+                 peak_device_mb=round(peak_bytes / 2**20, 1) if peak_bytes else None)
 
 
 def _torch_relation(a, b, a_t, b_t, heads, row_mask, key_mask, causal):
@@ -157,7 +163,8 @@ def _torch_relation(a, b, a_t, b_t, heads, row_mask, key_mask, causal):
     scores = (x.float() @ y.float().transpose(-1, -2)) / hd ** 0.5
     mask = key_mask[:, None, None, :]
     if causal:
-      mask = mask & torch.ones(len_x, y.shape[2], dtype=torch.bool).tril()[None, None]
+      mask = mask & torch.ones(len_x, y.shape[2], dtype=torch.bool,
+                               device=x.device).tril()[None, None]
     return torch.log_softmax(scores.masked_fill(~mask, -1e9), dim=-1), mask
 
   log_s, mask = relation(a, b)
@@ -176,6 +183,7 @@ def run_torch(args) -> dict:
 
   teacher, student_cfg, recipe = _configs(args)
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   models = {}
   with tempfile.TemporaryDirectory() as d:
     for name, cfg, seed in (("teacher", teacher, 0), ("student", student_cfg, 1)):
@@ -183,8 +191,9 @@ def run_torch(args) -> dict:
         continue
       hf.save_hf(cfg, t5.init_params(cfg.replace(dtype="float32"), jax.random.key(seed)),
                  os.path.join(d, name))
+      # PyTorch's fused attention (SDPA: flash / memory-efficient kernels on GPUs).
       models[name] = transformers.T5ForConditionalGeneration.from_pretrained(
-          os.path.join(d, name), dtype=torch.float32)
+          os.path.join(d, name), dtype=torch.float32, attn_implementation="sdpa").to(device)
   if "teacher" in models:
     models["teacher"] = models["teacher"].to(torch_dtype[args.teacher_dtype]).eval()
     models["teacher"].requires_grad_(False)
@@ -206,7 +215,7 @@ def run_torch(args) -> dict:
       attach(student_model, "student", term.kind, term.student_layer)
 
   np_batch = _batch(student_cfg.vocab_size, args)
-  batch = {k: torch.as_tensor(v).long() if v.dtype == np.int32 else torch.as_tensor(v)
+  batch = {k: (torch.as_tensor(v).long() if v.dtype == np.int32 else torch.as_tensor(v)).to(device)
            for k, v in np_batch.items()}
   enc_mask = batch["encoder_input_tokens"] != 0
   dec_mask = batch["decoder_target_tokens"] != 0
@@ -220,7 +229,7 @@ def run_torch(args) -> dict:
     if "teacher" in models:
       with torch.no_grad():
         teacher_logits = forward(models["teacher"]).float()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
       logits = forward(student_model).float()
     log_p = torch.log_softmax(logits, -1)
     weights = batch["decoder_loss_weights"]
@@ -261,8 +270,12 @@ def run_torch(args) -> dict:
     start = time.perf_counter()
     loss = step()
     times.append(time.perf_counter() - start)
+  on_gpu = device == "cuda"
   return _result("torch", args, teacher, student_cfg, recipe, statistics.median(times), compile_s,
-                 first_loss, loss, "cpu", "cpu", 1, torch_threads=torch.get_num_threads())
+                 first_loss, loss, torch.cuda.get_device_name() if on_gpu else "cpu",
+                 "gpu" if on_gpu else "cpu", 1, torch_threads=torch.get_num_threads(),
+                 peak_device_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                 if on_gpu else None)
 
 
 def _result(impl, args, teacher, student_cfg, recipe, step_s, compile_s, first_loss, loss,
@@ -305,9 +318,12 @@ def main():
                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
       print(out, flush=True)
       lines[impl] = json.loads(out)
-    print(json.dumps({"benchmark": "distill_step_ratio",
+    print(json.dumps({"benchmark": "distill_step_ratio", "batch": args.batch,
+                      "inputs": args.inputs, "targets": args.targets,
+                      "device": lines["jax"]["device"],
                       "jax_over_torch_throughput": round(
-                          lines["torch"]["step_s"] / lines["jax"]["step_s"], 3)}))
+                          lines["torch"]["step_s"] / lines["jax"]["step_s"], 3),
+                      "jax_mfu": lines["jax"]["mfu"], "torch_mfu": lines["torch"]["mfu"]}))
     return
   print(json.dumps(run_jax(args) if args.impl == "jax" else run_torch(args)), flush=True)
 
