@@ -26,6 +26,9 @@ import pytest
 import distill_tiny_models as tiny
 from miniend_jax.distill import recipe as R
 
+# The lean core: runs where JAX, Flax, optax, orbax and gin are (also the Python 3.12 leg).
+pytestmark = pytest.mark.lean
+
 ONE_DECODER_LAYER = tiny.config(num_decoder_layers=1)
 UNTIED_GATED = tiny.config(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 

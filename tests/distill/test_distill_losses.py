@@ -8,6 +8,9 @@ import pytest
 import distill_reference as ref
 from miniend_jax.distill import losses
 
+# The lean core: runs where JAX, Flax, optax, orbax and gin are (also the Python 3.12 leg).
+pytestmark = pytest.mark.lean
+
 RTOL = 2e-5
 ATOL = 1e-6
 

@@ -15,6 +15,9 @@ import distill_tiny_models as tiny
 from miniend_jax.distill import recipe as R
 from miniend_jax.model.t5 import AttentionTap, T5Output, Taps
 
+# The lean core: runs where JAX, Flax, optax, orbax and gin are (also the Python 3.12 leg).
+pytestmark = pytest.mark.lean
+
 RECIPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "gin_configs",
                           "recipes")
 REQUIRED = ("scratch", "kd_logits", "minilm", "kd_logits_minilm", "implicit",

@@ -15,6 +15,9 @@ from miniend_jax.model import hf, t5
 from miniend_jax.model.t5 import T5, T5Config, Taps
 from miniend_jax.train import program
 
+# The lean core: runs where JAX, Flax, optax, orbax and gin are (also the Python 3.12 leg).
+pytestmark = pytest.mark.lean
+
 TAPS = Taps(encoder_self=(-1,), decoder_self=(-1,), decoder_cross=(-1,))
 
 

@@ -8,6 +8,9 @@ import pytest
 from miniend_jax.model import t5
 from miniend_jax.model.t5 import T5, T5Config, Taps
 
+# The lean core: runs where JAX, Flax, optax, orbax and gin are (also the Python 3.12 leg).
+pytestmark = pytest.mark.lean
+
 FAMILIES = {
     "v1.0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
     "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),

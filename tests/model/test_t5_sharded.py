@@ -8,6 +8,9 @@ import pytest
 from miniend_jax.model import t5
 from miniend_jax.train import partitioning
 
+# The lean core: runs where JAX, Flax, optax, orbax and gin are (also the Python 3.12 leg).
+pytestmark = pytest.mark.lean
+
 CONFIG = t5.T5Config(vocab_size=128, d_model=32, d_kv=4, d_ff=64, num_layers=2,
                      num_decoder_layers=2, num_heads=8, feed_forward_proj="gated-gelu",
                      tie_word_embeddings=False)

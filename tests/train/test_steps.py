@@ -9,6 +9,9 @@ from miniend_jax.distill.recipe import get_recipe
 from miniend_jax.model import student, t5
 from miniend_jax.train import partitioning, state as state_lib, steps
 
+# The lean core: runs where JAX, Flax, optax, orbax and gin are (also the Python 3.12 leg).
+pytestmark = pytest.mark.lean
+
 TEACHER = t5.T5Config(vocab_size=128, d_model=32, d_kv=4, d_ff=64, num_layers=2, num_heads=8,
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
 STUDENT = TEACHER.replace(num_layers=1, num_decoder_layers=1, d_model=16, d_kv=2, d_ff=32)
