@@ -65,10 +65,13 @@ def _models(args, bindings) -> int:
   from miniend_jax.model.student import student_config  # pylint: disable=import-outside-toplevel
 
   def row(name, cfg):
-    print(f"{name:<16} {cfg.num_layers:>6} {cfg.d_model:>7} {cfg.num_heads:>5} {cfg.d_ff:>6} "
-          f"{count_params(cfg):>14,}")
+    layers = (str(cfg.num_layers) if cfg.num_decoder_layers == cfg.num_layers
+              else f"{cfg.num_layers}+{cfg.num_decoder_layers}")
+    print(f"{name:<16} {layers:>6} {cfg.d_model:>7} {cfg.num_heads:>5} {cfg.d_ff:>6} "
+          f"{cfg.vocab_size:>7} {cfg.feed_forward_proj:<11} {count_params(cfg):>15,}")
 
-  print(f"{'preset':<16} {'layers':>6} {'d_model':>7} {'heads':>5} {'d_ff':>6} {'params':>14}")
+  print(f"{'preset':<16} {'layers':>6} {'d_model':>7} {'heads':>5} {'d_ff':>6} {'vocab':>7} "
+        f"{'ffn':<11} {'params':>15}")
   for name, cfg in presets.MODEL_PRESETS.items():
     row(name, cfg)
   teacher = presets.get_model_config(args.teacher)

@@ -246,6 +246,42 @@ def get_vocabulary(
   return vocabulary
 
 
+# ByT5: 3 special ids (pad, eos, unk), 256 bytes, 125 sentinels = 384 ids.
+BYT5_EXTRA_IDS = 125
+
+
+def checkpoint_vocabulary(directory: str) -> seqio.Vocabulary:
+  """The vocabulary a Hugging Face T5-family checkpoint was trained with.
+
+  SentencePiece when the directory holds `spiece.model` (T5, Flan-T5, mT5,
+  umT5, UL2; see `get_vocabulary`); bytes when its tokenizer is ByT5's
+  (`seqio.ByteVocabulary`, whose ids equal `ByT5Tokenizer`'s: byte + 3).
+
+  Raises:
+    ValueError: the directory holds neither (e.g. only a tokenizer.json).
+  """
+  directory = os.fspath(directory)
+  if tf.io.gfile.exists(os.path.join(directory, HF_SPM_FILENAME)):
+    return get_vocabulary(directory)
+  tokenizer_class = None
+  config_path = os.path.join(directory, "tokenizer_config.json")
+  if tf.io.gfile.exists(config_path):
+    with tf.io.gfile.GFile(config_path, "r") as f:
+      tokenizer_class = json.load(f).get("tokenizer_class")
+  if tokenizer_class == "ByT5Tokenizer":
+    vocabulary = seqio.ByteVocabulary(extra_ids=BYT5_EXTRA_IDS)
+    rows = _hf_model_vocab_size(directory)
+    if rows is not None and rows < vocabulary.vocab_size:
+      raise ValueError(f"{directory}: a ByT5 tokenizer needs {vocabulary.vocab_size} embedding "
+                       f"rows but config.json has vocab_size={rows}.")
+    return vocabulary
+  raise ValueError(
+      f"{directory} holds no vocabulary miniend_jax can read: no {HF_SPM_FILENAME} "
+      f"(SentencePiece: T5, mT5, umT5, UL2) and tokenizer_config.json names "
+      f"tokenizer_class={tokenizer_class!r}, not ByT5Tokenizer. Copy the model's "
+      f"{HF_SPM_FILENAME} into the directory.")
+
+
 def padded_vocab_size(vocabulary: seqio.Vocabulary, multiple: int = 128) -> int:
   """Embedding rows for `vocabulary`, rounded up to `multiple` (T5: 32128)."""
   return -(-vocabulary.vocab_size // multiple) * multiple

@@ -14,7 +14,17 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers "bfloat16" with numpy)
 import numpy as np
 
-FEED_FORWARD_KINDS = ("relu", "gated-gelu", "gated-relu", "gelu")
+# The feed-forward activations, by transformers' ACT2FN names (a T5 config's
+# `feed_forward_proj` is one of them, optionally prefixed "gated-"); the value
+# names the JAX function (see `T5Config.activation`). transformers maps
+# "gated-gelu" to gelu_new (tanh), and plain "gelu" to the exact (erf) GELU.
+ACTIVATIONS = {
+    "relu": "relu", "relu6": "relu6", "gelu": "gelu_exact", "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+    "silu": "silu", "swish": "silu", "mish": "mish", "tanh": "tanh", "sigmoid": "sigmoid",
+    "linear": "identity",
+}
+FEED_FORWARD_KINDS = tuple(prefix + name for prefix in ("", "gated-") for name in ACTIVATIONS)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn")
 
@@ -34,6 +44,10 @@ class T5Config:
   leading logical axis "layers") and runs the layers no tap asks for under
   `jax.lax.scan`, so XLA compiles one layer body instead of every layer (see
   `t5.stack_layer_params` / `t5.unstack_layer_params` to convert parameters).
+
+  `relative_bias_per_layer`: every layer's self-attention has its own
+  relative-position table (umT5, model_type "umt5"), instead of one table per
+  stack shared by all layers (T5, mT5).
 
   `attention_impl` picks the attention kernel (the same math; see
   `t5.attention_implementation`): "explicit" einsums and softmax, "xla" or
@@ -60,6 +74,7 @@ class T5Config:
   scan_layers: bool = False
   logits_dtype: str = "float32"
   attention_impl: str = "auto"
+  relative_bias_per_layer: bool = False
 
   def __post_init__(self):
     if self.num_decoder_layers is None:
@@ -73,8 +88,9 @@ class T5Config:
         raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}.")
     if self.feed_forward_proj not in FEED_FORWARD_KINDS:
       raise ValueError(
-          f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; "
-          f"use one of {FEED_FORWARD_KINDS}.")
+          f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; use an "
+          f"activation of {sorted(ACTIVATIONS)}, optionally prefixed 'gated-' "
+          "(e.g. 'gated-gelu' for T5 v1.1, 'gated-silu' for UL2).")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
           f"T5Config.remat_policy={self.remat_policy!r} is unknown; "
@@ -88,8 +104,9 @@ class T5Config:
         np.dtype(getattr(self, name))
       except TypeError as e:
         raise ValueError(f"T5Config.{name}={getattr(self, name)!r} is not a dtype.") from e
-    if not isinstance(self.scan_layers, (bool, np.bool_)):
-      raise ValueError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}.")
+    for name in ("scan_layers", "relative_bias_per_layer"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ValueError(f"T5Config.{name} must be True or False, got {getattr(self, name)!r}.")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
 
@@ -99,12 +116,20 @@ class T5Config:
 
   @property
   def activation(self):
+    """The feed-forward activation, as transformers' T5 applies it."""
     import jax  # pylint: disable=import-outside-toplevel
-    name = self.feed_forward_proj.removeprefix("gated-")
-    if name == "gelu":
-      # Hugging Face maps "gated-gelu" to gelu_new, the tanh approximation.
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    if self.feed_forward_proj == "gated-gelu":  # transformers' special case
       return functools.partial(jax.nn.gelu, approximate=True)
-    return jax.nn.relu
+    kind = ACTIVATIONS[self.feed_forward_proj.removeprefix("gated-")]
+    return {
+        "relu": jax.nn.relu, "relu6": jax.nn.relu6,
+        "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "silu": jax.nn.silu, "mish": jax.nn.mish, "tanh": jnp.tanh,
+        "sigmoid": jax.nn.sigmoid, "identity": lambda x: x,
+    }[kind]
 
   @property
   def inner_dim(self) -> int:
@@ -124,7 +149,9 @@ def count_params(config: T5Config) -> int:
   attention = 4 * d * inner  # query, key, value, out
   mlp = (3 if config.is_gated else 2) * d * ff
   relpos = config.relative_attention_num_buckets * config.num_heads
-  encoder = config.num_layers * (2 * d + attention + mlp) + relpos + d
-  decoder = config.num_decoder_layers * (3 * d + 2 * attention + mlp) + relpos + d
+  layer_relpos, stack_relpos = (relpos, 0) if config.relative_bias_per_layer else (0, relpos)
+  encoder = config.num_layers * (2 * d + attention + mlp + layer_relpos) + stack_relpos + d
+  decoder = (config.num_decoder_layers * (3 * d + 2 * attention + mlp + layer_relpos)
+             + stack_relpos + d)
   head = 0 if config.tie_word_embeddings else d * config.vocab_size
   return config.vocab_size * d + encoder + decoder + head

@@ -42,13 +42,18 @@ class CheckpointError(ValueError):
 # Config.
 
 
+# model_types read; umT5 differs from T5 only in its per-layer relative-position tables.
+MODEL_TYPES = ("t5", "mt5", "umt5")
+
+
 def check_model_type(hf_config: Mapping[str, Any]) -> None:
   """Raises CheckpointError unless config.json describes a T5 model."""
   model_type = hf_config.get("model_type")
-  if model_type not in ("t5", "mt5"):
+  if model_type not in MODEL_TYPES:
     raise CheckpointError(
         f"config.json describes model_type={model_type!r}, not a T5 encoder-decoder; "
-        "miniend_jax reads T5 / T5 v1.1 / mT5 checkpoints (model_type 't5' or 'mt5').")
+        "miniend_jax reads T5, T5 v1.1, Flan-T5, mT5, umT5, ByT5 and UL2 checkpoints "
+        f"(model_type one of {MODEL_TYPES}).")
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> T5Config:
@@ -56,12 +61,16 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> T5Config:
 
   transformers 5 always writes `tie_word_embeddings: true` for T5 and records the
   v1.0 output rescaling in `scale_decoder_outputs`; older versions record both
-  in `tie_word_embeddings`. Our `tie_word_embeddings` means "v1.0 head": tied and
+  in `tie_word_embeddings`; mT5's head is never rescaled. Our `tie_word_embeddings` means "v1.0 head": tied and
   rescaled by d_model**-0.5.
   """
   check_model_type(hf_config)
   scaled_head = hf_config.get("scale_decoder_outputs",
                               hf_config.get("tie_word_embeddings", True))
+  if hf_config.get("model_type") == "mt5":
+    # mT5 never rescales (its weights are untied); transformers 5 writes
+    # tie_word_embeddings: true for it all the same.
+    scaled_head = False
   fields = dict(
       vocab_size=hf_config["vocab_size"],
       d_model=hf_config["d_model"],
@@ -76,6 +85,7 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> T5Config:
       tie_word_embeddings=bool(scaled_head),
       dropout_rate=hf_config.get("dropout_rate", 0.1),
       layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-6),
+      relative_bias_per_layer=hf_config.get("model_type") == "umt5",
   )
   fields.update(overrides)
   try:
@@ -85,10 +95,12 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> T5Config:
 
 
 def config_to_hf(config: T5Config) -> dict[str, Any]:
-  """The `config.json` dict transformers needs for `config`."""
+  """The `config.json` dict transformers needs for `config` (umT5 when its
+  relative-position tables are per layer, else T5)."""
+  umt5 = config.relative_bias_per_layer
   return {
-      "architectures": ["T5ForConditionalGeneration"],
-      "model_type": "t5",
+      "architectures": ["UMT5ForConditionalGeneration" if umt5 else "T5ForConditionalGeneration"],
+      "model_type": "umt5" if umt5 else "t5",
       "vocab_size": config.vocab_size,
       "d_model": config.d_model,
       "d_kv": config.d_kv,
@@ -140,23 +152,31 @@ def _name_map(cfg: T5Config):
     ours, theirs = f"encoder/layers_{i}", f"encoder.block.{i}.layer"
     yield (f"{ours}/pre_attention_layer_norm/scale", f"{theirs}.0.layer_norm.weight", "same")
     yield from _attention_entries(f"{ours}/self_attention", f"{theirs}.0.SelfAttention")
+    if cfg.relative_bias_per_layer:
+      yield (f"{ours}/relpos_bias/rel_embedding",
+             f"{theirs}.0.SelfAttention.relative_attention_bias.weight", "linear")
     yield (f"{ours}/pre_mlp_layer_norm/scale", f"{theirs}.1.layer_norm.weight", "same")
     yield from _mlp_entries(f"{ours}/mlp", f"{theirs}.1.DenseReluDense", cfg)
-  yield ("encoder/relpos_bias/rel_embedding",
-         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "linear")
+  if not cfg.relative_bias_per_layer:
+    yield ("encoder/relpos_bias/rel_embedding",
+           "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "linear")
   yield ("encoder/encoder_norm/scale", "encoder.final_layer_norm.weight", "same")
   for i in range(cfg.num_decoder_layers):
     ours, theirs = f"decoder/layers_{i}", f"decoder.block.{i}.layer"
     yield (f"{ours}/pre_self_attention_layer_norm/scale", f"{theirs}.0.layer_norm.weight", "same")
     yield from _attention_entries(f"{ours}/self_attention", f"{theirs}.0.SelfAttention")
+    if cfg.relative_bias_per_layer:
+      yield (f"{ours}/relpos_bias/rel_embedding",
+             f"{theirs}.0.SelfAttention.relative_attention_bias.weight", "linear")
     yield (f"{ours}/pre_cross_attention_layer_norm/scale", f"{theirs}.1.layer_norm.weight",
            "same")
     yield from _attention_entries(f"{ours}/encoder_decoder_attention",
                                   f"{theirs}.1.EncDecAttention")
     yield (f"{ours}/pre_mlp_layer_norm/scale", f"{theirs}.2.layer_norm.weight", "same")
     yield from _mlp_entries(f"{ours}/mlp", f"{theirs}.2.DenseReluDense", cfg)
-  yield ("decoder/relpos_bias/rel_embedding",
-         "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "linear")
+  if not cfg.relative_bias_per_layer:
+    yield ("decoder/relpos_bias/rel_embedding",
+           "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "linear")
   yield ("decoder/decoder_norm/scale", "decoder.final_layer_norm.weight", "same")
   if not cfg.tie_word_embeddings:
     yield ("lm_head/kernel", "lm_head.weight", "linear")

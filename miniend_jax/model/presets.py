@@ -14,6 +14,9 @@ from miniend_jax.model.config import T5Config
 
 _V1_0 = dict(feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=32128)
 _V1_1 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=32128)
+_MT5 = dict(_V1_1, vocab_size=250112)
+_UMT5 = dict(_V1_1, vocab_size=256384, relative_bias_per_layer=True)
+_BYT5 = dict(_V1_1, vocab_size=384)
 
 MODEL_PRESETS: dict[str, T5Config] = {
     # T5 v1.0: https://huggingface.co/google-t5
@@ -28,6 +31,40 @@ MODEL_PRESETS: dict[str, T5Config] = {
     "t5-v1_1-large": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16, **_V1_1),
     "t5-v1_1-xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, **_V1_1),
     "t5-v1_1-xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, **_V1_1),
+    # Flan-T5: T5 v1.1 shapes, instruction-finetuned. https://huggingface.co/google/flan-t5-base
+    "flan-t5-small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, **_V1_1),
+    "flan-t5-base": T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, **_V1_1),
+    "flan-t5-large": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
+                              **_V1_1),
+    "flan-t5-xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, **_V1_1),
+    "flan-t5-xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                            **_V1_1),
+    # mT5: v1.1 layout, 250k SentencePiece vocabulary. https://huggingface.co/google/mt5-base
+    "mt5-small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, **_MT5),
+    "mt5-base": T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, **_MT5),
+    "mt5-large": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16, **_MT5),
+    "mt5-xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, **_MT5),
+    "mt5-xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, **_MT5),
+    # umT5: mT5 shapes, per-layer relative positions, 256k vocabulary.
+    # https://huggingface.co/google/umt5-base
+    "umt5-small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, **_UMT5),
+    "umt5-base": T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, **_UMT5),
+    "umt5-xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, **_UMT5),
+    "umt5-xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, **_UMT5),
+    # ByT5: bytes (384 ids), deep encoder, shallow decoder. https://huggingface.co/google/byt5-base
+    "byt5-small": T5Config(d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_decoder_layers=4,
+                           num_heads=6, **_BYT5),
+    "byt5-base": T5Config(d_model=1536, d_kv=64, d_ff=3968, num_layers=18, num_decoder_layers=6,
+                          num_heads=12, **_BYT5),
+    "byt5-large": T5Config(d_model=1536, d_kv=64, d_ff=3840, num_layers=36, num_decoder_layers=12,
+                           num_heads=16, **_BYT5),
+    "byt5-xl": T5Config(d_model=2560, d_kv=64, d_ff=6720, num_layers=36, num_decoder_layers=12,
+                        num_heads=32, **_BYT5),
+    "byt5-xxl": T5Config(d_model=4672, d_kv=64, d_ff=12352, num_layers=36, num_decoder_layers=12,
+                         num_heads=64, **_BYT5),
+    # UL2 20B (and Flan-UL2): gated-SiLU, 32+32 layers. https://huggingface.co/google/ul2
+    "ul2": T5Config(d_model=4096, d_kv=256, d_ff=16384, num_layers=32, num_heads=16,
+                    feed_forward_proj="gated-silu", tie_word_embeddings=False, vocab_size=32128),
     # Small v1.1-style teachers for the offline quickstart and tests (CPU-sized).
     "t5-v1_1-mini": T5Config(d_model=128, d_kv=32, d_ff=384, num_layers=4, num_heads=4, **_V1_1),
     "t5-v1_1-tiny": T5Config(d_model=64, d_kv=16, d_ff=192, num_layers=2, num_heads=4, **_V1_1),
@@ -36,7 +73,10 @@ MODEL_PRESETS: dict[str, T5Config] = {
 
 @dataclasses.dataclass(frozen=True)
 class StudentShape:
-  """Depth and width of a student; the paper names them `<layers>L-<d_model>H`."""
+  """Depth and width of a student; the paper names them `<layers>L-<d_model>H`
+  (`<encoder>+<decoder>L-<d_model>H` when the depths differ). A student keeps
+  its teacher's vocabulary and family: with mT5 / umT5's 250k vocabulary the
+  embeddings hold most of a small student's parameters."""
 
   num_layers: int
   d_model: int
@@ -56,6 +96,11 @@ STUDENT_SHAPES: dict[str, StudentShape] = {
     "4L-512H": StudentShape(num_layers=4, d_model=512, num_heads=8, d_ff=2048),
     "4L-256H": StudentShape(num_layers=4, d_model=256, num_heads=8, d_ff=1024),
     "2L-128H": StudentShape(num_layers=2, d_model=128, num_heads=4, d_ff=512),
+    # ByT5's 3:1 encoder:decoder depth (bytes make long inputs, short outputs).
+    "9+3L-768H": StudentShape(num_layers=9, num_decoder_layers=3, d_model=768, num_heads=12,
+                              d_ff=2048),
+    "6+2L-512H": StudentShape(num_layers=6, num_decoder_layers=2, d_model=512, num_heads=8,
+                              d_ff=1536),
     # Tiny shapes for the offline quickstart and tests.
     "2L-64H": StudentShape(num_layers=2, d_model=64, num_heads=4, d_ff=256),
     "1L-32H": StudentShape(num_layers=1, d_model=32, num_heads=4, d_ff=64),

@@ -81,7 +81,8 @@ def init_student(config: T5Config, rng, *, teacher_config: T5Config | None = Non
   params = init_params(config, rng)
   check_same_vocabulary(teacher_config, config)
   mismatched = [f for f in ("d_model", "num_heads", "d_kv", "d_ff", "feed_forward_proj",
-                            "tie_word_embeddings", "relative_attention_num_buckets")
+                            "tie_word_embeddings", "relative_attention_num_buckets",
+                            "relative_bias_per_layer")
                 if getattr(teacher_config, f) != getattr(config, f)]
   if mismatched:
     raise ValueError(
@@ -110,8 +111,9 @@ def init_student(config: T5Config, rng, *, teacher_config: T5Config | None = Non
     new["lm_head"] = copy(teacher_params["lm_head"])
   for stack, layers, norm in (("encoder", encoder_layers, "encoder_norm"),
                               ("decoder", decoder_layers, "decoder_norm")):
-    new[stack] = {"relpos_bias": copy(teacher_params[stack]["relpos_bias"]),
-                  norm: copy(teacher_params[stack][norm])}
+    # A stack's shared relative-position table (T5, mT5); umT5's travel with its layers.
+    new[stack] = {k: copy(teacher_params[stack][k]) for k in ("relpos_bias", norm)
+                  if k in teacher_params[stack]}
     for i, t in enumerate(layers):
       new[stack][f"layers_{i}"] = copy(teacher_params[stack][f"layers_{t}"])
   return new

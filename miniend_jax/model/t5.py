@@ -444,8 +444,13 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, bias: Array):
+    """bias: [batch or 1, heads or 1, len, len]; with `relative_bias_per_layer` only
+    the masks, this layer adds its own relative positions."""
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+    if cfg.relative_bias_per_layer:
+      bias = bias + _relative_bias(
+          RelativePositionBias(cfg, bidirectional=True, name="relpos_bias"), bias.shape[-1])
     h = _norm(cfg, "pre_attention_layer_norm")(x)
     h, tap = Attention(cfg, self.deterministic, self.tap_self, name="self_attention")(h, h, bias)
     x = _activation_constraint(x + drop(h))
@@ -464,9 +469,18 @@ class DecoderBlock(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array):
+  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+               decode_position: Array | None = None):
+    """self_bias: [batch or 1, heads or 1, len, keys] (keys: len, or the cache's
+    length when decoding); with `relative_bias_per_layer` only the masks, this
+    layer adds its own relative positions (at row `decode_position` when
+    decoding one position)."""
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+    if cfg.relative_bias_per_layer:
+      self_bias = self_bias + _relative_bias(
+          RelativePositionBias(cfg, bidirectional=False, name="relpos_bias"),
+          self_bias.shape[-1], decode_position)
     h = _norm(cfg, "pre_self_attention_layer_norm")(x)
     h, self_tap = Attention(cfg, self.deterministic, self.tap_self, self.decode,
                             name="self_attention")(h, h, self_bias)
@@ -478,6 +492,16 @@ class DecoderBlock(nn.Module):
     h = FeedForward(cfg, self.deterministic, name="mlp")(_norm(cfg, "pre_mlp_layer_norm")(x))
     x = _activation_constraint(x + drop(h))
     return x, self_tap, cross_tap
+
+
+def _relative_bias(relpos: "RelativePositionBias", length: int,
+                   position: Array | None = None) -> Array:
+  """Self-attention relative-position bias [1, heads, length, length], or only
+  row `position` of it ([1, heads, 1, length]) for one decoding step."""
+  table = relpos(length, length)
+  if position is None:
+    return table
+  return jax.lax.dynamic_slice_in_dim(table, position, 1, axis=2)
 
 
 def _maybe_remat(block_cls, cfg: T5Config):
@@ -590,8 +614,10 @@ class Encoder(nn.Module):
     """
     cfg = self.config
     length = embedded.shape[1]
-    bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(length, length)
-            + _key_mask_bias(length, mask, segment_ids, segment_ids))
+    bias = _key_mask_bias(length, mask, segment_ids, segment_ids)
+    if not cfg.relative_bias_per_layer:  # one table for the stack (T5, mT5)
+      bias = bias + _relative_bias(
+          RelativePositionBias(cfg, bidirectional=True, name="relpos_bias"), length)
     x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
     make_block = lambda i, det, **kw: EncoderBlock(cfg, det, i in taps.encoder_self, **kw)
     if cfg.scan_layers:
@@ -629,15 +655,18 @@ class Decoder(nn.Module):
     """
     cfg = self.config
     length = embedded.shape[1]
-    relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
+    position = None
     if decode:
-      self_bias = self._decode_step_bias(relpos, max_decode_length)
+      position, self_bias = self._decode_step_mask(max_decode_length)
     else:
       causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-      self_bias = (relpos(length, length)
-                   + _key_mask_bias(length, decoder_key_mask, decoder_segment_ids,
-                                    decoder_segment_ids)
+      self_bias = (_key_mask_bias(length, decoder_key_mask, decoder_segment_ids,
+                                  decoder_segment_ids)
                    + jnp.where(causal, 0.0, _MASK_BIAS)[None, None])
+    if not cfg.relative_bias_per_layer:  # one table for the stack (T5, mT5)
+      self_bias = self_bias + _relative_bias(
+          RelativePositionBias(cfg, bidirectional=False, name="relpos_bias"),
+          self_bias.shape[-1], position)
     cross_bias = _key_mask_bias(length, encoder_mask, decoder_segment_ids, encoder_segment_ids)
     x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
     if cfg.scan_layers:
@@ -656,7 +685,7 @@ class Decoder(nn.Module):
       for i in range(cfg.num_decoder_layers):
         outputs[i] = block_cls(
             cfg, deterministic, i in taps.decoder_self, i in taps.decoder_cross, decode,
-            name=f"layers_{i}")(x, encoded, self_bias, cross_bias)
+            name=f"layers_{i}")(x, encoded, self_bias, cross_bias, position)
         x = outputs[i][0]
     self_taps = {i: out[1] for i, out in outputs.items() if out[1] is not None}
     cross_taps = {i: out[2] for i, out in outputs.items() if out[2] is not None}
@@ -665,19 +694,18 @@ class Decoder(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return x, self_taps, cross_taps, hidden
 
-  def _decode_step_bias(self, relpos: RelativePositionBias, max_len: int) -> Array:
-    """Self-attention bias of the current position over the cache: [1, heads, 1, max_len]."""
+  def _decode_step_mask(self, max_len: int) -> tuple[Array | None, Array]:
+    """(the current position, or None on the allocating call; the causal mask bias
+    over the cache: [1, 1, 1, max_len], or [1, 1, max_len, max_len] when allocating)."""
     initialised = self.has_variable("cache", "position")
     position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
-    table = relpos(max_len, max_len)
     if not initialised:  # The allocating call runs the full length, causally.
       causal = jnp.tril(jnp.ones((max_len, max_len), dtype=bool))
-      return table + jnp.where(causal, 0.0, _MASK_BIAS)[None, None]
+      return None, jnp.where(causal, 0.0, _MASK_BIAS)[None, None]
     current = position.value
     position.value = current + 1
-    row = jax.lax.dynamic_slice_in_dim(table, current, 1, axis=2)
     visible = jnp.arange(max_len) <= current
-    return row + jnp.where(visible, 0.0, _MASK_BIAS)[None, None, None, :]
+    return current, jnp.where(visible, 0.0, _MASK_BIAS)[None, None, None, :]
 
 
 class T5(nn.Module):

@@ -171,3 +171,50 @@ def test_not_a_sentencepiece_model(tmp_path):
   path.write_bytes(b"\x00\x01 not a model \xff")
   with pytest.raises(ValueError, match="is not a SentencePiece model"):
     vocab_lib.get_vocabulary(str(path))
+
+
+def _texts(count: int = 320) -> list[str]:
+  """ASCII, accented Latin, CJK, emoji and control characters, lengths 0..~60."""
+  pieces = ["hello", "Grüße", "naïve café", "日本語のテキスト", "русский", "🙂👍🏽", "tab\tnew\nline",
+            "ελληνικά", "עברית", "x" * 40, "", " ", "a\u0301", "\u200b", "mixed: ascii + ü + 漢"]
+  return [" ".join(pieces[(i * 7 + j) % len(pieces)] for j in range(i % 5)) + str(i)
+          for i in range(count)]
+
+
+def test_byt5_checkpoint_gives_byte_ids_equal_to_the_byt5_tokenizer(tmp_path):
+  tokenizer = transformers.ByT5Tokenizer()
+  tokenizer.save_pretrained(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 384}))
+  vocabulary = vocab_lib.checkpoint_vocabulary(str(tmp_path))
+  assert isinstance(vocabulary, seqio.ByteVocabulary) and vocabulary.vocab_size == 384
+  texts = _texts()
+  assert len(texts) >= 300 and any(not t.isascii() for t in texts)
+  for text in texts:
+    theirs = tokenizer(text).input_ids
+    assert theirs[-1] == vocab_lib.EOS_ID  # the tokenizer appends EOS; seqio's tasks do too
+    assert list(vocabulary.encode(text)) == theirs[:-1], text
+    assert vocabulary.decode(theirs[:-1]) == text
+  # And in TensorFlow, one example at a time as the input pipeline encodes.
+  for text in texts[:20]:
+    assert vocabulary.encode_tf(tf.constant(text)).numpy().tolist() == tokenizer(
+        text).input_ids[:-1]
+
+
+def test_checkpoint_vocabulary_sentencepiece_and_unknown(pydoc_vocab, tmp_path):
+  spm_dir = tmp_path / "spm"
+  spm_dir.mkdir()
+  shutil.copy(vocab_lib.resolve_sentencepiece_path(pydoc_vocab.sentencepiece_model_file),
+              spm_dir / "spiece.model")
+  vocabulary = vocab_lib.checkpoint_vocabulary(str(spm_dir))
+  assert isinstance(vocabulary, seqio.SentencePieceVocabulary)
+  assert vocabulary.encode("def f(x): return x") == pydoc_vocab.encode("def f(x): return x")
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+  with pytest.raises(ValueError, match="GPT2Tokenizer"):
+    vocab_lib.checkpoint_vocabulary(str(other))
+  too_small = tmp_path / "small"
+  transformers.ByT5Tokenizer().save_pretrained(too_small)
+  (too_small / "config.json").write_text(json.dumps({"vocab_size": 300}))
+  with pytest.raises(ValueError, match="384 embedding rows"):
+    vocab_lib.checkpoint_vocabulary(str(too_small))
