@@ -174,7 +174,7 @@ def test_padding_content_does_not_change_valid_outputs():
 
 def test_bad_config_values_are_rejected():
   with pytest.raises(ValueError, match="feed_forward_proj"):
-    T5Config(feed_forward_proj="swish")
+    T5Config(feed_forward_proj="gated-swiglu")
   with pytest.raises(ValueError, match="d_model must be a positive integer"):
     T5Config(d_model=0)
 
