@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 WORKDIR ?= quickstart_workdir
 # The second test leg's interpreter: the first Python 3.12 that runs (pyenv
 # machines have a `python3.12` shim that may not).
-PY312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
+PY312_CANDIDATES = python3.12 $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12 \
+  $(HOME)/.pyenv/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12 \
+  /usr/local/bin/python3.12 /usr/bin/python3.12)
+PY312 ?= $(firstword $(foreach p,$(PY312_CANDIDATES),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 VENV312 ?= .venv312
 # The tests marked `lean` (model, losses, steps): they import no TensorFlow, seqio or torch.
 LEAN_TESTS = $(shell grep -l -r '^pytestmark = pytest.mark.lean' tests)
