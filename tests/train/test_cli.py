@@ -45,8 +45,13 @@ def miniend(*args, data_dir, check=True, **popen):
 
 
 def test_distill_finetune_evaluate_export_from_the_command_line(tmp_path, data_dir):
+  # A umT5-shaped family (a relative-position table per layer) all the way: the
+  # student and the finetuned model inherit it, decoding reads each layer's own
+  # table, and the export is a UMT5ForConditionalGeneration. Plain T5 chains run
+  # in test_loop, test_multihost and the quickstart.
   teacher = str(tmp_path / "teacher")
-  loop_testing.run("pretrain", teacher, data_dir, num_steps=4)
+  loop_testing.run("pretrain", teacher, data_dir, num_steps=4,
+                   overrides={"relative_bias_per_layer": True})
   student = str(tmp_path / "student")
   miniend("distill", "--workdir", student, "--teacher", teacher, "--student_shape", "1L-32H",
           "--recipe", "miniend_e", "--num_steps", "4", *TINY_FLAGS, data_dir=data_dir)
@@ -67,11 +72,13 @@ def test_distill_finetune_evaluate_export_from_the_command_line(tmp_path, data_d
 
   exported = str(tmp_path / "hf")
   miniend("export", "--workdir", finetuned, "--out_dir", exported, data_dir=data_dir)
-  model = transformers.T5ForConditionalGeneration.from_pretrained(exported).eval()
+  model = transformers.AutoModelForSeq2SeqLM.from_pretrained(exported).eval()
+  assert type(model).__name__ == "UMT5ForConditionalGeneration"
   tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
   ids = tokenizer(["topic: Return the absolute value of a number."], return_tensors="pt")
   config = checkpoints.load_model_config(os.path.join(finetuned, "checkpoints"))
   params = checkpoints.load_params_from_checkpoint(os.path.join(finetuned, "checkpoints"))
+  assert config.relative_bias_per_layer and "relpos_bias" in params["decoder"]["layers_0"]
   dec = np.zeros((1, 3), np.int32)
   ours = T5(config).apply({"params": params}, jnp.asarray(ids["input_ids"].numpy(), jnp.int32),
                           jnp.asarray(dec)).logits
