@@ -18,6 +18,22 @@ _MT5 = dict(_V1_1, vocab_size=250112)
 _UMT5 = dict(_V1_1, vocab_size=256384, relative_bias_per_layer=True)
 _BYT5 = dict(_V1_1, vocab_size=384)
 
+# The T5 v1.1 sizes, which Flan-T5, mT5 and umT5 share (they differ in vocabulary
+# and relative positions).
+_V1_1_SHAPES = {
+    "small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6),
+    "base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12),
+    "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16),
+    "xl": dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32),
+    "xxl": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
+}
+
+
+def _v1_1_sizes(prefix: str, family: dict, sizes=tuple(_V1_1_SHAPES)) -> dict[str, T5Config]:
+  """{"<prefix>-<size>": config} of a family built on the T5 v1.1 shapes."""
+  return {f"{prefix}-{size}": T5Config(**_V1_1_SHAPES[size], **family) for size in sizes}
+
+
 MODEL_PRESETS: dict[str, T5Config] = {
     # T5 v1.0: https://huggingface.co/google-t5
     "t5-small": T5Config(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, **_V1_0),
@@ -26,31 +42,14 @@ MODEL_PRESETS: dict[str, T5Config] = {
     "t5-3b": T5Config(d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_heads=32, **_V1_0),
     "t5-11b": T5Config(d_model=1024, d_kv=128, d_ff=65536, num_layers=24, num_heads=128, **_V1_0),
     # T5 v1.1 (gated-GELU, untied head, no dropout in pretraining).
-    "t5-v1_1-small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, **_V1_1),
-    "t5-v1_1-base": T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, **_V1_1),
-    "t5-v1_1-large": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16, **_V1_1),
-    "t5-v1_1-xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, **_V1_1),
-    "t5-v1_1-xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, **_V1_1),
+    **_v1_1_sizes("t5-v1_1", _V1_1),
     # Flan-T5: T5 v1.1 shapes, instruction-finetuned. https://huggingface.co/google/flan-t5-base
-    "flan-t5-small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, **_V1_1),
-    "flan-t5-base": T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, **_V1_1),
-    "flan-t5-large": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
-                              **_V1_1),
-    "flan-t5-xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, **_V1_1),
-    "flan-t5-xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                            **_V1_1),
+    **_v1_1_sizes("flan-t5", _V1_1),
     # mT5: v1.1 layout, 250k SentencePiece vocabulary. https://huggingface.co/google/mt5-base
-    "mt5-small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, **_MT5),
-    "mt5-base": T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, **_MT5),
-    "mt5-large": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16, **_MT5),
-    "mt5-xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, **_MT5),
-    "mt5-xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, **_MT5),
-    # umT5: mT5 shapes, per-layer relative positions, 256k vocabulary.
+    **_v1_1_sizes("mt5", _MT5),
+    # umT5: mT5 shapes, per-layer relative positions, 256k vocabulary (no large).
     # https://huggingface.co/google/umt5-base
-    "umt5-small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, **_UMT5),
-    "umt5-base": T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, **_UMT5),
-    "umt5-xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, **_UMT5),
-    "umt5-xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, **_UMT5),
+    **_v1_1_sizes("umt5", _UMT5, ("small", "base", "xl", "xxl")),
     # ByT5: bytes (384 ids), deep encoder, shallow decoder. https://huggingface.co/google/byt5-base
     "byt5-small": T5Config(d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_decoder_layers=4,
                            num_heads=6, **_BYT5),

@@ -24,14 +24,21 @@ def make_hf_model(*, family: str = "v1_0", seed: int = 0, vocab_size: int = 97, 
       relative_attention_num_buckets=num_buckets, relative_attention_max_distance=max_distance,
       feed_forward_proj="relu" if family == "v1_0" else "gated-gelu",
       tie_word_embeddings=(family == "v1_0"), dropout_rate=0.1)
-  model = transformers.T5ForConditionalGeneration(config)
+  return perturb(transformers.T5ForConditionalGeneration(config), untied_head=family == "v1_1")
+
+
+def perturb(model: transformers.PreTrainedModel, *, untied_head: bool):
+  """`model` (a T5-family model, fresh from its constructor) in eval mode with
+  layer norms and relative-position tables moved away from their trivial init
+  and, with `untied_head`, an output head of its own."""
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "layer_norm" in name:
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
       elif "relative_attention_bias" in name:
         p.copy_(torch.randn_like(p))
-    if family == "v1_1":
+    if untied_head:
+      vocab_size, d_model = model.shared.weight.shape
       model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, d_model) * d_model ** -0.5)
   return model.eval()
 

@@ -18,7 +18,7 @@ from miniend_jax.model import hf, presets
 from miniend_jax.model.config import count_params
 from miniend_jax.model.t5 import T5, Taps
 from miniend_jax.train import decoding
-from tests.model.hf_testing import hf_logits, padded_batch, rel_error
+from tests.model.hf_testing import hf_logits, padded_batch, perturb, rel_error
 
 _CLASSES = {
     "t5": (transformers.T5Config, transformers.T5ForConditionalGeneration),
@@ -46,17 +46,8 @@ def make_model(model_type: str, *, seed: int = 0, tie_word_embeddings: bool = Fa
                      num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=16,
                      relative_attention_max_distance=40, dropout_rate=0.0), **fields)
   torch.manual_seed(seed)
-  model = model_cls(config_cls(tie_word_embeddings=tie_word_embeddings, **fields))
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "layer_norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif "relative_attention_bias" in name:
-        p.copy_(torch.randn_like(p))
-    if not tie_word_embeddings:
-      model.lm_head.weight = torch.nn.Parameter(
-          torch.randn(fields["vocab_size"], fields["d_model"]) * fields["d_model"] ** -0.5)
-  return model.eval()
+  return perturb(model_cls(config_cls(tie_word_embeddings=tie_word_embeddings, **fields)),
+                 untied_head=not tie_word_embeddings)
 
 
 def _ours(config, params, enc, dec_in, **kwargs):
