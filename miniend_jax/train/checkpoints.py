@@ -527,20 +527,23 @@ def latest_step(directory) -> int | None:
   """The newest finished step in `directory` (None if there is none or no directory)."""
   if not epath.Path(directory).exists():
     return None
-  return _read_only(directory).latest_step()
+  with _read_only(directory) as reader:  # closed: no orbax threads outlive the query
+    return reader.latest_step()
 
 
 def require_checkpoint(directory, step: int | None = None) -> int:
   """The step to load (latest by default); NoCheckpointError with advice if absent."""
   if not epath.Path(directory).exists():
     raise NoCheckpointError(no_checkpoint_message(directory))
-  return _read_only(directory)._require_step(step)
+  with _read_only(directory) as reader:
+    return reader._require_step(step)
 
 
 def load_metadata(directory, step: int | None = None) -> dict:
   """The metadata JSON of a step (latest by default)."""
   require_checkpoint(directory, step)
-  return _read_only(directory).metadata(step)
+  with _read_only(directory) as reader:
+    return reader.metadata(step)
 
 
 def load_model_config(directory, step: int | None = None) -> T5Config:

@@ -157,5 +157,5 @@ def test_checkpoint_queries_join_no_barrier(tmp_path):
       multihost_utils.sync_global_devices("after the queries")
       print("done", sys.argv[1])
       """)
-  outputs = mh.wait(mh.launch(2, [], data_dir=None, python=["-c", code]), timeout=120)
+  outputs = mh.wait(mh.launch(2, [], data_dir=None, python=["-c", code]), timeout=300)
   assert all(f"done {index}\n" in out for index, out in enumerate(outputs)), outputs
