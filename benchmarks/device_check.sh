@@ -96,6 +96,8 @@ if [[ $smoke -eq 1 ]]; then
   run distill_long "$PYTHON" "${step[@]}" --batch 2 --inputs 32 --targets 8 --impl both
   run distill_long_explicit "$PYTHON" "${step[@]}" --batch 2 --inputs 32 --targets 8 \
     --impl jax --attention explicit
+  run vocab_loss_memory "$PYTHON" benchmarks/vocab_loss_memory.py --batch 4 --targets 64 \
+    --student_width 32 --teacher_width 64 --vocab 2048 --chunk_size 8
 else
   run parity "$PYTHON" benchmarks/hf_parity.py --models t5-base,t5-v1_1-base --batch 8 \
     --inputs 512 --targets 114
@@ -104,6 +106,8 @@ else
   run distill_short "$PYTHON" "${step[@]}" --batch 128 --inputs 128 --targets 32 --impl both
   run distill_long_explicit "$PYTHON" "${step[@]}" --batch 64 --inputs 512 --targets 114 \
     --impl jax --attention explicit
+  # What the fused output head saves on the device's own compiler (seconds).
+  run vocab_loss_memory "$PYTHON" benchmarks/vocab_loss_memory.py
 fi
 
 "$PYTHON" - "$results" "$failures" <<'EOF' | tee -a "$results"
@@ -119,7 +123,9 @@ print(json.dumps({
     "shapes": [{"batch": r["batch"], "inputs": r["inputs"], "targets": r["targets"],
                 "ours_over_pytorch_tokens_per_s": r["jax_over_torch_throughput"],
                 "ours_mfu": r["jax_mfu"], "pytorch_mfu": r["torch_mfu"]} for r in ratios],
-    "explicit_attention_step_s": [r["step_s"] for r in explicit]}))
+    "explicit_attention_step_s": [r["step_s"] for r in explicit],
+    "loss_temp_mb": {f'{r["vocab"]}/{r["head"]}': r["temp_mb"] for r in lines
+                     if r.get("benchmark") == "vocab_loss_memory"}}))
 EOF
 echo "device_check.sh: results in $results, log in $log" >&2
 exit $((failures > 0))

@@ -4,7 +4,10 @@
       --recipe miniend_d --batch 8 --inputs 128 --targets 32 --steps 5 [--impl jax|torch|both]
 
 Prints one JSON line per implementation with step_s (median after warm-up),
-tokens_per_s (input + target tokens), compile_s (first step), peak_rss_mb and
+tokens_per_s (input + target tokens), compile_s (first step), peak_rss_mb,
+step_temp_mb (ours: XLA's temporaries of the compiled step, i.e. activations and
+loss work without parameters and optimizer state; `--head formed` for the step
+whose models form whole float32 logits) and
 mfu (analytic matmul FLOPs: teacher forward + 3x student forward, over the
 device's peak; on CPU the peak is this machine's measured float32 matmul rate).
 `--impl both` runs each in its own process (so peak RSS is each one's own) and
@@ -127,11 +130,26 @@ def run_jax(args) -> dict:
   step = steps.make_distill_step(student_cfg, recipe, mesh=mesh,
                                  state_sharding=state_lib.state_shardings(state),
                                  teacher_config=teacher if recipe.needs_teacher else None,
-                                 teacher_sharding=teacher_sharding if recipe.needs_teacher else None)
+                                 teacher_sharding=teacher_sharding if recipe.needs_teacher else None,
+                                 fused_head=args.head == "fused")
   batch = partitioning.host_local_to_global(_batch(student_cfg.vocab_size, args), mesh)
   rng = jax.random.key(0)
 
   start = time.perf_counter()
+  # Compiled ahead of time so XLA's own accounting of the step's temporaries
+  # (activations and loss work, without the arguments: parameters, optimizer
+  # state, batch) can be reported; the same executable then runs the steps.
+  step = step.lower(state, teacher_params, batch, rng).compile()
+  memory = step.memory_analysis()
+  if args.compile_only:
+    return dict(benchmark="distill_step_compiled", impl="jax", teacher=args.teacher,
+                student=args.student, recipe=args.recipe, batch=args.batch, inputs=args.inputs,
+                targets=args.targets, dtype=args.dtype, teacher_dtype=args.teacher_dtype,
+                head=args.head, vocab=student_cfg.vocab_size, backend=jax.default_backend(),
+                compile_s=round(time.perf_counter() - start, 3),
+                step_temp_mb=round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
+                step_argument_mb=round(memory.argument_size_in_bytes / 2**20, 1)
+                if memory else None)
   state, metrics = step(state, teacher_params, batch, rng)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
@@ -147,6 +165,8 @@ def run_jax(args) -> dict:
   return _result("jax", args, teacher, student_cfg, recipe, statistics.median(times), compile_s,
                  first_loss, float(metrics["loss"]), str(device.device_kind),
                  jax.default_backend(), jax.device_count(), attention=args.attention,
+                 head=args.head, vocab=student_cfg.vocab_size,
+                 step_temp_mb=round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
                  attention_kernel=t5.attention_implementation(student_cfg),
                  peak_device_mb=round(peak_bytes / 2**20, 1) if peak_bytes else None)
 
@@ -309,6 +329,13 @@ def main():
   parser.add_argument("--attention", default="auto", choices=["auto", "explicit", "xla", "cudnn"],
                       help="our models' attention kernel (T5Config.attention_impl); 'auto' "
                       "is cuDNN flash attention on GPUs for bf16, explicit elsewhere")
+  parser.add_argument("--head", default="fused", choices=["fused", "formed"],
+                      help="ours: 'fused' forms the logits chunk by chunk inside the losses "
+                      "(the default training step), 'formed' has the models form float32 "
+                      "[batch, targets, vocab] logits first")
+  parser.add_argument("--compile_only", action="store_true",
+                      help="ours: compile the step and report XLA's memory accounting "
+                      "without running it (shapes too large for this machine)")
   args = parser.parse_args()
   if args.impl == "both":
     lines = {}

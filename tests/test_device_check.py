@@ -43,10 +43,15 @@ def test_smoke_run_writes_every_figure(tmp_path):
     assert abs(pair["jax"]["first_loss"] - pair["torch"]["first_loss"]) < 2e-2, pair
     assert pair["jax"]["tokens_per_s"] > 0 and pair["jax"]["mfu"] > 0
 
+  # The fused head's temporaries against formed logits, on the device's compiler.
+  memory = {m["head"]: m["temp_mb"] for m in by_kind["vocab_loss_memory"]}
+  assert set(memory) == {"formed", "fused"} and memory["fused"] < memory["formed"]
+
   summary, = by_kind["device_check_summary"]
   assert summary["failures"] == 0 and len(summary["shapes"]) == 1
   assert all(s["ours_over_pytorch_tokens_per_s"] > 0 for s in summary["shapes"])
-  assert (out / "device_check.log").read_text().count("exit 0 after") == 4
+  assert set(summary["loss_temp_mb"]) == {"2048/formed", "2048/fused"}
+  assert (out / "device_check.log").read_text().count("exit 0 after") == 5
 
 
 def test_bad_arguments_are_refused():

@@ -43,8 +43,13 @@ _MASKED_SCORE = -1e9
 _PRECISION = jax.lax.Precision.HIGHEST
 
 # Default number of sequence positions per chunk for the vocabulary-sized
-# losses (see "Vocabulary-sized losses" below).
+# losses (see "Vocabulary-sized losses" below); the training step sizes chunks
+# from the batch each device holds instead (`chunk_positions`).
 DEFAULT_CHUNK_SIZE = 64
+
+# Float32 bytes of one chunk of logits on one device: a few such arrays are
+# alive at once inside the losses' loops.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------
@@ -130,6 +135,20 @@ def _chunking(length: int, chunk_size: Optional[int]) -> tuple[int, int, int]:
   return chunk, num_full, remainder
 
 
+def chunk_positions(rows_per_device: int, vocab: int, length: int,
+                    budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+  """Sequence positions per chunk so one float32 chunk of logits, `[rows_per_device,
+  chunk, vocab]`, stays within `budget_bytes` (at least 1, at most `length`).
+
+  Chunks run along the sequence (batch-sharded inputs stay batch-sharded), so
+  their size must shrink as the rows per device and the vocabulary grow: 64
+  rows of mT5's 250k vocabulary take 4 positions per 256 MB chunk, 8 rows of
+  T5's 32k a whole 114-token target at once (one chunk: no loop).
+  """
+  per_position = max(rows_per_device, 1) * vocab * 4
+  return int(max(1, min(length, budget_bytes // per_position)))
+
+
 def _slice_chunk(arrays, start, chunk):
   """`[:, start:start + chunk]` of each array (start may be traced)."""
   return [jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1) for x in arrays]
@@ -161,31 +180,52 @@ def _map_sequence_chunks(fn, arrays, chunk_size):
   return tuple(jnp.concatenate(pieces, axis=1) for pieces in zip(*parts))
 
 
-def _sequence_chunk_gradient(fn, arrays, chunk_size, like):
-  """Backward pass over sequence chunks: the gradient with respect to `like`.
+def _sequence_chunk_gradient(fn, arrays, chunk_size, hidden, kernel):
+  """Backward pass over sequence chunks: the gradients of `hidden` and `kernel`.
 
   `fn` maps slices of `arrays` (as in `_map_sequence_chunks`) to the float32
-  gradient slice `[batch, c, vocab]`; each slice is cast to `like.dtype` and
-  written in place (`dynamic_update_slice` in a `fori_loop`) into one
-  `[batch, length, vocab]` buffer, the only full-size array this creates.
+  gradient of the logits slice, `[batch, c, vocab]`. With `kernel` None,
+  `hidden` is the logits: each slice is cast to its dtype and written in place
+  (`dynamic_update_slice` in a `fori_loop`) into one `[batch, length, vocab]`
+  buffer. With a `[d_model, vocab]` kernel, the logits were `hidden @ kernel`:
+  each slice becomes `[batch, c, d_model]` of hidden gradient, and the
+  kernel's gradient accumulates over chunks in float32. Either way the only
+  full-size array is the gradient of `hidden` itself.
+
+  Returns:
+    (gradient like `hidden`, gradient like `kernel` or None).
   """
-  length = like.shape[1]
+  length = hidden.shape[1]
   chunk, num_full, remainder = _chunking(length, chunk_size)
+
+  def chunk_grads(pieces, hidden_piece):
+    d_logits = fn(*pieces)
+    if kernel is None:
+      return d_logits.astype(hidden.dtype), None
+    return _project_back(d_logits, hidden_piece, kernel)
+
   if num_full == 1 and not remainder:
-    return fn(*arrays).astype(like.dtype)
-  grad = jnp.zeros(like.shape, like.dtype)
+    d_hidden, d_kernel = chunk_grads(arrays, hidden)
+    return d_hidden, None if kernel is None else d_kernel.astype(kernel.dtype)
 
-  def body(index, grad):
+  def body(index, carry):
+    d_hidden, d_kernel = carry
     start = index * chunk
-    piece = fn(*_slice_chunk(arrays, start, chunk))
-    return jax.lax.dynamic_update_slice_in_dim(grad, piece.astype(like.dtype),
-                                               start, axis=1)
+    piece, piece_kernel = chunk_grads(_slice_chunk(arrays, start, chunk),
+                                      _slice_chunk([hidden], start, chunk)[0])
+    d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, piece, start, axis=1)
+    return d_hidden, None if kernel is None else d_kernel + piece_kernel
 
-  grad = jax.lax.fori_loop(0, num_full, body, grad)
+  d_kernel = None if kernel is None else jnp.zeros(kernel.shape, jnp.float32)
+  d_hidden, d_kernel = jax.lax.fori_loop(
+      0, num_full, body, (jnp.zeros(hidden.shape, hidden.dtype), d_kernel))
   if remainder:
-    tail = fn(*[x[:, num_full * chunk:] for x in arrays])
-    grad = grad.at[:, num_full * chunk:].set(tail.astype(like.dtype))
-  return grad
+    tail = num_full * chunk
+    piece, piece_kernel = chunk_grads([x[:, tail:] for x in arrays], hidden[:, tail:])
+    d_hidden = d_hidden.at[:, tail:].set(piece)
+    if kernel is not None:
+      d_kernel = d_kernel + piece_kernel
+  return d_hidden, None if kernel is None else d_kernel.astype(kernel.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -410,79 +450,149 @@ def attention_kl(
 # Vocabulary-sized losses.
 #
 # Memory: a `[batch, length, vocab]` float32 array for a 32k vocabulary is the
-# largest tensor of a distillation step, and autodiff through a naive logit KL
-# keeps several alive (both log-softmaxes, the target, their products, and
-# the backward pass's residuals) - about five float32 copies when measured
-# with XLA's memory analysis. The two losses below instead
+# largest tensor of a distillation step (250k for mT5), and autodiff through a
+# naive logit KL keeps several alive (both log-softmaxes, the target, their
+# products, and the backward pass's residuals) - about five float32 copies
+# when measured with XLA's memory analysis. The two losses below instead
 #   * compute the forward pass `chunk_size` sequence positions at a time
 #     (`_map_sequence_chunks`), keeping only float32 `[batch, length]` results;
 #   * define their gradient explicitly (`jax.custom_vjp`): the backward pass
 #     recomputes each chunk's softmax and writes that chunk's gradient
 #     (softmax - target, in closed form) straight into one buffer of the
-#     logits' own dtype (`_sequence_chunk_gradient`).
-# Residuals are the inputs themselves. Peak extra memory is therefore one
-# gradient in the logits' dtype plus O(batch * chunk_size * vocab) float32,
-# independent of the sequence length; `tests/distill` checks this with XLA's
-# `memory_analysis()` (float32 logits: ~4 float32 copies of temporaries
-# unchunked, under half of one chunked) and the gradients against plain
-# autodiff. Caveat: XLA's CPU backend has no native bf16 slicing and upcasts
-# whole bf16 inputs to float32 before the loop, so on CPU the saving is only
-# seen with float32 logits.
+#     input's own dtype (`_sequence_chunk_gradient`);
+#   * accept the logits unformed, as `ProjectedLogits(hidden, kernel)` (what
+#     `T5(...)(..., project_logits=False)` returns): each chunk's logits are
+#     `hidden[:, chunk] @ kernel` in float32, made and dropped inside the loop,
+#     and the backward pass returns the gradients of `hidden` and `kernel`
+#     (the latter summed over chunks in float32). No `[batch, length, vocab]`
+#     array exists at all then, in any dtype: peak memory is flat in the
+#     vocabulary except for O(batch * chunk_size * vocab) float32 - the fused
+#     "linear + cross-entropy" of Liger-Kernel / Cut Cross-Entropy, here for
+#     the KL too. The price is one more head matmul per model (the chunk's
+#     logits are recomputed for the backward pass).
+# Residuals are the inputs themselves. `tests/distill` checks the memory with
+# XLA's `memory_analysis()` and the values and gradients against plain
+# autodiff through `hidden @ kernel`. Caveat: XLA's CPU backend has no native
+# bf16 slicing and upcasts whole bf16 inputs to float32 before the loop, so
+# on CPU the saving is only seen with float32 inputs.
 # ---------------------------------------------------------------------------
+
+
+class ProjectedLogits(NamedTuple):
+  """Logits given as `hidden @ kernel`, for the losses to form chunk by chunk.
+
+  Attributes:
+    hidden: `[batch, length, d_model]`, the decoder output as the head sees it.
+    kernel: `[d_model, vocab]`, the output head in `hidden`'s dtype.
+  The logits they stand for are `hidden @ kernel`, accumulated in float32.
+  """
+
+  hidden: Array
+  kernel: Array
+
+
+def _dot_2d(lhs: Array, rhs: Array, contracting: tuple[int, int]) -> Array:
+  """2-D float32-accumulated dot contracting lhs axis `contracting[0]` with rhs
+  axis `contracting[1]` (2-D for XLA:CPU's fast bf16 kernels, as model.t5.matmul)."""
+  dims = (((contracting[0],), (contracting[1],)), ((), ()))
+  return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+
+
+def _project(hidden: Array, kernel: Optional[Array]) -> Array:
+  """float32 logits of a chunk: `hidden` itself, or `hidden @ kernel`."""
+  if kernel is None:
+    return _f32(hidden)
+  batch, chunk, width = hidden.shape
+  logits = _dot_2d(hidden.reshape(batch * chunk, width), kernel, (1, 0))
+  return logits.reshape(batch, chunk, kernel.shape[1])
+
+
+def _project_back(d_logits: Array, hidden: Array, kernel: Array):
+  """(d hidden [b, c, d] in hidden's dtype, d kernel [d, vocab] float32) of a chunk."""
+  batch, chunk, width = hidden.shape
+  d_logits = d_logits.reshape(batch * chunk, -1).astype(kernel.dtype)
+  d_hidden = _dot_2d(d_logits, kernel, (1, 1)).reshape(batch, chunk, width)
+  d_kernel = _dot_2d(hidden.reshape(batch * chunk, width), d_logits, (0, 0))
+  return d_hidden.astype(hidden.dtype), d_kernel
+
+
+def _logits_operands(name: str, logits) -> tuple[Array, Optional[Array]]:
+  """(hidden, kernel) of an array of logits (kernel None) or a ProjectedLogits."""
+  if isinstance(logits, ProjectedLogits):
+    hidden, kernel = jnp.asarray(logits.hidden), jnp.asarray(logits.kernel)
+    _check_rank(f"{name}.hidden", hidden, 3, "[batch, length, d_model]")
+    _check_rank(f"{name}.kernel", kernel, 2, "[d_model, vocab]")
+    if hidden.shape[-1] != kernel.shape[0]:
+      raise ValueError(f"{name}: hidden {hidden.shape} and kernel {kernel.shape} "
+                       "do not contract (hidden [..., d_model], kernel [d_model, vocab]).")
+    return hidden, kernel
+  _check_rank(name, logits, 3, "[batch, length, vocab]")
+  return jnp.asarray(logits), None
+
+
+def _logits_shape(hidden: Array, kernel: Optional[Array]) -> tuple[int, int, int]:
+  """[batch, length, vocab] of the logits an operand stands for."""
+  if kernel is None:
+    return tuple(hidden.shape)
+  return (*hidden.shape[:2], kernel.shape[1])
 
 
 def _logits_kl_per_position(t, s, alpha, inverse_t, interpolate):
   """(KL [b, c], target log-probs, student log-probs) for one chunk."""
-  t_logp = jax.nn.log_softmax(_f32(t) * inverse_t, axis=-1)
-  s_logp = jax.nn.log_softmax(_f32(s) * inverse_t, axis=-1)
+  t_logp = jax.nn.log_softmax(t * inverse_t, axis=-1)
+  s_logp = jax.nn.log_softmax(s * inverse_t, axis=-1)
   log_target = _interpolated_log_target(t_logp, s_logp,
                                         alpha if interpolate else None)
   kl = jnp.sum(jnp.exp(log_target) * (log_target - s_logp), axis=-1)
   return kl, log_target, s_logp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _logits_kl_sum(teacher, student, weights, alpha, inverse_t, interpolate,
-                   chunk_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _logits_kl_sum(teacher, teacher_kernel, student, student_kernel, weights,
+                   alpha, inverse_t, interpolate, chunk_size):
   """sum over positions of weights * KL(target || softmax(student / T))."""
   (kl,) = _map_sequence_chunks(
-      lambda t, s: (_logits_kl_per_position(t, s, alpha, inverse_t,
-                                            interpolate)[0],),
+      lambda t, s: (_logits_kl_per_position(
+          _project(t, teacher_kernel), _project(s, student_kernel), alpha,
+          inverse_t, interpolate)[0],),
       (teacher, student), chunk_size)
   return _weighted_sum(kl, weights)
 
 
-def _logits_kl_sum_fwd(teacher, student, weights, alpha, inverse_t,
-                       interpolate, chunk_size):
-  value = _logits_kl_sum(teacher, student, weights, alpha, inverse_t,
-                         interpolate, chunk_size)
-  return value, (teacher, student, weights, alpha)
+def _logits_kl_sum_fwd(teacher, teacher_kernel, student, student_kernel,
+                       weights, alpha, inverse_t, interpolate, chunk_size):
+  value = _logits_kl_sum(teacher, teacher_kernel, student, student_kernel,
+                         weights, alpha, inverse_t, interpolate, chunk_size)
+  return value, (teacher, teacher_kernel, student, student_kernel, weights,
+                 alpha)
 
 
 def _logits_kl_sum_bwd(inverse_t, interpolate, chunk_size, residuals, g):
-  teacher, student, weights, alpha = residuals
+  teacher, teacher_kernel, student, student_kernel, weights, alpha = residuals
 
   def grad_chunk(t, s, w):
     # d/ds sum_v p_target (log p_target - log softmax(s / T))
     #   = (softmax(s / T) - p_target) / T, the target being stop-gradient.
-    _, log_target, s_logp = _logits_kl_per_position(t, s, alpha, inverse_t,
-                                                     interpolate)
+    _, log_target, s_logp = _logits_kl_per_position(
+        _project(t, teacher_kernel), _project(s, student_kernel), alpha,
+        inverse_t, interpolate)
     scale = jnp.where(w != 0, g * w * inverse_t, 0.0)[..., None]
     return scale * (jnp.exp(s_logp) - jnp.exp(log_target))
 
-  d_student = _sequence_chunk_gradient(grad_chunk, (teacher, student, weights),
-                                       chunk_size, student)
+  d_student, d_kernel = _sequence_chunk_gradient(
+      grad_chunk, (teacher, student, weights), chunk_size, student,
+      student_kernel)
   # The teacher, the weights and the interpolation coefficient are targets,
   # never trained: zero cotangents (None).
-  return None, d_student, None, None
+  return None, None, d_student, d_kernel, None, None
 
 
 _logits_kl_sum.defvjp(_logits_kl_sum_fwd, _logits_kl_sum_bwd)
 
 
 def logits_kl(
-    teacher_logits: ArrayLike,
-    student_logits: ArrayLike,
+    teacher_logits,
+    student_logits,
     mask: ArrayLike,
     temperature: float = 1.0,
     *,
@@ -494,11 +604,13 @@ def logits_kl(
   The T^2 factor (Hinton et al.) keeps gradient magnitudes comparable across
   temperatures. Memory-aware: float32 work happens `chunk_size` positions at a
   time, in the forward and (via a custom VJP) the backward pass, so no
-  `[batch, length, vocab]` float32 copy is kept (see the section comment).
+  `[batch, length, vocab]` float32 copy is kept, and none at all is made from
+  `ProjectedLogits` (see the section comment).
 
   Args:
-    teacher_logits: `[batch, length, vocab]`.
-    student_logits: `[batch, length, vocab]`, the same vocabulary.
+    teacher_logits: `[batch, length, vocab]`, or `ProjectedLogits`.
+    student_logits: `[batch, length, vocab]`, or `ProjectedLogits`; the same
+      vocabulary. Gradients flow to its hidden states and kernel.
     mask: `[batch, length]` position weights (bool or float), e.g. the
       decoder loss weights.
     temperature: softmax temperature T > 0.
@@ -509,27 +621,31 @@ def logits_kl(
     float32 scalar: T^2 * KL summed over the vocabulary, weighted mean over
     positions.
   """
-  _check_rank("teacher_logits", teacher_logits, 3, "[batch, length, vocab]")
-  _check_rank("student_logits", student_logits, 3, "[batch, length, vocab]")
-  if jnp.shape(teacher_logits)[-1] != jnp.shape(student_logits)[-1]:
+  teacher, teacher_kernel = _logits_operands("teacher_logits", teacher_logits)
+  student, student_kernel = _logits_operands("student_logits", student_logits)
+  teacher_shape = _logits_shape(teacher, teacher_kernel)
+  student_shape = _logits_shape(student, student_kernel)
+  if teacher_shape[-1] != student_shape[-1]:
     raise ValueError(
-        f"Teacher vocabulary ({jnp.shape(teacher_logits)[-1]}) and student "
-        f"vocabulary ({jnp.shape(student_logits)[-1]}) differ; logit "
+        f"Teacher vocabulary ({teacher_shape[-1]}) and student "
+        f"vocabulary ({student_shape[-1]}) differ; logit "
         "distillation needs the same vocabulary (tokenizer) on both sides.")
-  _check_same_shape(("teacher_logits", "student_logits"),
-                    (teacher_logits, student_logits))
-  if tuple(jnp.shape(mask)) != tuple(jnp.shape(teacher_logits)[:2]):
+  if teacher_shape != student_shape:
+    raise ValueError(f"Shapes must match: teacher_logits={teacher_shape}, "
+                     f"student_logits={student_shape}.")
+  if tuple(jnp.shape(mask)) != teacher_shape[:2]:
     raise ValueError(f"mask has shape {jnp.shape(mask)}, expected [batch, "
-                     f"length] = {tuple(jnp.shape(teacher_logits)[:2])}.")
+                     f"length] = {teacher_shape[:2]}.")
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0; got {temperature}.")
-  teacher_logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
+  stop = lambda x: None if x is None else jax.lax.stop_gradient(x)
   weights = _f32(mask)
   alpha = jnp.float32(1.0) if interpolation is None else jnp.clip(
       _f32(interpolation), 0.0, 1.0)
-  total = _logits_kl_sum(teacher_logits, jnp.asarray(student_logits), weights,
-                         jax.lax.stop_gradient(alpha), 1.0 / float(temperature),
-                         interpolation is not None, chunk_size)
+  total = _logits_kl_sum(stop(teacher), stop(teacher_kernel), student,
+                         student_kernel, weights, jax.lax.stop_gradient(alpha),
+                         1.0 / float(temperature), interpolation is not None,
+                         chunk_size)
   return _safe_divide(total, jnp.sum(weights)) * (float(temperature) ** 2)
 
 
@@ -548,52 +664,54 @@ class CrossEntropy(NamedTuple):
 
 
 def _cross_entropy_per_position(x, y, z_coefficient):
-  """(cross-entropy [b, c], z-loss [b, c], softmax, log Z) for one chunk."""
-  x = _f32(x)
+  """(cross-entropy [b, c], z-loss [b, c], softmax, log Z) for float32 logits x."""
   log_z = jax.nn.logsumexp(x, axis=-1)
   target_logit = jnp.take_along_axis(x, y[..., None], axis=-1)[..., 0]
   probs = jnp.exp(x - log_z[..., None])
   return log_z - target_logit, z_coefficient * jnp.square(log_z), probs, log_z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _cross_entropy_sums(logits, targets, weights, z_coefficient, chunk_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _cross_entropy_sums(logits, kernel, targets, weights, z_coefficient,
+                        chunk_size):
   """(sum of weighted cross-entropy, sum of weighted z-loss)."""
   ce, z = _map_sequence_chunks(
-      lambda x, y: _cross_entropy_per_position(x, y, z_coefficient)[:2],
+      lambda x, y: _cross_entropy_per_position(_project(x, kernel), y,
+                                               z_coefficient)[:2],
       (logits, targets), chunk_size)
   return _weighted_sum(ce, weights), _weighted_sum(z, weights)
 
 
-def _cross_entropy_sums_fwd(logits, targets, weights, z_coefficient,
+def _cross_entropy_sums_fwd(logits, kernel, targets, weights, z_coefficient,
                             chunk_size):
-  sums = _cross_entropy_sums(logits, targets, weights, z_coefficient,
+  sums = _cross_entropy_sums(logits, kernel, targets, weights, z_coefficient,
                              chunk_size)
-  return sums, (logits, targets, weights)
+  return sums, (logits, kernel, targets, weights)
 
 
 def _cross_entropy_sums_bwd(z_coefficient, chunk_size, residuals, cotangents):
-  logits, targets, weights = residuals
+  logits, kernel, targets, weights = residuals
   g_ce, g_z = cotangents
 
   def grad_chunk(x, y, w):
     # d CE / dx = softmax - onehot(y); d (c * logZ^2) / dx = 2 c logZ softmax.
+    x = _project(x, kernel)
     _, _, probs, log_z = _cross_entropy_per_position(x, y, z_coefficient)
     onehot = jax.nn.one_hot(y, x.shape[-1], dtype=jnp.float32)
     grad = (g_ce * (probs - onehot)
             + g_z * 2.0 * z_coefficient * log_z[..., None] * probs)
     return jnp.where((w != 0)[..., None], w[..., None] * grad, 0.0)
 
-  d_logits = _sequence_chunk_gradient(grad_chunk, (logits, targets, weights),
-                                      chunk_size, logits)
-  return d_logits, None, None
+  d_logits, d_kernel = _sequence_chunk_gradient(
+      grad_chunk, (logits, targets, weights), chunk_size, logits, kernel)
+  return d_logits, d_kernel, None, None
 
 
 _cross_entropy_sums.defvjp(_cross_entropy_sums_fwd, _cross_entropy_sums_bwd)
 
 
 def span_corruption_loss(
-    logits: ArrayLike,
+    logits,
     targets: ArrayLike,
     weights: ArrayLike,
     *,
@@ -607,7 +725,8 @@ def span_corruption_loss(
   memory-aware like `logits_kl`.
 
   Args:
-    logits: `[batch, length, vocab]`.
+    logits: `[batch, length, vocab]`, or `ProjectedLogits` (gradients then
+      flow to its hidden states and kernel).
     targets: int `[batch, length]` target ids.
     weights: `[batch, length]` loss weights (0 for padding).
     z_loss: coefficient of the z-loss; 0 disables it.
@@ -616,17 +735,18 @@ def span_corruption_loss(
   Returns:
     `CrossEntropy(total, cross_entropy, z_loss)`, weighted means over tokens.
   """
-  _check_rank("logits", logits, 3, "[batch, length, vocab]")
-  if tuple(jnp.shape(targets)) != tuple(jnp.shape(logits)[:2]) or tuple(
-      jnp.shape(weights)) != tuple(jnp.shape(logits)[:2]):
+  hidden, kernel = _logits_operands("logits", logits)
+  shape = _logits_shape(hidden, kernel)
+  if tuple(jnp.shape(targets)) != shape[:2] or tuple(
+      jnp.shape(weights)) != shape[:2]:
     raise ValueError(
         f"targets {jnp.shape(targets)} and weights {jnp.shape(weights)} must "
-        f"be [batch, length] = {tuple(jnp.shape(logits)[:2])}.")
+        f"be [batch, length] = {shape[:2]}.")
   if not z_loss >= 0:
     raise ValueError(f"z_loss must be >= 0; got {z_loss}.")
   w = _f32(weights)
   ce_sum, z_sum = _cross_entropy_sums(
-      jnp.asarray(logits), jnp.asarray(targets).astype(jnp.int32),
+      hidden, kernel, jnp.asarray(targets).astype(jnp.int32),
       jax.lax.stop_gradient(w), float(z_loss), chunk_size)
   denominator = jnp.sum(w)
   ce = _safe_divide(ce_sum, denominator)

@@ -526,6 +526,14 @@ class Recipe:
 # ---------------------------------------------------------------------------
 
 
+def _logits(out):
+  """A model output's logits: formed, or its head's operands for the losses to
+  form chunk by chunk (`T5(...)(..., project_logits=False)`)."""
+  if out.logits is not None:
+    return out.logits
+  return losses.ProjectedLogits(out.head_hidden, out.head_kernel)
+
+
 def _tap(out, kind: str, layer: int, side: str):
   taps = getattr(out, kind)
   if layer not in taps:
@@ -562,6 +570,8 @@ def recipe_loss(
     batch: Mapping[str, Any],
     step,
     extra_params: Optional[Mapping[str, Any]] = None,
+    *,
+    chunk_size: Optional[int] = losses.DEFAULT_CHUNK_SIZE,
 ) -> tuple[Array, dict[str, Array]]:
   """Total loss of a recipe and one metric per term.
 
@@ -570,7 +580,9 @@ def recipe_loss(
       match the keys of the model outputs).
     teacher_out: the teacher's `T5Output` with `required_taps` (may be None
       when `recipe.needs_teacher` is False).
-    student_out: the student's `T5Output` with `required_taps`.
+    student_out: the student's `T5Output` with `required_taps`. Either output
+      may carry its logits or, from `project_logits=False`, its head's
+      operands (the losses then never form [batch, length, vocab] whole).
     batch: `encoder_input_tokens` [batch, in_len] (0 = padding),
       `decoder_target_tokens` [batch, tgt_len] (0 = padding), optional
       `decoder_loss_weights` [batch, tgt_len] (default: targets > 0), optional
@@ -579,6 +591,8 @@ def recipe_loss(
       accumulation every micro-batch of one update gets the same step), for
       interpolation schedules.
     extra_params: `Recipe.init_extra_params` output (hidden-state terms).
+    chunk_size: sequence positions per chunk of the vocabulary-sized losses
+      (`losses.chunk_positions` sizes it from the rows each device holds).
 
   Returns:
     (total float32 scalar, metrics) with `loss/<label>` per term (unweighted),
@@ -605,8 +619,9 @@ def recipe_loss(
     loss_weights = masks["decoder"]
 
   metrics = {}
-  student_ce = losses.span_corruption_loss(student_out.logits, targets,
-                                           loss_weights, z_loss=recipe.z_loss)
+  student_ce = losses.span_corruption_loss(_logits(student_out), targets,
+                                           loss_weights, z_loss=recipe.z_loss,
+                                           chunk_size=chunk_size)
   if recipe.ce_weight == 0:
     # Reported, but no gradient: parameters only the cross-entropy would
     # train (e.g. the output layer under relation-only recipes) stay exactly
@@ -619,8 +634,8 @@ def recipe_loss(
   teacher_ce = None
   if recipe.needs_teacher_loss:
     teacher_ce = losses.span_corruption_loss(
-        jax.lax.stop_gradient(teacher_out.logits), targets, loss_weights
-    ).cross_entropy
+        jax.lax.stop_gradient(_logits(teacher_out)), targets, loss_weights,
+        chunk_size=chunk_size).cross_entropy
     metrics["teacher/span_corruption"] = teacher_ce
 
   for term in recipe.terms:
@@ -631,9 +646,9 @@ def recipe_loss(
       metrics[f"interpolation/{term.label}"] = alpha
 
     if term.kind == "logits":
-      value = losses.logits_kl(teacher_out.logits, student_out.logits,
+      value = losses.logits_kl(_logits(teacher_out), _logits(student_out),
                                loss_weights, term.temperature,
-                               interpolation=alpha)
+                               interpolation=alpha, chunk_size=chunk_size)
     elif term.kind in HIDDEN_KINDS:
       side = term.kind.split("_")[0]
       if term.label not in extra_params:

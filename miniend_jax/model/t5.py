@@ -124,7 +124,14 @@ class AttentionTap:
 class T5Output:
   """What `T5.__call__` returns.
 
-  logits: [batch, target_len, vocab_size] in `config.logits_dtype` (float32 by default).
+  logits: [batch, target_len, vocab_size] in `config.logits_dtype` (float32 by default);
+    None when called with `project_logits=False`, which returns the head's operands
+    instead, for losses that form the logits a chunk at a time
+    (`distill.losses.ProjectedLogits`):
+  head_hidden: [batch, target_len, d_model] in the compute dtype, the decoder output as
+    the head sees it (rescaled by d_model^-0.5 when the embedding is tied).
+  head_kernel: [d_model, vocab_size] in the compute dtype; logits = head_hidden @
+    head_kernel, accumulated in float32.
   encoder_self / decoder_self / decoder_cross: {layer: AttentionTap}, keyed by the
     non-negative layer index. Cross-attention queries come from the decoder
     ([batch, target_len, ...]), keys and values from the encoder output
@@ -133,12 +140,14 @@ class T5Output:
     output before the stack's final layer norm.
   """
 
-  logits: Array
+  logits: Array | None
   encoder_self: Mapping[int, AttentionTap] = flax.struct.field(default_factory=dict)
   decoder_self: Mapping[int, AttentionTap] = flax.struct.field(default_factory=dict)
   decoder_cross: Mapping[int, AttentionTap] = flax.struct.field(default_factory=dict)
   encoder_hidden: Mapping[int, Array] = flax.struct.field(default_factory=dict)
   decoder_hidden: Mapping[int, Array] = flax.struct.field(default_factory=dict)
+  head_hidden: Array | None = None
+  head_kernel: Array | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -737,7 +746,8 @@ class T5(nn.Module):
                decoder_target_tokens: Array | None = None, *,
                encoder_segment_ids: Array | None = None,
                decoder_segment_ids: Array | None = None,
-               enable_dropout: bool = False, taps: Taps = Taps()) -> T5Output:
+               enable_dropout: bool = False, taps: Taps = Taps(),
+               project_logits: bool = True) -> T5Output:
     """Runs encoder and decoder.
 
     Args:
@@ -751,9 +761,13 @@ class T5(nn.Module):
         packed examples; attention stays within a segment.
       enable_dropout: apply dropout (needs a "dropout" rng).
       taps: which layers' attention projections and hidden states to return.
+      project_logits: False returns the output head's operands (`head_hidden`,
+        `head_kernel`) instead of logits, so a loss can form them a chunk at a
+        time and never hold [batch, target_len, vocab] (training does this).
 
     Returns:
-      T5Output with logits [batch, target_len, vocab] and the requested taps.
+      T5Output with logits [batch, target_len, vocab] (or the head's operands) and
+      the requested taps.
     """
     cfg = self.config
     taps = taps.normalize(cfg)
@@ -769,9 +783,12 @@ class T5(nn.Module):
     decoded, dec_taps, cross_taps, dec_hidden = self.decoder(
         self._embed(decoder_input_tokens), encoded, decoder_key_mask, encoder_mask,
         decoder_segment_ids, encoder_segment_ids, taps, deterministic)
-    return T5Output(logits=self._logits(decoded), encoder_self=enc_taps,
-                    decoder_self=dec_taps, decoder_cross=cross_taps,
+    taps_out = dict(encoder_self=enc_taps, decoder_self=dec_taps, decoder_cross=cross_taps,
                     encoder_hidden=enc_hidden, decoder_hidden=dec_hidden)
+    if project_logits:
+      return T5Output(logits=self._logits(decoded), **taps_out)
+    hidden, kernel = self._head_operands(decoded)
+    return T5Output(logits=None, head_hidden=hidden, head_kernel=kernel, **taps_out)
 
   def encode(self, encoder_input_tokens: Array) -> Array:
     """Encoder output for generation: [batch, input_len, d_model] (no dropout)."""
@@ -805,14 +822,23 @@ class T5(nn.Module):
   def _embed(self, tokens: Array) -> Array:
     return _activation_constraint(self.shared(tokens))
 
-  def _logits(self, decoded: Array) -> Array:
+  def _head_operands(self, decoded: Array) -> tuple[Array, Array]:
+    """(hidden [batch, len, d_model], kernel [d_model, vocab]) in the compute dtype,
+    whose product `_logits` computes (same casts and scaling)."""
     cfg = self.config
     if cfg.tie_word_embeddings:
       # Mesh TensorFlow's T5 rescales before the tied output projection.
       embedding = self.shared.embedding.astype(self.shared.dtype)
-      logits = matmul((decoded * (cfg.d_model ** -0.5)).astype(self.shared.dtype),
-                      embedding.T, 1, cfg.logits_dtype)
-    else:
+      hidden = (decoded * (cfg.d_model ** -0.5)).astype(self.shared.dtype)
+      return hidden, embedding.T
+    kernel = nn.meta.unbox(self.lm_head.variables["params"]["kernel"])
+    return decoded.astype(cfg.dtype), kernel.astype(cfg.dtype)
+
+  def _logits(self, decoded: Array) -> Array:
+    cfg = self.config
+    if cfg.tie_word_embeddings:
+      logits = matmul(*self._head_operands(decoded), 1, cfg.logits_dtype)
+    else:  # through the module, which creates the kernel at initialisation
       logits = self.lm_head(decoded)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 

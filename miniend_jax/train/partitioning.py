@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from typing import Any, Sequence
 
@@ -306,6 +307,19 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
         f"Cannot start JAX's distributed runtime ({where}): {e} Set JAX_COORDINATOR_ADDRESS "
         "(host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.") from e
   return True
+
+
+def batch_shards() -> int:
+  """How many ways the current mesh and logical-axis rules split the "batch"
+  axis (1 outside `mesh_context`): global rows over rows per device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes(("batch",))[0]
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 @contextlib.contextmanager

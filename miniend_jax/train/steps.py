@@ -37,13 +37,14 @@ Batch = Mapping[str, Array]
 _MODEL_FEATURES = ("encoder_segment_ids", "decoder_segment_ids")
 
 
-def _forward(config: T5Config, params, batch: Batch, taps: Taps, *, dropout_rng=None):
+def _forward(config: T5Config, params, batch: Batch, taps: Taps, *, dropout_rng=None,
+             project_logits: bool = True):
   kwargs = {k: batch[k] for k in _MODEL_FEATURES if k in batch}
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
   return T5(config).apply(
       {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
       batch["decoder_target_tokens"], enable_dropout=dropout_rng is not None, taps=taps,
-      rngs=rngs, **kwargs)
+      project_logits=project_logits, rngs=rngs, **kwargs)
 
 
 def gradient_norms(grads) -> dict[str, Array]:
@@ -66,7 +67,7 @@ def gradient_norms(grads) -> dict[str, Array]:
 def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
                        teacher_config: T5Config | None = None,
                        learning_rate_fn: Callable[[Array], Array] | None = None,
-                       grad_accum_steps: int = 1):
+                       grad_accum_steps: int = 1, fused_head: bool = True):
   """The pure (unjitted) step: (state, teacher_params, batch, rng) -> (state, metrics).
 
   Args:
@@ -78,6 +79,10 @@ def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
     grad_accum_steps: micro-batches per optimizer update; the recipe's
       interpolation schedules count optimizer updates (state.step // this), as
       the learning-rate schedule does.
+    fused_head: the losses form each model's logits from its output head a chunk
+      of positions at a time (`losses.ProjectedLogits`), so no [batch,
+      target_len, vocab] array exists in the step; False has the models form
+      their float32 logits whole first (same values; for comparison).
 
   `state.params` is {"model": student params, "distill": recipe params}.
   Batch: int32 `encoder_input_tokens` [batch, in_len], `decoder_input_tokens`,
@@ -95,14 +100,19 @@ def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
     teacher_out = None
     if recipe.needs_teacher:
       teacher_out = _forward(teacher_config, jax.lax.stop_gradient(teacher_params), batch,
-                             teacher_taps)
+                             teacher_taps, project_logits=not fused_head)
     dropout_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
       student_out = _forward(student_config, params["model"], batch, student_taps,
-                             dropout_rng=dropout_rng if student_config.dropout_rate else None)
+                             dropout_rng=dropout_rng if student_config.dropout_rate else None,
+                             project_logits=not fused_head)
+      targets = batch["decoder_target_tokens"]
+      chunk = losses.chunk_positions(targets.shape[0] // partitioning.batch_shards(),
+                                     student_config.vocab_size, targets.shape[1])
       return recipe_loss(recipe, teacher_out, student_out, batch,
-                         state.step // grad_accum_steps, params.get("distill"))
+                         state.step // grad_accum_steps, params.get("distill"),
+                         chunk_size=chunk)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     norms = gradient_norms(grads)
@@ -131,7 +141,8 @@ def make_distill_step(student_config: T5Config, recipe: Recipe, *, mesh: Mesh,
                       state_sharding, teacher_config: T5Config | None = None,
                       teacher_sharding=None,
                       rules: partitioning.LogicalRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
-                      learning_rate_fn=None, grad_accum_steps: int = 1):
+                      learning_rate_fn=None, grad_accum_steps: int = 1,
+                      fused_head: bool = True):
   """`distill_step(state, teacher_params, batch, rng) -> (state, metrics)` as one jitted
   program: explicit in/out shardings, the student state donated.
   `distill_step.lower(...)` lowers it on (abstract) arguments in the mesh context.
@@ -143,7 +154,7 @@ def make_distill_step(student_config: T5Config, recipe: Recipe, *, mesh: Mesh,
   """
   step_fn = make_train_step_fn(student_config, recipe, teacher_config=teacher_config,
                                learning_rate_fn=learning_rate_fn,
-                               grad_accum_steps=grad_accum_steps)
+                               grad_accum_steps=grad_accum_steps, fused_head=fused_head)
   replicated = NamedSharding(mesh, PartitionSpec())
   data = partitioning.batch_sharding(mesh, rules)
   jitted = jax.jit(step_fn,

@@ -300,6 +300,134 @@ def test_vocabulary_losses_are_memory_aware():
   assert chunked <= 0.4 * one_copy
 
 
+def _hidden_and_kernel(rng, batch, length, width, vocab, dtype=jnp.float32):
+  hidden = _rand(rng, (batch, length, width), dtype)
+  kernel = _rand(rng, (width, vocab), dtype, width ** -0.5 * 3.0)
+  return hidden, kernel
+
+
+def _formed(hidden, kernel):
+  """The logits a ProjectedLogits stands for, formed whole in float32."""
+  return jnp.einsum("bld,dv->blv", hidden.astype(jnp.float32), kernel.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("chunk,a,temperature", [(None, None, 1.0), (4, None, 2.0),
+                                                 (4, 0.3, 1.0), (20, 0.7, 1.5)])
+def test_projected_logits_kl_values_and_gradients(chunk, a, temperature):
+  """hidden @ kernel formed chunk by chunk: the value against float64 numpy, and the
+  gradients of the student's hidden states and kernel against plain autodiff."""
+  rng = np.random.default_rng(11)
+  batch, length, width, vocab = 2, 9, 6, 13
+  th, tk = _hidden_and_kernel(rng, batch, length, 8, vocab)  # another teacher width
+  sh, sk = _hidden_and_kernel(rng, batch, length, width, vocab)
+  mask = _mask([9, 5], length)
+  weights = mask.astype(np.float32)
+  weights[0, 1] = 0.25
+  loss = lambda sh, sk: losses.logits_kl(losses.ProjectedLogits(th, tk),
+                                         losses.ProjectedLogits(sh, sk), weights,
+                                         temperature, chunk_size=chunk, interpolation=a)
+  want = ref.logits_kl(_formed(th, tk), _formed(sh, sk), weights, temperature,
+                       **({} if a is None else {"a": a}))
+  np.testing.assert_allclose(loss(sh, sk), want, rtol=RTOL, atol=ATOL)
+  got = jax.jit(jax.grad(loss, argnums=(0, 1)))(sh, sk)
+  naive = jax.grad(lambda sh, sk: _naive_logits_kl(_formed(th, tk), _formed(sh, sk), weights,
+                                                   temperature, a), argnums=(0, 1))(sh, sk)
+  for g, w in zip(got, naive):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7)
+  assert not np.any(np.asarray(got[0])[~mask]) and np.any(got[0])
+  # The teacher's side gets no gradient even if a caller forgets to freeze it.
+  teacher_grads = jax.grad(lambda th, tk: losses.logits_kl(
+      losses.ProjectedLogits(th, tk), losses.ProjectedLogits(sh, sk), weights,
+      chunk_size=chunk), argnums=(0, 1))(th, tk)
+  assert not any(np.any(g) for g in teacher_grads)
+  # Mixed operands: formed teacher logits with a projected student.
+  np.testing.assert_allclose(
+      losses.logits_kl(_formed(th, tk), losses.ProjectedLogits(sh, sk), weights, temperature,
+                       chunk_size=chunk, interpolation=a), want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("chunk,z", [(None, 0.0), (4, 1e-2), (5, 1e-4)])
+def test_projected_span_corruption_values_and_gradients(chunk, z):
+  rng = np.random.default_rng(12)
+  hidden, kernel = _hidden_and_kernel(rng, 3, 9, 6, 17)
+  targets = jnp.asarray(rng.integers(1, 17, size=(3, 9)))
+  weights = _mask([9, 4, 7], 9).astype(np.float32)
+  f = lambda h, k: losses.span_corruption_loss(losses.ProjectedLogits(h, k), targets,
+                                               weights, z_loss=z, chunk_size=chunk)
+  np.testing.assert_allclose(f(hidden, kernel),
+                             ref.span_corruption(_formed(hidden, kernel), targets, weights, z),
+                             rtol=RTOL, atol=ATOL)
+  got = jax.jit(jax.grad(lambda h, k: f(h, k).total, argnums=(0, 1)))(hidden, kernel)
+  want = jax.grad(lambda h, k: _naive_ce(_formed(h, k), targets, weights, z),
+                  argnums=(0, 1))(hidden, kernel)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7)
+
+
+def test_projected_logits_bf16_follow_the_model_head():
+  """bf16 hidden states and kernel: the gradients come back in bf16, within bf16
+  rounding of autodiff through the model's own head (float32 logits)."""
+  from miniend_jax.model.t5 import matmul
+  rng = np.random.default_rng(13)
+  hidden, kernel = _hidden_and_kernel(rng, 2, 12, 16, 64, jnp.bfloat16)
+  targets = jnp.asarray(rng.integers(1, 64, size=(2, 12)))
+  weights = _mask([12, 7], 12).astype(np.float32)
+  fused = jax.grad(lambda h, k: losses.span_corruption_loss(
+      losses.ProjectedLogits(h, k), targets, weights, chunk_size=5).total,
+      argnums=(0, 1))(hidden, kernel)
+  formed = jax.grad(lambda h, k: losses.span_corruption_loss(
+      matmul(h, k, 1, jnp.float32), targets, weights, chunk_size=None).total,
+      argnums=(0, 1))(hidden, kernel)
+  for g, w in zip(fused, formed):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=2e-2, atol=2e-2 * float(np.abs(np.asarray(w, np.float32)).max()))
+
+
+def test_projected_logits_never_form_the_vocabulary_array():
+  """XLA's accounting for the training-time use (KL and cross-entropy, gradients of
+  the student's hidden states and head). Forming the logits first costs ~5 float32
+  [batch, length, vocab] arrays; from ProjectedLogits the temporaries are a few
+  kernel-sized float32 gradients plus a few chunks of logits, whatever the length."""
+  batch, width, chunk = 2, 64, 16
+
+  def temp_bytes(projected, length, vocab):
+    hidden = jax.ShapeDtypeStruct((batch, length, width), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((width, vocab), jnp.float32)
+    mask = jax.ShapeDtypeStruct((batch, length), jnp.float32)
+    targets = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+
+    def loss(sh, sk, th, tk, m, y):
+      if projected:
+        student, teacher = losses.ProjectedLogits(sh, sk), losses.ProjectedLogits(th, tk)
+      else:
+        student, teacher = sh @ sk, th @ tk
+      return (losses.logits_kl(teacher, student, m, chunk_size=chunk)
+              + losses.span_corruption_loss(student, y, m, chunk_size=chunk).total)
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    compiled = f.lower(hidden, kernel, hidden, kernel, mask, targets).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  for vocab in (4096, 32768):
+    one_copy = batch * 256 * vocab * 4
+    assert temp_bytes(False, 256, vocab) >= 4 * one_copy
+    kernel_f32, chunk_f32 = width * vocab * 4, batch * chunk * vocab * 4
+    short, long = temp_bytes(True, 256, vocab), temp_bytes(True, 1024, vocab)
+    assert short <= 4 * kernel_f32 + 4 * chunk_f32, (short, kernel_f32, chunk_f32)
+    # 4x the length adds hidden-sized arrays only, never vocabulary-sized ones.
+    assert long - short <= 4 * batch * (1024 - 256) * width * 4, (long, short)
+
+
+def test_projected_logits_shape_errors():
+  with pytest.raises(ValueError, match="do not contract"):
+    losses.span_corruption_loss(losses.ProjectedLogits(jnp.zeros((1, 2, 4)), jnp.zeros((5, 9))),
+                                np.ones((1, 2), np.int32), np.ones((1, 2)))
+  with pytest.raises(ValueError, match="vocabulary"):
+    losses.logits_kl(losses.ProjectedLogits(jnp.zeros((1, 2, 4)), jnp.zeros((4, 9))),
+                     jnp.zeros((1, 2, 10)), np.ones((1, 2)))
+
+
 def test_logits_kl_vocab_mismatch():
   with pytest.raises(ValueError, match="vocabulary"):
     losses.logits_kl(jnp.zeros((1, 2, 10)), jnp.zeros((1, 2, 12)), np.ones((1, 2)))
