@@ -49,6 +49,7 @@ _SHORTHANDS = {
     "preset": "ModelSetup.preset",
     "init_from": "ModelSetup.init_from",
     "task": "TrainConfig.task",
+    "vocabulary": "TrainConfig.vocabulary",
     "num_steps": "TrainConfig.num_steps",
     "data_dir": "TrainConfig.data_dir",
 }
@@ -211,6 +212,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
       p.add_argument("--init_from", help="initial weights: a distilled student's workdir or "
                                          "checkpoints, or a Hugging Face directory")
     p.add_argument("--task", help="seqio task or mixture (= TrainConfig.task)")
+    p.add_argument("--vocabulary", help="tokenise the task with another vocabulary: 'teacher' "
+                                        "(its own: mT5, umT5, ByT5 teachers), 'byt5', a Hugging "
+                                        "Face directory or a spiece.model "
+                                        "(= TrainConfig.vocabulary)")
     p.add_argument("--num_steps", type=int,
                    help="training steps; the learning-rate schedule follows unless "
                         "OptimizerConfig.total_steps is set")

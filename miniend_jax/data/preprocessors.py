@@ -26,6 +26,8 @@ import tensorflow as tf
 # Defaults of T5's span corruption objective.
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
+# ByT5 corrupts spans of 20 bytes on average (google-research/byt5 tasks.py).
+BYT5_MEAN_NOISE_SPAN_LENGTH = 20.0
 # Documents longer than this are cut to one random chunk (as in T5), so that
 # one huge document cannot dominate a concatenation batch.
 MAX_CHUNK_TOKENS = 65536
@@ -43,14 +45,28 @@ def sentinel_id(vocabulary: seqio.Vocabulary) -> int:
 
   Later sentinels count down from it (`<extra_id_1>` = this - 1, ...), which
   is the order `seqio.SentencePieceVocabulary(reverse_extra_ids=True)` and
-  Hugging Face's T5 tokenizer assign.
+  Hugging Face's T5 tokenizer assign. ByT5's byte vocabulary has no extra ids:
+  its sentinels reuse the top byte ids (258 = byte 0xFF, down), never UTF-8.
   """
-  if not vocabulary.extra_ids:
+  if not vocabulary.extra_ids and not isinstance(vocabulary, seqio.ByteVocabulary):
     raise ValueError(
         f"Vocabulary {vocabulary} has no extra ids; span corruption needs "
         "sentinels. Build it with miniend_jax.data.vocab.get_vocabulary()."
     )
   return vocabulary.vocab_size - 1
+
+
+# Byte values that never occur in UTF-8 text (0xF5-0xFF): the sentinels ByT5's
+# byte vocabulary can take without colliding with text.
+_UNUSED_UTF8_BYTES = 11
+
+
+def num_sentinels(vocabulary: seqio.Vocabulary) -> int:
+  """How many distinct sentinels span corruption may use with `vocabulary`:
+  its extra ids, or for ByT5's bytes the 11 byte values UTF-8 never uses."""
+  if isinstance(vocabulary, seqio.ByteVocabulary) and not vocabulary.extra_ids:
+    return _UNUSED_UTF8_BYTES
+  return vocabulary.extra_ids
 
 
 def span_corruption_lengths(
@@ -386,12 +402,13 @@ def span_corruption(
   _, max_spans = span_corruption_lengths(
       tokens_length, noise_density, mean_noise_span_length
   )
-  if max_spans > vocabulary.extra_ids:
+  if max_spans > num_sentinels(vocabulary):
     raise ValueError(
         f"Span corruption of {tokens_length}-token segments makes "
         f"{max_spans} noise spans, but the vocabulary has only "
-        f"{vocabulary.extra_ids} extra ids (sentinels). Use a vocabulary with "
-        "100 extra ids or shorter inputs."
+        f"{num_sentinels(vocabulary)} sentinels (extra ids, or for bytes the "
+        "values UTF-8 never uses). Use a vocabulary with 100 extra ids, "
+        "shorter inputs or longer spans."
     )
   dataset = select_random_chunk(dataset, feature_key=feature_key)
   if merge_examples_to_reduce_padding:
@@ -426,7 +443,7 @@ def undo_span_corruption(
   Raises:
     ValueError: if the sentinels of inputs and targets do not correspond.
   """
-  first_sentinel = vocabulary.vocab_size - vocabulary.extra_ids
+  first_sentinel = vocabulary.vocab_size - num_sentinels(vocabulary)
 
   def _strip(ids):
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]

@@ -25,6 +25,7 @@ what to do.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -496,6 +497,68 @@ def span_corruption_task(
   if register:
     add_to_registry(task)
   return task
+
+
+def vocabulary_tag(vocabulary: seqio.Vocabulary) -> str:
+  """A short, content-derived name for a vocabulary: "byt5" or "spm_<hash>"."""
+  if isinstance(vocabulary, seqio.ByteVocabulary):
+    return vocab_lib.BYT5
+  model = getattr(vocabulary, "sp_model", None) or repr(vocabulary).encode()
+  return "spm_" + hashlib.sha256(model).hexdigest()[:10]
+
+
+def _for_vocabulary(step, vocabulary: seqio.Vocabulary):
+  """A preprocessor, with span corruption following the vocabulary's convention:
+  ByT5's 20-byte mean noise span on bytes, unless a span length was chosen."""
+  if (isinstance(vocabulary, seqio.ByteVocabulary)
+      and isinstance(step, functools.partial)
+      and step.func is preprocessors.span_corruption
+      and step.keywords.get("mean_noise_span_length",
+                            preprocessors.MEAN_NOISE_SPAN_LENGTH)
+      == preprocessors.MEAN_NOISE_SPAN_LENGTH):
+    return functools.partial(
+        step, mean_noise_span_length=preprocessors.BYT5_MEAN_NOISE_SPAN_LENGTH)
+  return step
+
+
+def retokenized(name: str, vocabulary: seqio.Vocabulary) -> str:
+  """Registers task or mixture `name` tokenised with `vocabulary` instead.
+
+  For runs whose teacher brings its own vocabulary (mT5, umT5, ByT5): the same
+  sources, preprocessors, metrics and mixing rates, every feature re-tokenised,
+  and span corruption in the vocabulary's convention (see `_for_vocabulary`).
+  Idempotent.
+
+  Args:
+    name: a registered seqio task or mixture.
+    vocabulary: the vocabulary to tokenise with (T5 layout; see
+      `vocab.validate_vocabulary`).
+
+  Returns:
+    The registered copy's name, `<name>.<vocabulary_tag>`; `name` itself when
+    it already uses `vocabulary`.
+  """
+  vocab_lib.validate_vocabulary(vocabulary)
+  provider = seqio.get_mixture_or_task(name)
+  if all(f.vocabulary == vocabulary for f in provider.output_features.values()):
+    return name
+  new_name = f"{name}.{vocabulary_tag(vocabulary)}"
+
+  def copy_task(task: seqio.Task) -> str:
+    features = {k: seqio.Feature(vocabulary=vocabulary, add_eos=f.add_eos,
+                                 required=f.required, dtype=f.dtype, rank=f.rank)
+                for k, f in task.output_features.items()}
+    steps = [_for_vocabulary(step, vocabulary) for step in task.preprocessors]
+    copy = task.replace(name=f"{task.name}.{vocabulary_tag(vocabulary)}",
+                        output_features=features, preprocessors=steps)
+    add_to_registry(copy)
+    return copy.name
+
+  if isinstance(provider, seqio.Task):
+    return copy_task(provider)
+  add_to_registry(seqio.Mixture(
+      new_name, [(copy_task(t), provider.get_rate(t)) for t in provider.tasks]))
+  return new_name
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""T5 SentencePiece vocabularies: loading, validating and training them.
+"""T5 SentencePiece vocabularies: loading, validating and training them
+(and ByT5's byte vocabulary, `byt5_vocabulary`).
 
 A T5 vocabulary is a SentencePiece model whose first three ids are
 pad=0, eos=1, unk=2 (no bos), plus 100 "extra ids" (sentinels) that
@@ -127,13 +128,16 @@ def validate_vocabulary(vocabulary: seqio.Vocabulary) -> None:
     vocabulary: a `seqio.Vocabulary` (typically SentencePiece).
 
   Raises:
-    ValueError: if it does not have 100 extra ids or pad=0/eos=1/unk=2.
+    ValueError: if it does not have 100 extra ids or pad=0/eos=1/unk=2 (ByT5's
+      byte vocabulary without extra ids is accepted as it is).
   """
   if isinstance(vocabulary, seqio.SentencePieceVocabulary):
     validate_sentencepiece_model(  # checks the extra ids too
         vocabulary.sentencepiece_model_file, vocabulary.extra_ids
     )
     return
+  if isinstance(vocabulary, seqio.ByteVocabulary) and vocabulary.extra_ids == 0:
+    return  # ByT5's layout: sentinels reuse the top byte ids (`byt5_vocabulary`)
   _check_extra_ids(vocabulary.extra_ids)
   if (vocabulary.pad_id, vocabulary.eos_id) != (PAD_ID, EOS_ID):
     raise ValueError(
@@ -246,8 +250,21 @@ def get_vocabulary(
   return vocabulary
 
 
-# ByT5: 3 special ids (pad, eos, unk), 256 bytes, 125 sentinels = 384 ids.
-BYT5_EXTRA_IDS = 125
+# ByT5's vocabulary name in run settings and checkpoint metadata.
+BYT5 = "byt5"
+
+
+def byt5_vocabulary() -> seqio.ByteVocabulary:
+  """ByT5's vocabulary as it was pretrained: UTF-8 bytes, no extra ids.
+
+  Ids: pad 0, eos 1, unk 2, byte b at b + 3 (`ByT5Tokenizer`'s ids), 259 in
+  all. ByT5 was pretrained with `ByteVocabulary()` (google-research/byt5,
+  tasks.py), so span corruption's sentinels count down from id 258: they reuse
+  the top byte values 0xFF, 0xFE, ..., which never occur in UTF-8 text. The
+  125 `<extra_id_N>` tokens Hugging Face's ByT5Tokenizer appends (ids 259-383,
+  the rest of the 384 embedding rows) were never sentinels in pretraining.
+  """
+  return seqio.ByteVocabulary()
 
 
 def checkpoint_vocabulary(directory: str) -> seqio.Vocabulary:
@@ -255,7 +272,7 @@ def checkpoint_vocabulary(directory: str) -> seqio.Vocabulary:
 
   SentencePiece when the directory holds `spiece.model` (T5, Flan-T5, mT5,
   umT5, UL2; see `get_vocabulary`); bytes when its tokenizer is ByT5's
-  (`seqio.ByteVocabulary`, whose ids equal `ByT5Tokenizer`'s: byte + 3).
+  (`byt5_vocabulary`, whose ids equal `ByT5Tokenizer`'s: byte + 3).
 
   Raises:
     ValueError: the directory holds neither (e.g. only a tokenizer.json).
@@ -269,7 +286,7 @@ def checkpoint_vocabulary(directory: str) -> seqio.Vocabulary:
     with tf.io.gfile.GFile(config_path, "r") as f:
       tokenizer_class = json.load(f).get("tokenizer_class")
   if tokenizer_class == "ByT5Tokenizer":
-    vocabulary = seqio.ByteVocabulary(extra_ids=BYT5_EXTRA_IDS)
+    vocabulary = byt5_vocabulary()
     rows = _hf_model_vocab_size(directory)
     if rows is not None and rows < vocabulary.vocab_size:
       raise ValueError(f"{directory}: a ByT5 tokenizer needs {vocabulary.vocab_size} embedding "
@@ -280,6 +297,23 @@ def checkpoint_vocabulary(directory: str) -> seqio.Vocabulary:
       f"(SentencePiece: T5, mT5, umT5, UL2) and tokenizer_config.json names "
       f"tokenizer_class={tokenizer_class!r}, not ByT5Tokenizer. Copy the model's "
       f"{HF_SPM_FILENAME} into the directory.")
+
+
+def vocabulary_reference(vocabulary: seqio.Vocabulary) -> Optional[str]:
+  """How run metadata names a vocabulary: its SentencePiece file, "byt5", or None."""
+  if isinstance(vocabulary, seqio.ByteVocabulary):
+    return BYT5
+  return getattr(vocabulary, "sentencepiece_model_file", None)
+
+
+def vocabulary_from_reference(reference: str) -> seqio.Vocabulary:
+  """The vocabulary a reference names: "byt5", a Hugging Face checkpoint
+  directory (`checkpoint_vocabulary`) or a SentencePiece `.model` file."""
+  if reference == BYT5:
+    return byt5_vocabulary()
+  if tf.io.gfile.isdir(reference):
+    return checkpoint_vocabulary(reference)
+  return get_vocabulary(reference)
 
 
 def padded_vocab_size(vocabulary: seqio.Vocabulary, multiple: int = 128) -> int:
@@ -371,13 +405,20 @@ def save_hf_tokenizer(vocabulary_or_path, out_dir: str) -> str:
 
   Args:
     vocabulary_or_path: a `seqio.SentencePieceVocabulary` or a path accepted
-      by `resolve_sentencepiece_path`.
+      by `resolve_sentencepiece_path`; a `seqio.ByteVocabulary` or "byt5"
+      writes ByT5's tokenizer instead.
     out_dir: directory to write; `transformers.AutoTokenizer` loads it.
 
   Returns:
     `out_dir`.
   """
   import transformers  # pylint: disable=g-import-not-at-top
+
+  if vocabulary_or_path == BYT5 or isinstance(vocabulary_or_path, seqio.ByteVocabulary):
+    tf.io.gfile.makedirs(out_dir)
+    # 125 extra ids: the 384-id layout of Google's ByT5 checkpoints on the hub.
+    transformers.ByT5Tokenizer(extra_ids=125).save_pretrained(out_dir)
+    return out_dir
 
   if isinstance(vocabulary_or_path, seqio.SentencePieceVocabulary):
     spm_path = vocabulary_or_path.sentencepiece_model_file

@@ -55,18 +55,64 @@ class NonFiniteLossError(FloatingPointError):
 # Set-up helpers.
 
 
-def task_vocabulary(task_name: str, data_dir: str) -> seqio.Vocabulary:
-  """The task's target vocabulary; builds and registers the pydoc tasks on demand."""
-  if task_name.startswith("pydoc_"):
+def task_vocabulary(task_name: str, data_dir: str,
+                    vocabulary: seqio.Vocabulary | None = None) -> tuple[str, seqio.Vocabulary]:
+  """(task name, vocabulary) a run reads.
+
+  Builds and registers the pydoc tasks on demand. With `vocabulary`, the task
+  is re-tokenised with it (`tasks.retokenized`: `<task>.<tag>`); a name such
+  as `pydoc_summary.byt5` (what such runs record) is re-derived on demand too.
+  """
+  base = task_name
+  if task_name not in seqio.TaskRegistry.names() | seqio.MixtureRegistry.names():
+    stem, _, tag = task_name.rpartition(".")
+    if tag == vocab_lib.BYT5 and vocabulary is None:
+      base, vocabulary = stem, vocab_lib.byt5_vocabulary()
+    elif stem and vocabulary is not None and tag == tasks_lib.vocabulary_tag(vocabulary):
+      base = stem
+  if base.startswith("pydoc_"):
     local_corpus.setup_pydoc_tasks(data_dir)
   try:
-    provider = seqio.get_mixture_or_task(task_name)
+    provider = seqio.get_mixture_or_task(base)
   except ValueError as e:
     raise ValueError(
         f"Unknown task or mixture {task_name!r}. Registered: "
         f"{sorted(seqio.TaskRegistry.names())[:40]} (and mixtures "
         f"{sorted(seqio.MixtureRegistry.names())}).") from e
-  return provider.output_features["targets"].vocabulary
+  if vocabulary is None:
+    return base, provider.output_features["targets"].vocabulary
+  return tasks_lib.retokenized(base, vocabulary), vocabulary
+
+
+def named_vocabulary(name: str | None, teacher: str | None) -> seqio.Vocabulary | None:
+  """The vocabulary `TrainConfig.vocabulary` names (None: the task's own).
+
+  "teacher": the teacher checkpoint's own (`vocab.checkpoint_vocabulary` of a
+  Hugging Face directory, or what a miniend checkpoint recorded); "byt5"; a
+  Hugging Face checkpoint directory; or a SentencePiece `.model` file.
+  """
+  if name is None:
+    return None
+  if name != "teacher":
+    return vocab_lib.vocabulary_from_reference(os.path.expanduser(name))
+  if not teacher:
+    raise ValueError("TrainConfig.vocabulary='teacher' needs a teacher: set ModelSetup.teacher "
+                     "(--teacher), or name the vocabulary itself.")
+  if program.is_miniend_checkpoint(teacher):
+    reference = checkpoints.load_metadata(program.checkpoint_directory(teacher)).get(
+        "run", {}).get("vocabulary")
+    if not reference:
+      raise ValueError(f"The teacher checkpoint {teacher} records no vocabulary; set "
+                       "TrainConfig.vocabulary to its spiece.model (or 'byt5').")
+    return vocab_lib.vocabulary_from_reference(reference)
+  path = os.path.expanduser(teacher)
+  if not epath.Path(path).is_dir():
+    raise ValueError(
+        f"TrainConfig.vocabulary='teacher' reads the teacher's tokenizer files, but "
+        f"{teacher!r} is not a checkpoint directory (a preset or hub id has none here). "
+        "Point --teacher at the downloaded checkpoint, or set TrainConfig.vocabulary to "
+        "its spiece.model (or 'byt5').")
+  return vocab_lib.checkpoint_vocabulary(path)
 
 
 def check_vocabulary(config: t5.T5Config, vocabulary: seqio.Vocabulary, who: str) -> None:
@@ -74,7 +120,8 @@ def check_vocabulary(config: t5.T5Config, vocabulary: seqio.Vocabulary, who: str
     raise ValueError(
         f"The {who} has vocab_size={config.vocab_size}, but the task's vocabulary has "
         f"{vocabulary.vocab_size} ids (with sentinels). Use a model trained with this "
-        "vocabulary, or a task tokenised with the model's own spiece.model.")
+        "vocabulary, or tokenise the task with the model's own: TrainConfig.vocabulary = "
+        "'teacher', 'byt5' or the model's spiece.model.")
 
 
 def load_model(source: str, **config_overrides) -> tuple[t5.T5Config, dict]:
@@ -148,13 +195,14 @@ def _use_compilation_cache(directory: str | None, workdir: str) -> None:
     compilation_cache.reset_cache()
 
 
-def _shard_datasets(cfg: TrainConfig, layout: inputs.ShardLayout, split: str, *, train: bool):
-  """shard -> tf.data.Dataset of that logical shard's batches."""
+def _shard_datasets(cfg: TrainConfig, task: str, layout: inputs.ShardLayout, split: str, *,
+                    train: bool):
+  """shard -> tf.data.Dataset of that logical shard's batches of `task`."""
   lengths = {"inputs": cfg.inputs_length, "targets": cfg.targets_length}
 
   def make(shard: int):
     return tasks_lib.get_dataset(
-        cfg.task, lengths, split, batch_size=layout.rows_per_shard, shuffle=train,
+        task, lengths, split, batch_size=layout.rows_per_shard, shuffle=train,
         seed=inputs.shard_seed(cfg.seed, shard),
         shard_info=seqio.ShardInfo(index=shard, num_shards=layout.num_shards), pack=cfg.pack,
         num_epochs=None if train else 1, drop_remainder=train)
@@ -195,7 +243,8 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
     raise ValueError(f"--workdir {workdir} is a file, not a directory. Pass a directory "
                      "(it is created if missing).")
-  vocabulary = task_vocabulary(cfg.task, default_data_dir(cfg.data_dir))
+  task, vocabulary = task_vocabulary(cfg.task, default_data_dir(cfg.data_dir),
+                                     named_vocabulary(cfg.vocabulary, model.teacher))
   student_config, teacher_config = program.model_configs(
       mode, model, vocab_size=vocab_lib.padded_vocab_size(vocabulary))
   if teacher_config is not None:
@@ -229,13 +278,13 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   _use_compilation_cache(cfg.compilation_cache_dir, workdir)
   ckpt = checkpoints.Checkpointer(
       ckpt_dir, checkpoint, model_config=prog.student_config,
-      metadata={"mode": mode, "task": cfg.task, "recipe": prog.recipe.name,
+      metadata={"mode": mode, "task": task, "recipe": prog.recipe.name,
                 "teacher": model.teacher, "student_shape": model.student_shape,
-                "vocabulary": getattr(vocabulary, "sentencepiece_model_file", None)})
+                "vocabulary": vocab_lib.vocabulary_reference(vocabulary)})
   host_rows = rows_by_process[jax.process_index()]
   owned = [s for s, p in layout.owners(rows_by_process).items() if p == jax.process_index()]
-  reader = inputs.GlobalBatchReader(_shard_datasets(cfg, layout, "train", train=True), layout,
-                                    host_rows, owned)
+  reader = inputs.GlobalBatchReader(_shard_datasets(cfg, task, layout, "train", train=True),
+                                    layout, host_rows, owned)
 
   logging.info("Run checked in %.1f s: %s on %d process(es) x %d devices, mesh %s, %d logical "
                "data shard(s), this host reads %s.", time.perf_counter() - began, mode,
@@ -304,7 +353,7 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
     began = time.perf_counter()
     if eval_reader is None:
       eval_reader = inputs.GlobalBatchReader(
-          _shard_datasets(cfg, layout, cfg.eval_split, train=False), layout, host_rows,
+          _shard_datasets(cfg, task, layout, cfg.eval_split, train=False), layout, host_rows,
           pad_exhausted=True)
     eval_reader.reset()
     sums = None
@@ -501,11 +550,18 @@ def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | Non
   source = checkpoint_dir or os.path.join(workdir, "checkpoints")
   if not epath.Path(source).exists():
     raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
-  if task is None:
-    task = checkpoints.load_metadata(source).get("run", {}).get("task")
-    if not task:
-      raise ValueError("evaluate: pass --task (the checkpoint does not record one).")
-  vocabulary = task_vocabulary(task, default_data_dir(data_dir))
+  recorded = {}
+  if program.is_miniend_checkpoint(source):
+    recorded = checkpoints.load_metadata(program.checkpoint_directory(source)).get("run", {})
+  task = task or recorded.get("task")
+  if not task:
+    raise ValueError("evaluate: pass --task (the checkpoint does not record one).")
+  # The model reads the vocabulary it was trained with (e.g. ByT5's bytes).
+  reference = recorded.get("vocabulary")
+  own = (vocab_lib.vocabulary_from_reference(reference)
+         if reference == vocab_lib.BYT5 or (reference and epath.Path(reference).exists())
+         else None)
+  task, vocabulary = task_vocabulary(task, default_data_dir(data_dir), own)
   config = program.model_config_of(source).replace(dtype="float32", param_dtype="float32")
   check_vocabulary(config, vocabulary, "model")
   mesh = mesh or partitioning.MeshConfig()
@@ -600,9 +656,9 @@ def export(workdir: str, out_dir: str, *, checkpoint_dir: str | None = None,
   if tmp.exists():
     tmp.rmtree()
   hf.save_hf(config, params, os.fspath(tmp), dtype=dtype)
-  spm = checkpoints.load_metadata(source, step).get("run", {}).get("vocabulary")
-  if spm and os.path.exists(spm):
-    vocab_lib.save_hf_tokenizer(spm, os.fspath(tmp))
+  vocabulary = checkpoints.load_metadata(source, step).get("run", {}).get("vocabulary")
+  if vocabulary == vocab_lib.BYT5 or (vocabulary and os.path.exists(vocabulary)):
+    vocab_lib.save_hf_tokenizer(vocabulary, os.fspath(tmp))
   if target.exists():
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     target.rename(old)

@@ -63,6 +63,13 @@ class TrainConfig:
     compilation_cache_dir: JAX's persistent compilation cache (local or gs://;
       default `<workdir>/compilation_cache`, "" turns it off), so a resumed or
       preempted run does not compile again.
+    vocabulary: None reads the task as registered. Otherwise the task is
+      re-tokenised (`tasks.retokenized`) with: "teacher", the teacher
+      checkpoint's own (its spiece.model, or ByT5's bytes), as mT5, umT5 and
+      ByT5 teachers need; "byt5"; a Hugging Face checkpoint directory; or a
+      SentencePiece `.model` file. Span corruption follows the vocabulary
+      (ByT5: 20-byte mean spans; size targets_length with
+      `tasks.span_corruption_feature_lengths(inputs, mean_noise_span_length=20)`).
   """
 
   task: str = "pydoc_span_corruption"
@@ -80,6 +87,7 @@ class TrainConfig:
   data_shards: int | None = None
   profile_steps: tuple[int, ...] = ()
   compilation_cache_dir: str | None = None
+  vocabulary: str | None = None
 
   def __post_init__(self):
     for name in ("inputs_length", "targets_length", "batch_size", "num_steps", "log_every"):

@@ -145,10 +145,15 @@ def test_too_few_sentinels_is_an_error(pydoc_vocab):
         ds, {"inputs": 128, "targets": 32},
         {"targets": seqio.Feature(small)})
   # 2048 inputs need 114 spans per segment: more than the 100 extra ids.
-  with pytest.raises(ValueError, match="only 100 extra ids"):
+  with pytest.raises(ValueError, match="only 100 sentinels"):
     preprocessors.span_corruption(
         ds, {"inputs": 2048, "targets": 512},
         {"targets": seqio.Feature(pydoc_vocab)})
+  # ByT5's bytes: 11 sentinels (0xF5-0xFF); 4096 bytes in 20-byte spans need 31.
+  with pytest.raises(ValueError, match="only 11 sentinels"):
+    preprocessors.span_corruption(
+        ds, {"inputs": 4096, "targets": 1024}, {"targets": seqio.Feature(seqio.ByteVocabulary())},
+        mean_noise_span_length=preprocessors.BYT5_MEAN_NOISE_SPAN_LENGTH)
 
 
 # ---------------------------------------------------------------------------
@@ -251,3 +256,42 @@ def test_select_random_chunk_counts_rows_of_rank2_features():
   assert starts == {0, 2, 4}  # every chunk, each a multiple of max_length
   # A document with no rows is dropped.
   assert _chunks({"targets": np.zeros([0, 2], np.int32)}, 2, seeds=[0]) == [[]]
+
+
+def test_byt5_span_corruption_on_the_teachers_bytes(pydoc_setup):
+  """A task re-tokenised with ByT5's vocabulary: byte ids (ByT5Tokenizer's), 20-byte
+  mean noise spans, sentinels from 258 down that never collide with UTF-8 text."""
+  from miniend_jax.data import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  vocabulary = vocab_lib.byt5_vocabulary()
+  name = tasks.retokenized("pydoc_span_corruption", vocabulary)
+  assert name == "pydoc_span_corruption.byt5"
+  assert tasks.retokenized("pydoc_span_corruption", vocabulary) == name  # idempotent
+  assert tasks.retokenized(name, vocabulary) == name  # already bytes
+  lengths = tasks.span_corruption_feature_lengths(
+      512, mean_noise_span_length=preprocessors.BYT5_MEAN_NOISE_SPAN_LENGTH)
+  ds = seqio.get_mixture_or_task(name).get_dataset(lengths, split="train", shuffle=False)
+  total = noise = spans = 0
+  for example in ds.take(300).as_numpy_iterator():
+    inputs, targets = example["inputs"].tolist(), example["targets"].tolist()
+    assert inputs[-1] == targets[-1] == vocabulary.eos_id
+    assert max(inputs + targets) <= 258
+    input_sentinels = [t for t in inputs if t >= 248]
+    assert input_sentinels == [258 - i for i in range(len(input_sentinels))]
+    original = preprocessors.undo_span_corruption(inputs, targets, vocabulary)
+    # The text itself holds no sentinel-range byte (0xF5-0xFF never occur in UTF-8).
+    assert max(original) < 248
+    total += len(original)
+    spans += len(input_sentinels)
+    noise += len(targets) - 1 - len(input_sentinels)
+  assert abs(noise / total - 0.15) <= 0.01
+  assert abs(noise / spans - 20.0) <= 3.0
+  # A text-to-text task keeps its text: targets decode to the summary's bytes.
+  summary = seqio.get_mixture_or_task(tasks.retokenized("pydoc_summary", vocabulary))
+  plain = seqio.get_mixture_or_task("pydoc_summary")
+  ours = next(summary.get_dataset({"inputs": 1024, "targets": 256}, split="validation",
+                                  shuffle=False).as_numpy_iterator())
+  theirs = next(plain.get_dataset({"inputs": 1024, "targets": 256}, split="validation",
+                                  shuffle=False).as_numpy_iterator())
+  assert vocabulary.decode(ours["targets"].tolist()) == plain.output_features[
+      "targets"].vocabulary.decode(theirs["targets"].tolist())
+  assert all(0 < t < 259 for t in ours["inputs"].tolist())

@@ -186,7 +186,10 @@ def test_byt5_checkpoint_gives_byte_ids_equal_to_the_byt5_tokenizer(tmp_path):
   tokenizer.save_pretrained(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 384}))
   vocabulary = vocab_lib.checkpoint_vocabulary(str(tmp_path))
-  assert isinstance(vocabulary, seqio.ByteVocabulary) and vocabulary.vocab_size == 384
+  # ByT5 as pretrained: 259 ids, the sentinels reusing the top byte ids.
+  assert isinstance(vocabulary, seqio.ByteVocabulary) and vocabulary.vocab_size == 259
+  assert vocabulary.extra_ids == 0
+  vocab_lib.validate_vocabulary(vocabulary)
   texts = _texts()
   assert len(texts) >= 300 and any(not t.isascii() for t in texts)
   for text in texts:
@@ -215,6 +218,30 @@ def test_checkpoint_vocabulary_sentencepiece_and_unknown(pydoc_vocab, tmp_path):
     vocab_lib.checkpoint_vocabulary(str(other))
   too_small = tmp_path / "small"
   transformers.ByT5Tokenizer().save_pretrained(too_small)
-  (too_small / "config.json").write_text(json.dumps({"vocab_size": 300}))
-  with pytest.raises(ValueError, match="384 embedding rows"):
+  (too_small / "config.json").write_text(json.dumps({"vocab_size": 200}))
+  with pytest.raises(ValueError, match="259 embedding rows"):
     vocab_lib.checkpoint_vocabulary(str(too_small))
+
+
+def test_an_mt5_style_sentencepiece_equals_its_fast_tokenizer(tmp_path):
+  """A multilingual SentencePiece model (mT5's kind: unigram over many scripts,
+  full character coverage) read by seqio gives the ids of the fast tokenizer
+  transformers converts from the same file, on 300+ texts in several scripts."""
+  texts = _texts()
+  corpus = [t for t in texts for _ in range(3)] + [
+      "Ein schneller brauner Fuchs", "быстрая лиса", "素早い茶色の狐", "ثعلب بني سريع",
+      "तेज़ भूरी लोमड़ी", "빠른 갈색 여우", "γρήγορη καφέ αλεπού", "שועל חום מהיר"] * 20
+  spm_path = vocab_lib.train_sentencepiece(corpus, str(tmp_path / "spm" / "mt5ish.model"),
+                                           vocab_size=180)
+  vocabulary = vocab_lib.get_vocabulary(spm_path)
+  hf_dir = vocab_lib.save_hf_tokenizer(vocabulary, str(tmp_path / "hf"))
+  fast = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  assert fast.is_fast
+  unseen = ["Zürich ist schön", "слово", "漢字かな交じり", "🙂 done", "naïve"]
+  for text in texts + unseen:
+    theirs = fast(text).input_ids
+    assert theirs[-1] == vocab_lib.EOS_ID
+    assert list(vocabulary.encode(text)) == theirs[:-1], text
+  # Sentinels agree too: <extra_id_0> is the top id on both sides.
+  assert fast.convert_tokens_to_ids("<extra_id_0>") == vocabulary.vocab_size - 1
+  assert fast.convert_tokens_to_ids("<extra_id_99>") == vocabulary.vocab_size - 100

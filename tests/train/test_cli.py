@@ -87,6 +87,54 @@ def test_distill_finetune_evaluate_export_from_the_command_line(tmp_path, data_d
   np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_distill_from_a_byt5_shaped_teacher_on_its_own_bytes(tmp_path, data_dir):
+  """A ByT5-shaped Hugging Face teacher (bytes, 384 ids, a deep encoder over a
+  shallow decoder) distilled on the pydoc corpus re-tokenised with the teacher's own
+  vocabulary (`--vocabulary teacher`): ByT5 span corruption, and an export that
+  transformers loads with ByT5's tokenizer and our logits."""
+  from miniend_jax.data import preprocessors, tasks  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model.config import T5Config  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model.t5 import init_params  # pylint: disable=import-outside-toplevel
+  from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
+  teacher = str(tmp_path / "byt5_teacher")
+  config = T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=3,
+                    num_decoder_layers=1, num_heads=4, feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False, dropout_rate=0.0)
+  hf.save_hf(config, init_params(config, jax.random.key(0)), teacher)
+  transformers.ByT5Tokenizer().save_pretrained(teacher)
+  lengths = tasks.span_corruption_feature_lengths(
+      64, mean_noise_span_length=preprocessors.BYT5_MEAN_NOISE_SPAN_LENGTH)
+  student = str(tmp_path / "student")
+  flags = [f for f in TINY_FLAGS if "_length=" not in f] + [
+      f"--gin.TrainConfig.inputs_length={lengths['inputs']}",
+      f"--gin.TrainConfig.targets_length={lengths['targets']}"]
+  miniend("distill", "--workdir", student, "--teacher", teacher, "--vocabulary", "teacher",
+          "--student_shape", "1L-32H", "--recipe", "kd_logits", "--num_steps", "4", *flags,
+          data_dir=data_dir)
+  metadata = checkpoints.load_metadata(os.path.join(student, "checkpoints"))["run"]
+  assert metadata["task"] == "pydoc_span_corruption.byt5" and metadata["vocabulary"] == "byt5"
+  assert checkpoints.load_model_config(os.path.join(student, "checkpoints")).vocab_size == 384
+
+  exported = str(tmp_path / "hf")
+  miniend("export", "--workdir", student, "--out_dir", exported, data_dir=data_dir)
+  model = transformers.AutoModelForSeq2SeqLM.from_pretrained(exported).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+  assert type(model).__name__ == "T5ForConditionalGeneration"
+  assert type(tokenizer).__name__ == "ByT5Tokenizer"
+  ids = tokenizer(["Grüße: return the absolute value."], return_tensors="pt")
+  params = checkpoints.load_params_from_checkpoint(os.path.join(student, "checkpoints"))
+  student_config = checkpoints.load_model_config(os.path.join(student, "checkpoints"))
+  dec = np.zeros((1, 3), np.int32)
+  ours = T5(student_config.replace(dtype="float32")).apply(
+      {"params": params}, jnp.asarray(ids["input_ids"].numpy(), jnp.int32), jnp.asarray(dec)).logits
+  with torch.no_grad():
+    theirs = model(**ids, decoder_input_ids=torch.as_tensor(dec, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+  # 'teacher' needs a checkpoint directory holding the tokenizer files.
+  with pytest.raises(ValueError, match="not a checkpoint directory"):
+    loop.named_vocabulary("teacher", "t5-v1_1-small")
+
+
 def test_ctrl_c_saves_the_step_and_the_same_command_resumes_exactly(tmp_path, data_dir):
   workdir = str(tmp_path / "interrupted")
   # The settings of loop_testing.run (constant learning rate after a 2-step warm-up,
