@@ -340,7 +340,8 @@ def main():
   if args.impl == "both":
     lines = {}
     for impl in ("jax", "torch"):
-      argv = [f"--{k}={v}" for k, v in vars(args).items() if k != "impl"]
+      argv = [f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
+              if k != "impl" and v is not False]
       out = subprocess.run([sys.executable, __file__, *argv, "--impl", impl], check=True,
                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
       print(out, flush=True)

@@ -99,7 +99,7 @@ def signal_after_first_log(procs: list[subprocess.Popen], workdir: str, target: 
 
 def write_tiny_teacher(directory: str, data_dir: str, **overrides) -> t5.T5Config:
   """A random t5-v1_1-tiny-shaped Hugging Face checkpoint with the pydoc vocabulary."""
-  vocabulary = loop.task_vocabulary("pydoc_span_corruption", data_dir)
+  _, vocabulary = loop.task_vocabulary("pydoc_span_corruption", data_dir)
   config = presets.get_model_config(
       "t5-v1_1-tiny", vocab_size=vocab_lib.padded_vocab_size(vocabulary), **overrides)
   hf.save_hf(config, t5.init_params(config, jax.random.key(7)), directory)
