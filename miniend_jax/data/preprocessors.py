@@ -48,7 +48,7 @@ def sentinel_id(vocabulary: seqio.Vocabulary) -> int:
   Hugging Face's T5 tokenizer assign. ByT5's byte vocabulary has no extra ids:
   its sentinels reuse the top byte ids (258 = byte 0xFF, down), never UTF-8.
   """
-  if not vocabulary.extra_ids and not isinstance(vocabulary, seqio.ByteVocabulary):
+  if not num_sentinels(vocabulary):
     raise ValueError(
         f"Vocabulary {vocabulary} has no extra ids; span corruption needs "
         "sentinels. Build it with miniend_jax.data.vocab.get_vocabulary()."

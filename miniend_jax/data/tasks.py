@@ -542,14 +542,14 @@ def retokenized(name: str, vocabulary: seqio.Vocabulary) -> str:
   provider = seqio.get_mixture_or_task(name)
   if all(f.vocabulary == vocabulary for f in provider.output_features.values()):
     return name
-  new_name = f"{name}.{vocabulary_tag(vocabulary)}"
+  tag = vocabulary_tag(vocabulary)
 
   def copy_task(task: seqio.Task) -> str:
     features = {k: seqio.Feature(vocabulary=vocabulary, add_eos=f.add_eos,
                                  required=f.required, dtype=f.dtype, rank=f.rank)
                 for k, f in task.output_features.items()}
     steps = [_for_vocabulary(step, vocabulary) for step in task.preprocessors]
-    copy = task.replace(name=f"{task.name}.{vocabulary_tag(vocabulary)}",
+    copy = task.replace(name=f"{task.name}.{tag}",
                         output_features=features, preprocessors=steps)
     add_to_registry(copy)
     return copy.name
@@ -557,8 +557,8 @@ def retokenized(name: str, vocabulary: seqio.Vocabulary) -> str:
   if isinstance(provider, seqio.Task):
     return copy_task(provider)
   add_to_registry(seqio.Mixture(
-      new_name, [(copy_task(t), provider.get_rate(t)) for t in provider.tasks]))
-  return new_name
+      f"{name}.{tag}", [(copy_task(t), provider.get_rate(t)) for t in provider.tasks]))
+  return f"{name}.{tag}"
 
 
 # ----------------------------------------------------------------------------

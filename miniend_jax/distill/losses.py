@@ -23,10 +23,12 @@ Conventions shared by all of them:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from miniend_jax.model.t5 import dot_f32
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -82,13 +84,6 @@ def _check_rank(name: str, x: ArrayLike, rank: int, shape_doc: str) -> None:
     raise ValueError(
         f"{name} must have rank {rank} ({shape_doc}); got shape {jnp.shape(x)}."
     )
-
-
-def _check_same_shape(names: Sequence[str], arrays: Sequence[ArrayLike]):
-  shapes = [tuple(jnp.shape(x)) for x in arrays]
-  if len(set(shapes)) != 1:
-    described = ", ".join(f"{n}={s}" for n, s in zip(names, shapes))
-    raise ValueError(f"Shapes must match: {described}.")
 
 
 def _interpolated_log_target(
@@ -495,10 +490,8 @@ class ProjectedLogits(NamedTuple):
 
 
 def _dot_2d(lhs: Array, rhs: Array, contracting: tuple[int, int]) -> Array:
-  """2-D float32-accumulated dot contracting lhs axis `contracting[0]` with rhs
-  axis `contracting[1]` (2-D for XLA:CPU's fast bf16 kernels, as model.t5.matmul)."""
-  dims = (((contracting[0],), (contracting[1],)), ((), ()))
-  return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+  """The model's 2-D float32-accumulated dot (fast bf16 kernels on XLA:CPU), in float32."""
+  return dot_f32(lhs, rhs, contracting, jnp.float32)
 
 
 def _project(hidden: Array, kernel: Optional[Array]) -> Array:

@@ -193,7 +193,7 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def _dot_f32(lhs: Array, rhs: Array, contracting: tuple[int, int], out_dtype: Any) -> Array:
+def dot_f32(lhs: Array, rhs: Array, contracting: tuple[int, int], out_dtype: Any) -> Array:
   """2-D dot contracting lhs axis `contracting[0]` with rhs axis `contracting[1]`."""
   dims = (((contracting[0],), (contracting[1],)), ((), ()))
   return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32).astype(out_dtype)
@@ -202,7 +202,7 @@ def _dot_f32(lhs: Array, rhs: Array, contracting: tuple[int, int], out_dtype: An
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul_2d(lhs: Array, rhs: Array, out_dtype: Any = None) -> Array:
   """[m, k] @ [k, n] -> [m, n] in `out_dtype` (default lhs.dtype), accumulated in float32."""
-  return _dot_f32(lhs, rhs, (1, 0), out_dtype or lhs.dtype)
+  return dot_f32(lhs, rhs, (1, 0), out_dtype or lhs.dtype)
 
 
 def _matmul_2d_fwd(lhs, rhs, out_dtype):
@@ -213,8 +213,8 @@ def _matmul_2d_bwd(out_dtype, residuals, grad):
   del out_dtype
   lhs, rhs = residuals
   grad = grad.astype(lhs.dtype)
-  return (_dot_f32(grad, rhs, (1, 1), lhs.dtype),   # [m, n] x [k, n] -> [m, k]
-          _dot_f32(lhs, grad, (0, 0), rhs.dtype))   # [m, k] x [m, n] -> [k, n]
+  return (dot_f32(grad, rhs, (1, 1), lhs.dtype),   # [m, n] x [k, n] -> [m, k]
+          dot_f32(lhs, grad, (0, 0), rhs.dtype))   # [m, k] x [m, n] -> [k, n]
 
 
 _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
