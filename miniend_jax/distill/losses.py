@@ -15,9 +15,19 @@ Conventions shared by all of them:
   are means over *valid* positions (or query rows), so extra padding does not
   change them either.
 * `interpolation` (optional, a scalar `a` in [0, 1], may be traced) replaces
-  the teacher target by `a * teacher + (1 - a) * stop_gradient(student)`
-  ("interpolated distillation"). `a = 1` is plain distillation; `a = 0` makes
-  the target the student itself, so the loss is exactly zero.
+  the teacher target by `softmax(a * teacher_scores + (1 - a) *
+  stop_gradient(student_scores))`: the two models' scores (logits over
+  the temperature, relation scores) are mixed *before* the softmax, as TAID
+  does for logits. This is our reading of the paper's "interpolated
+  distillation". `a = 1` is plain distillation (bit for bit); `a = 0` makes
+  the target the student itself, so the loss is zero (to float32 rounding).
+
+  Why before the softmax: with a target `a * p_teacher + (1 - a) *
+  stop_gradient(p_student)` the KL's gradient in the student's scores is
+  exactly `a * (p_student - p_teacher)`, the plain gradient scaled by `a`,
+  which an Adam-type optimizer divides out again. Mixing the scores makes the
+  target a distribution between the two that is not on that line, so the
+  direction of the update changes with `a` (tests/distill checks both).
 """
 
 from __future__ import annotations
@@ -87,30 +97,31 @@ def _check_rank(name: str, x: ArrayLike, rank: int, shape_doc: str) -> None:
 
 
 def _interpolated_log_target(
-    teacher_logp: Array, student_logp: Array, interpolation: Optional[ArrayLike]
+    teacher_scores: Array, student_scores: Array, interpolation: Optional[ArrayLike]
 ) -> Array:
-  """log(a * p_teacher + (1 - a) * stop_gradient(p_student)), in log space.
+  """log softmax(a * teacher_scores + (1 - a) * stop_gradient(student_scores)).
 
-  Working in log space (logaddexp) keeps tiny probabilities exact, where
-  log(a * p + (1 - a) * q) in probability space would underflow. With a = 1
-  the result is exactly `teacher_logp`; with a = 0 it is exactly the
-  (stop-gradient) `student_logp`.
+  The scores are what each side's softmax reads (logits over the
+  temperature, masked relation scores; log-probabilities work too, since a
+  row's normaliser is one constant per side). With a = 1 the mixed scores
+  are `teacher_scores` exactly (1 * x == x, 0 * y == 0), so the target is
+  the teacher's own log-softmax bit for bit; with a = 0 it is the
+  (stop-gradient) student's. Masked entries carry the same large negative
+  score on both sides, so they stay masked for every a.
 
   Args:
-    teacher_logp: teacher log-probabilities, float32, any shape.
-    student_logp: student log-probabilities, float32, same shape.
+    teacher_scores: float32, any shape; the softmax runs over the last axis.
+    student_scores: float32, the same shape.
     interpolation: None (plain distillation) or a scalar a in [0, 1].
 
   Returns:
     float32 log-probabilities of the target, same shape.
   """
   if interpolation is None:
-    return teacher_logp
+    return jax.nn.log_softmax(teacher_scores, axis=-1)
   a = jax.lax.stop_gradient(jnp.clip(_f32(interpolation), 0.0, 1.0))
-  student_logp = jax.lax.stop_gradient(student_logp)
-  # log(0) = -inf is intended here: logaddexp(x, -inf) == x.
-  return jnp.logaddexp(jnp.log(a) + teacher_logp,
-                       jnp.log1p(-a) + student_logp)
+  mixed = a * teacher_scores + (1.0 - a) * jax.lax.stop_gradient(student_scores)
+  return jax.nn.log_softmax(mixed, axis=-1)
 
 
 def _kl_terms(log_target: Array, student_logp: Array, allowed: Array) -> Array:
@@ -231,13 +242,15 @@ def _sequence_chunk_gradient(fn, arrays, chunk_size, hidden, kernel):
 # ---------------------------------------------------------------------------
 
 
-def relation_log_probs(a: ArrayLike, b: ArrayLike, num_relation_heads: int,
-                       allowed: ArrayLike) -> Array:
-  """Multi-head relation log-distribution of `a` over `b` (MiniLMv2).
+def relation_scores(a: ArrayLike, b: ArrayLike, num_relation_heads: int,
+                    allowed: ArrayLike) -> Array:
+  """Multi-head relation scores of `a` over `b` (MiniLMv2), before the softmax.
 
   The width of `a` and `b` is split into `num_relation_heads` heads of width
   `d = width / num_relation_heads`; for each head the relation is
-  `log_softmax_k(a_q . b_k / sqrt(d))` over the allowed keys.
+  `softmax_k(a_q . b_k / sqrt(d))` over the allowed keys, and this returns
+  what that softmax reads: `a_q . b_k / sqrt(d)`, with disallowed keys set to
+  a large negative score.
 
   Args:
     a: `[batch, len_a, width]` projections (queries of the relation).
@@ -246,8 +259,8 @@ def relation_log_probs(a: ArrayLike, b: ArrayLike, num_relation_heads: int,
     allowed: bool `[batch, len_a, len_b]`, which keys each row may see.
 
   Returns:
-    float32 `[batch, num_relation_heads, len_a, len_b]` log-probabilities;
-    disallowed keys get (numerically) zero probability.
+    float32 `[batch, num_relation_heads, len_a, len_b]` scores; disallowed
+    keys get a score whose softmax probability is exactly 0.
   """
   batch, len_a, width = jnp.shape(a)
   len_b = jnp.shape(b)[1]
@@ -264,8 +277,7 @@ def relation_log_probs(a: ArrayLike, b: ArrayLike, num_relation_heads: int,
                       preferred_element_type=jnp.float32,
                       precision=_PRECISION)
   scores = scores * (1.0 / float(head_width) ** 0.5)
-  scores = jnp.where(jnp.asarray(allowed)[:, None], scores, _MASKED_SCORE)
-  return jax.nn.log_softmax(scores, axis=-1)
+  return jnp.where(jnp.asarray(allowed)[:, None], scores, _MASKED_SCORE)
 
 
 def _allowed_keys(query_mask, key_mask, causal, query_segment_ids,
@@ -346,7 +358,8 @@ def relation_kl(
     whole batch and over relation heads.
 
   Memory: a few float32 `[batch, num_relation_heads, len_a, len_b]` arrays
-  (the two log-relations, the target and the KL terms), as in MiniLMv2.
+  (both sides' scores, the student's log-relation, the target and the KL
+  terms), as in MiniLMv2.
   """
   for name, x in (("teacher_a", teacher_a), ("teacher_b", teacher_b),
                   ("student_a", student_a), ("student_b", student_b)):
@@ -383,11 +396,12 @@ def relation_kl(
   teacher_b = jax.lax.stop_gradient(teacher_b)
   allowed = _allowed_keys(query_mask, key_mask, causal, query_segment_ids,
                           key_segment_ids)
-  teacher_logp = relation_log_probs(teacher_a, teacher_b, num_relation_heads,
-                                    allowed)
-  student_logp = relation_log_probs(student_a, student_b, num_relation_heads,
-                                    allowed)
-  log_target = _interpolated_log_target(teacher_logp, student_logp,
+  teacher_scores = relation_scores(teacher_a, teacher_b, num_relation_heads,
+                                   allowed)
+  student_scores = relation_scores(student_a, student_b, num_relation_heads,
+                                   allowed)
+  student_logp = jax.nn.log_softmax(student_scores, axis=-1)
+  log_target = _interpolated_log_target(teacher_scores, student_scores,
                                         interpolation)
   kl = _kl_terms(log_target, student_logp, allowed[:, None])
   return _mean_over_valid_rows(jnp.sum(kl, axis=-1), allowed)
@@ -414,7 +428,10 @@ def attention_kl(
     key_mask: `[batch, len_k]`, 1/True for valid keys; other keys are ignored
       whatever probability they hold.
     causal: also ignore keys j > i (decoder self-attention).
-    interpolation: optional scalar a in [0, 1] (see module docstring).
+    interpolation: optional scalar a in [0, 1] (see module docstring); the
+      log-probabilities serve as scores, so the target is the normalised
+      geometric mixture `p_teacher^a * p_student^(1 - a)` over the allowed
+      keys (a = 1 gives the teacher's row renormalised over them).
 
   Returns:
     float32 scalar: KL summed over keys, averaged over valid query rows and
@@ -438,8 +455,11 @@ def attention_kl(
   teacher_logp = jnp.log(jnp.maximum(
       _f32(jax.lax.stop_gradient(teacher_probs)), tiny))
   student_logp = jnp.log(jnp.maximum(_f32(student_probs), tiny))
-  log_target = _interpolated_log_target(teacher_logp, student_logp,
-                                        interpolation)
+  log_target = teacher_logp
+  if interpolation is not None:
+    masked = lambda logp: jnp.where(allowed[:, None], logp, _MASKED_SCORE)
+    log_target = _interpolated_log_target(masked(teacher_logp),
+                                          masked(student_logp), interpolation)
   kl = _kl_terms(log_target, student_logp, allowed[:, None])
   return _mean_over_valid_rows(jnp.sum(kl, axis=-1), allowed)
 
@@ -534,10 +554,15 @@ def _logits_shape(hidden: Array, kernel: Optional[Array]) -> tuple[int, int, int
 
 
 def _logits_kl_per_position(t, s, alpha, inverse_t, interpolate):
-  """(KL [b, c], target log-probs, student log-probs) for one chunk."""
-  t_logp = jax.nn.log_softmax(t * inverse_t, axis=-1)
-  s_logp = jax.nn.log_softmax(s * inverse_t, axis=-1)
-  log_target = _interpolated_log_target(t_logp, s_logp,
+  """(KL [b, c], target log-probs, student log-probs) for one chunk.
+
+  The target is the teacher's softmax(t / T), or with interpolation
+  softmax(a * t / T + (1 - a) * stop_gradient(s / T)); either way a
+  constant of the backward pass, which only needs it recomputed.
+  """
+  t_scores, s_scores = t * inverse_t, s * inverse_t
+  s_logp = jax.nn.log_softmax(s_scores, axis=-1)
+  log_target = _interpolated_log_target(t_scores, s_scores,
                                         alpha if interpolate else None)
   kl = jnp.sum(jnp.exp(log_target) * (log_target - s_logp), axis=-1)
   return kl, log_target, s_logp
@@ -568,7 +593,9 @@ def _logits_kl_sum_bwd(inverse_t, interpolate, chunk_size, residuals, g):
 
   def grad_chunk(t, s, w):
     # d/ds sum_v p_target (log p_target - log softmax(s / T))
-    #   = (softmax(s / T) - p_target) / T, the target being stop-gradient.
+    #   = (softmax(s / T) - p_target) / T: the target reads the student's
+    # scores only through a stop-gradient (interpolation), so it is a
+    # constant here, recomputed from the same inputs as in the forward pass.
     _, log_target, s_logp = _logits_kl_per_position(
         _project(t, teacher_kernel), _project(s, student_kernel), alpha,
         inverse_t, interpolate)
@@ -760,10 +787,13 @@ def hidden_mse(
     student_h: ArrayLike,
     projection: Optional[ArrayLike],
     mask: ArrayLike,
-    *,
-    interpolation: Optional[ArrayLike] = None,
 ) -> Array:
   """TinyBERT hidden-state loss: MSE(student_h @ projection, teacher_h).
+
+  No `interpolation`: a target `a * teacher_h + (1 - a) *
+  stop_gradient(student)` would only scale this loss's gradient by `a`
+  (there is no softmax to interpolate before), which is a term weight, not
+  interpolated distillation.
 
   Args:
     teacher_h: `[batch, length, teacher_width]`.
@@ -771,8 +801,6 @@ def hidden_mse(
     projection: learned `[student_width, teacher_width]` student-side matrix,
       or None when the widths are equal (identity).
     mask: `[batch, length]` position weights.
-    interpolation: optional scalar a in [0, 1]; the target becomes
-      `a * teacher_h + (1 - a) * stop_gradient(student_h @ projection)`.
 
   Returns:
     float32 scalar: squared error averaged over features, weighted mean over
@@ -803,9 +831,6 @@ def hidden_mse(
                            preferred_element_type=jnp.float32,
                            precision=_PRECISION)
   target = _f32(jax.lax.stop_gradient(teacher_h))
-  if interpolation is not None:
-    a = jax.lax.stop_gradient(jnp.clip(_f32(interpolation), 0.0, 1.0))
-    target = a * target + (1.0 - a) * jax.lax.stop_gradient(projected)
   per_position = jnp.mean(jnp.square(projected - target), axis=-1)
   weights = _f32(mask)
   return _safe_divide(_weighted_sum(per_position, weights), jnp.sum(weights))

@@ -79,16 +79,19 @@ Typical use by a trainer:
     total, metrics = recipe_loss(recipe, teacher_out, student_out, batch, step,
                                  extra)
 
-Interpolated distillation. Any term may carry an `interpolation` schedule
+Interpolated distillation (our reading of the paper's term; it publishes no
+formula). Any relation or logits term may carry an `interpolation` schedule
 a(step), where `step` is the optimizer update count (not the micro-batch
-count under gradient accumulation); its teacher target becomes `a * teacher
-+ (1 - a) * stop_gradient(student)` on probability distributions (relations,
-logits) and on the (projected) hidden states. a = 1 is plain distillation,
-a = 0 trains nothing. The paper does not publish its exact scheme; the
-schedules here are constant, linear and cosine ramps in the step, and
-`AdaptiveSchedule`, which sets a from how close the student already is to the
-teacher (see its docstring; `Recipe.resolve` rejects it in recipes that never
-train the student's output layer). A teacher-assistant chain (3B -> large ->
+count under gradient accumulation); its target becomes `softmax(a *
+teacher_scores + (1 - a) * stop_gradient(student_scores))`, the scores mixed
+before the softmax (TAID-style for logits, the same on relation scores), so
+the update's direction, not only its size, changes with a (see
+`losses`). a = 1 is plain distillation, a = 0 trains nothing. Hidden-state
+terms take no schedule: an MSE toward `a * teacher + (1 - a) * student` only
+scales its gradient by a. The schedules are constant, linear and cosine
+ramps in the step, and `AdaptiveSchedule`, which sets a from how close the
+student already is to the teacher (see its docstring; `Recipe.resolve`
+rejects it in recipes that never train the student's output layer). A teacher-assistant chain (3B -> large ->
 student) is two runs of the same recipe: first distil the assistant from the
 3B teacher, then use the assistant's checkpoint as the teacher of the second
 run. Nothing in a recipe depends on which model is the teacher, only on the
@@ -273,7 +276,8 @@ class Term:
       decoder_cross it applies to the `qq` pair only: `kk`/`vv` range over
       encoder positions and `qk` maps decoder rows onto encoder keys, which
       the decoder sees in full.
-    interpolation: optional schedule a(step) for interpolated targets.
+    interpolation: optional schedule a(step) for interpolated targets
+      (relation and logits terms; see the module docstring).
     name: metric label; defaults to `kind`. Must be unique in a recipe.
   """
 
@@ -334,6 +338,11 @@ class Term:
     elif self.causal and self.kind not in CAUSAL_KINDS:
       raise ValueError(f"{where}: causal=True only applies to {CAUSAL_KINDS} "
                        "(relations over encoder positions are bidirectional).")
+    if self.interpolation is not None and self.kind in HIDDEN_KINDS:
+      raise ValueError(
+          f"{where}: hidden-state terms take no interpolation: an MSE toward "
+          "a * teacher + (1 - a) * stop_gradient(student) only scales the "
+          "gradient by a. Use `weight` (or a learning-rate schedule) instead.")
     if self.interpolation is not None and not isinstance(
         self.interpolation, _SCHEDULE_TYPES):
       raise ValueError(f"{where}: interpolation must be one of "
@@ -658,8 +667,7 @@ def recipe_loss(
       value = losses.hidden_mse(
           _tap(teacher_out, term.kind, term.teacher_layer, "teacher"),
           _tap(student_out, term.kind, term.student_layer, "student"),
-          extra_params[term.label]["kernel"], masks[side],
-          interpolation=alpha)
+          extra_params[term.label]["kernel"], masks[side])
     else:
       teacher_tap = _tap(teacher_out, term.kind, term.teacher_layer, "teacher")
       student_tap = _tap(student_out, term.kind, term.student_layer, "student")

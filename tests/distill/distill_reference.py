@@ -46,9 +46,11 @@ def relation_kl(ta, tb, sa, sb, heads, qmask, kmask, causal=False, qseg=None,
                     / np.sqrt(tdh) for j in keys]
         s_scores = [sa[n, i, h * sdh:(h + 1) * sdh] @ sb[n, j, h * sdh:(h + 1) * sdh]
                     / np.sqrt(sdh) for j in keys]
-        p, q = softmax64(t_scores), softmax64(s_scores)
-        if a is not None:
-          p = a * p + (1 - a) * q
+        q = softmax64(s_scores)
+        if a is None:
+          p = softmax64(t_scores)
+        else:  # interpolated: the scores are mixed before the softmax
+          p = softmax64(a * np.asarray(t_scores) + (1 - a) * np.asarray(s_scores))
         total += kl64(p, q)
         rows += 1
   return total / rows if rows else 0.0
@@ -67,8 +69,8 @@ def attention_kl(tp, sp, qmask, kmask, causal=False, a=None):
         continue
       for h in range(heads):
         p, q = tp[n, h, i, keys], sp[n, h, i, keys]
-        if a is not None:
-          p = a * p + (1 - a) * q
+        if a is not None:  # log-probabilities as scores: a geometric mixture
+          p = softmax64(a * np.log(p) + (1 - a) * np.log(q))
         total += kl64(p, q)
         rows += 1
   return total / rows if rows else 0.0
@@ -82,10 +84,9 @@ def logits_kl(tl, sl, weights, temperature, a=None):
     for i in range(tl.shape[1]):
       if weights[n, i] == 0:
         continue
-      p = softmax64(tl[n, i] / temperature)
+      t = tl[n, i] if a is None else a * tl[n, i] + (1 - a) * sl[n, i]
+      p = softmax64(t / temperature)
       q = softmax64(sl[n, i] / temperature)
-      if a is not None:
-        p = a * p + (1 - a) * q
       num += weights[n, i] * kl64(p, q)
       den += weights[n, i]
   return temperature ** 2 * num / den if den else 0.0
@@ -107,7 +108,7 @@ def span_corruption(logits, targets, weights, z_coef):
   return (ce + z) / den, ce / den, z / den
 
 
-def hidden_mse(th, sh, proj, weights, a=None):
+def hidden_mse(th, sh, proj, weights):
   th, sh = to64(th), to64(sh)
   weights = to64(weights)
   num, den = 0.0, 0.0
@@ -116,7 +117,6 @@ def hidden_mse(th, sh, proj, weights, a=None):
       if weights[n, i] == 0:
         continue
       s = sh[n, i] if proj is None else sh[n, i] @ to64(proj)
-      t = th[n, i] if a is None else a * th[n, i] + (1 - a) * s
-      num += weights[n, i] * np.mean((s - t) ** 2)
+      num += weights[n, i] * np.mean((s - th[n, i]) ** 2)
       den += weights[n, i]
   return num / den if den else 0.0
