@@ -16,9 +16,35 @@ span-corruption loss. Each `Term` names one comparison:
 
 Relation terms compare MiniLMv2 multi-head relations for each requested pair:
 `qq`, `kk`, `vv` (self-relations of the queries, keys, values) and `qk` (the
-attention pattern itself, without position bias). A term's loss is the sum of
-its pair losses; the recipe's total is the weighted sum of its terms plus
-`ce_weight` times the student's span-corruption loss.
+attention pattern itself, without position bias). A term's loss is the mean
+of its pair losses (`Term.pair_reduction="sum"` adds them instead); the
+recipe's total is the weighted sum of its terms plus `ce_weight` times the
+student's span-corruption loss.
+
+Settings the paper does not fix. The paper (abstract, Figure 1, poster)
+names the terms of each path, not their details; every such detail is a
+setting, and its default says where it comes from:
+
+  setting                     default                     source
+  --------------------------  --------------------------  ---------------------
+  Term.pairs                  qq, kk, vv                  MiniLMv2
+  Term.pair_reduction         'mean' of the pair losses   first author's code
+  Term.relation_heads         None: the student's heads   ours
+  Term.teacher_layer /        -1 (last layer)             MiniLM / MiniLMv2
+    student_layer                                         (base-size teachers)
+  Term.causal                 True for decoder relations  ours
+                              (self, cross Q-Q)
+  Term.weight                 1.0 for every term          ours
+  Term.temperature            1.0 (logits)                ours
+  Recipe.ce_weight            0.0: no span-corruption     MiniLMv2 (relation
+                              loss beside distillation    loss alone)
+
+MiniLMv2 uses 48 relation heads for base-size teachers and 64 for large
+ones; the first author's related public code (MiniMoE, BERT) uses 32, the
+mean of the Q-Q, K-K and V-V losses, and the last layer. The sum (the
+previous default here) weighs a three-pair relation term 3x against a
+logits term. `miniend_e_interpolated` reads MiniLMv2's upper-middle layer
+(-4) with its 64 heads; its ramp is ours.
 
 Cross-attention and causality. The paper (poster) defines MiniEnD-D's
 L_cross_attn(D_Z, D_E) by the decoder's cross-attention: its queries come from
@@ -117,6 +143,7 @@ HIDDEN_KINDS = ("encoder_hidden", "decoder_hidden")
 TERM_KINDS = ("logits",) + ATTENTION_KINDS + HIDDEN_KINDS
 PAIRS = ("qq", "kk", "vv", "qk")
 DEFAULT_PAIRS = ("qq", "kk", "vv")  # MiniLMv2
+PAIR_REDUCTIONS = ("mean", "sum")
 # Kinds with relations over decoder positions, which may (and by default do)
 # respect the decoder's causality.
 CAUSAL_KINDS = ("decoder_self", "decoder_cross")
@@ -262,13 +289,16 @@ class Term:
     kind: which tensors, one of `TERM_KINDS`.
     pairs: relation pairs for attention kinds, a subset of `PAIRS`; defaults
       to MiniLMv2's ("qq", "kk", "vv"). Must be empty for other kinds.
+    pair_reduction: how an attention term combines its pair losses: "mean"
+      (the default, as the first author's related code) or "sum".
     teacher_layer: teacher layer (block index; negative counts from the end)
       for attention and hidden kinds.
     student_layer: student layer, likewise.
     weight: multiplier of the term in the total loss.
-    relation_heads: relation heads for attention kinds; None uses the
-      student's attention head count (resolved by `Recipe.resolve`). Must
-      divide both models' attention widths (num_heads * d_kv).
+    relation_heads: relation heads for attention kinds; None (ours) uses the
+      student's attention head count (resolved by `Recipe.resolve`); MiniLMv2
+      uses 48 / 64 (base / large teachers). Must divide both models'
+      attention widths (num_heads * d_kv).
     temperature: softmax temperature of a logits term.
     causal: restrict relations over decoder positions (rows and keys both on
       the decoder) to earlier keys. None means True for decoder_self and
@@ -283,6 +313,7 @@ class Term:
 
   kind: str
   pairs: Optional[Sequence[str]] = None
+  pair_reduction: str = "mean"
   teacher_layer: int = -1
   student_layer: int = -1
   weight: float = 1.0
@@ -311,6 +342,12 @@ class Term:
                          f"{ATTENTION_KINDS}; remove pairs={self.pairs}.")
       pairs = ()
     object.__setattr__(self, "pairs", pairs)
+    if self.pair_reduction not in PAIR_REDUCTIONS:
+      raise ValueError(f"{where}: pair_reduction={self.pair_reduction!r}; use "
+                       f"one of {PAIR_REDUCTIONS}.")
+    if self.kind not in ATTENTION_KINDS and self.pair_reduction != "mean":
+      raise ValueError(f"{where}: pair_reduction only applies to attention "
+                       "terms.")
     if self.kind == "logits" and (self.teacher_layer != -1 or
                                   self.student_layer != -1):
       raise ValueError(f"{where}: logits have no layer; remove teacher_layer/"
@@ -692,6 +729,8 @@ def recipe_loss(
         if len(term.pairs) > 1:
           metrics[f"loss/{term.label}/{pair}"] = pair_value
         value = value + pair_value
+      if term.pair_reduction == "mean":
+        value = value / len(term.pairs)
     metrics[f"loss/{term.label}"] = value
     total = total + term.weight * value
 
@@ -745,9 +784,10 @@ RECIPES: dict[str, Recipe] = {
     # For a 3B (24+24 layer) teacher: MiniLMv2 reads an upper-middle layer of
     # large teachers (the 21st of 24, index -4) with 64 relation heads, which
     # divide the widths of T5 small/base/large/3B and of 384/512-wide
-    # students. Targets ramp from mostly-student to pure teacher over the
-    # first 10k optimizer updates. (A step ramp: this recipe trains no output
-    # layer, so AdaptiveSchedule would be rejected here.)
+    # students. Interpolated targets (our reading): softmax(a * teacher +
+    # (1 - a) * stop_gradient(student) relation scores), a ramping from 0.2
+    # to 1 over the first 10k optimizer updates (ours). (A step ramp: this
+    # recipe trains no output layer, so AdaptiveSchedule would be rejected.)
     "miniend_e_interpolated": Recipe(
         name="miniend_e_interpolated", ce_weight=0.0,
         terms=tuple(
