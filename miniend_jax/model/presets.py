@@ -75,12 +75,13 @@ class StudentShape:
   """Depth and width of a student; the paper names them `<layers>L-<d_model>H`
   (`<encoder>+<decoder>L-<d_model>H` when the depths differ). A student keeps
   its teacher's vocabulary and family: with mT5 / umT5's 250k vocabulary the
-  embeddings hold most of a small student's parameters."""
+  embeddings hold most of a small student's parameters. `d_ff` None takes the
+  teacher's d_ff / d_model ratio (`student.student_config`)."""
 
   num_layers: int
   d_model: int
   num_heads: int
-  d_ff: int
+  d_ff: int | None = None
   num_decoder_layers: int | None = None
 
   @property
@@ -90,19 +91,19 @@ class StudentShape:
 
 STUDENT_SHAPES: dict[str, StudentShape] = {
     # The paper's main student (3.18 GFLOPs vs 25.4 for T5-base); MiniLM's 6x384 has 12 heads.
-    "6L-384H": StudentShape(num_layers=6, d_model=384, num_heads=12, d_ff=1536),
-    "6L-768H": StudentShape(num_layers=6, d_model=768, num_heads=12, d_ff=3072),
-    "4L-512H": StudentShape(num_layers=4, d_model=512, num_heads=8, d_ff=2048),
-    "4L-256H": StudentShape(num_layers=4, d_model=256, num_heads=8, d_ff=1024),
-    "2L-128H": StudentShape(num_layers=2, d_model=128, num_heads=4, d_ff=512),
+    # Feed-forward widths follow the teacher: 6L-384H has d_ff 1024 under T5 v1.1-base
+    # (gated-GELU, 2048 / 768), 1536 under T5 v1.0-base (ReLU, 3072 / 768).
+    "6L-384H": StudentShape(num_layers=6, d_model=384, num_heads=12),
+    "6L-768H": StudentShape(num_layers=6, d_model=768, num_heads=12),
+    "4L-512H": StudentShape(num_layers=4, d_model=512, num_heads=8),
+    "4L-256H": StudentShape(num_layers=4, d_model=256, num_heads=8),
+    "2L-128H": StudentShape(num_layers=2, d_model=128, num_heads=4),
     # ByT5's 3:1 encoder:decoder depth (bytes make long inputs, short outputs).
-    "9+3L-768H": StudentShape(num_layers=9, num_decoder_layers=3, d_model=768, num_heads=12,
-                              d_ff=2048),
-    "6+2L-512H": StudentShape(num_layers=6, num_decoder_layers=2, d_model=512, num_heads=8,
-                              d_ff=1536),
+    "9+3L-768H": StudentShape(num_layers=9, num_decoder_layers=3, d_model=768, num_heads=12),
+    "6+2L-512H": StudentShape(num_layers=6, num_decoder_layers=2, d_model=512, num_heads=8),
     # Tiny shapes for the offline quickstart and tests.
-    "2L-64H": StudentShape(num_layers=2, d_model=64, num_heads=4, d_ff=256),
-    "1L-32H": StudentShape(num_layers=1, d_model=32, num_heads=4, d_ff=64),
+    "2L-64H": StudentShape(num_layers=2, d_model=64, num_heads=4),
+    "1L-32H": StudentShape(num_layers=1, d_model=32, num_heads=4),
 }
 
 

@@ -15,14 +15,39 @@ from miniend_jax.model import presets
 from miniend_jax.model.config import T5Config
 
 
+# Feed-forward widths the teacher's ratio does not map to a whole number are
+# rounded to this multiple (matmul tiles on TPUs and GPUs).
+_D_FF_MULTIPLE = 64
+
+
+def feed_forward_width(teacher: T5Config, d_model: int) -> int:
+  """The teacher's d_ff / d_model ratio at width `d_model`.
+
+  Exact when whole (T5 v1.1-base, 2048 / 768: 1024 at 384, 2048 at 768; T5
+  v1.0-base, 3072 / 768: 1536 at 384), else the nearest multiple of 64.
+  """
+  d_ff, remainder = divmod(teacher.d_ff * d_model, teacher.d_model)
+  if not remainder:
+    return d_ff
+  exact = teacher.d_ff * d_model / teacher.d_model
+  return max(_D_FF_MULTIPLE, _D_FF_MULTIPLE * round(exact / _D_FF_MULTIPLE))
+
+
 def student_config(teacher: T5Config, shape: str | presets.StudentShape, **overrides) -> T5Config:
-  """The config of a student of `shape` (a name such as "6L-384H" or a StudentShape)."""
+  """The config of a student of `shape` (a name such as "6L-384H" or a StudentShape).
+
+  A shape without `d_ff` (every named one) takes the teacher's feed-forward
+  ratio (`feed_forward_width`), so a student as wide as its teacher has the
+  teacher's layer shapes and can copy its layers (`init_student`);
+  `overrides={"d_ff": N}` (gin: `ModelSetup.overrides`) sets it outright.
+  """
   if isinstance(shape, str):
     shape = presets.get_student_shape(shape)
   if shape.d_model % shape.num_heads:
     raise ValueError(f"Student width {shape.d_model} is not divisible by {shape.num_heads} heads.")
+  d_ff = shape.d_ff or feed_forward_width(teacher, shape.d_model)
   fields = dict(d_model=shape.d_model, num_heads=shape.num_heads, d_kv=shape.d_kv,
-                d_ff=shape.d_ff, num_layers=shape.num_layers,
+                d_ff=d_ff, num_layers=shape.num_layers,
                 num_decoder_layers=shape.num_decoder_layers or shape.num_layers)
   fields.update(overrides)  # e.g. {"num_heads": 8, "d_kv": 4}: the overrides win
   return teacher.replace(**fields)

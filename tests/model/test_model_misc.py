@@ -52,6 +52,33 @@ def test_student_config_keeps_teacher_vocabulary_and_family():
     student.check_same_vocabulary(teacher, cfg.replace(vocab_size=32000))
 
 
+def test_student_feed_forward_follows_the_teachers_ratio():
+  v1_1, v1_0 = presets.get_model_config("t5-v1_1-base"), presets.get_model_config("t5-base")
+  widths = lambda teacher: {name: student.student_config(teacher, name).d_ff
+                            for name in ("6L-384H", "6L-768H", "4L-512H")}
+  # Gated-GELU v1.1-base (2048 / 768) and ReLU v1.0-base (3072 / 768); 512 * 2048 / 768 =
+  # 1365.3 is no whole number: the nearest multiple of 64.
+  assert widths(v1_1) == {"6L-384H": 1024, "6L-768H": 2048, "4L-512H": 1344}
+  assert widths(v1_0) == {"6L-384H": 1536, "6L-768H": 3072, "4L-512H": 2048}
+  # A width given in the shape or as an override wins.
+  assert student.student_config(v1_1, "6L-384H", d_ff=1536).d_ff == 1536
+  shape = presets.StudentShape(num_layers=2, d_model=384, num_heads=6, d_ff=999)
+  assert student.student_config(v1_1, shape).d_ff == 999
+
+
+def test_the_6L768H_student_copies_t5_v1_1_base_layers():
+  """What student_6L768H.gin promises: under T5 v1.1-base the 6L-768H student has the
+  teacher's layer shapes, so `student_init = 'teacher_layers'` works (abstractly here:
+  no 250M-parameter arrays are made)."""
+  teacher = presets.get_model_config("t5-v1_1-base")
+  cfg = student.student_config(teacher, "6L-768H")
+  teacher_params = jax.eval_shape(lambda: init_params(teacher, jax.random.key(0)))
+  copied = jax.eval_shape(lambda tp: student.init_student(
+      cfg, jax.random.key(1), teacher_config=teacher, teacher_params=tp), teacher_params)
+  assert copied == jax.eval_shape(lambda: init_params(cfg, jax.random.key(1)))
+  assert copied["decoder"]["layers_5"] == teacher_params["decoder"]["layers_11"]
+
+
 def test_evenly_spaced_layers():
   assert student.evenly_spaced_layers(12, 6) == (0, 2, 4, 7, 9, 11)
   assert student.evenly_spaced_layers(3, 3) == (0, 1, 2)
