@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from miniend_jax.model import stacking
 from miniend_jax.model.t5 import T5Config
 
 PyTree = Any
@@ -587,9 +588,12 @@ def load_params_from_checkpoint(directory, step: int | None = None, *,
     target = saved_model
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_model)
   else:
-    _check_matches(saved_model, target_params, step, directory)
-    target = target_params
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target_params)
+    # A checkpoint of unrolled layers (`miniend convert`, unscanned runs) restores into
+    # a scanned model and the other way round: read the saved layout with the
+    # matching shardings, then restack on the devices.
+    target = stacking.abstract_like(target_params, saved_model)
+    _check_matches(saved_model, target, step, directory)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
 
   def nest(tree):
     for key in reversed(prefix):
@@ -604,4 +608,7 @@ def load_params_from_checkpoint(directory, step: int | None = None, *,
     raise _read_only(directory)._restore_error(step, e) from e
   for key in prefix:
     restored = restored[key]
+  if target_params is not None and target is not target_params:
+    restored = stacking.relayout(restored, stacking.is_scanned(target_params),
+                                 jax.tree.map(lambda t: t.sharding, target_params))
   return restored
