@@ -9,6 +9,7 @@ write, independently of the loaders they test:
   and index keyed by "/"-joined paths, as `FlaxPreTrainedModel.save_pretrained`
   writes them);
 - T5X checkpoints (`t5x_testing.write_t5x`) in t5x's naming.
+Only the .bin writer needs torch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import os
 import re
 
 import numpy as np
-import torch
 from flax import serialization, traverse_util
 
 from tests.model import t5x_testing
@@ -47,6 +47,7 @@ def _shards(names: list[str], num_shards: int) -> list[list[str]]:
 
 def write_bin(model, directory, *, num_shards: int = 1) -> str:
   """pytorch_model.bin (or shards with pytorch_model.bin.index.json), torch.save'd."""
+  import torch  # pylint: disable=import-outside-toplevel
   _write_config(model, directory)
   state = model.state_dict()
   if num_shards == 1:
