@@ -145,7 +145,7 @@ def _relpos_entry(ours: str, theirs: str):
           f"{theirs}.0.SelfAttention.relative_attention_bias.weight", TRANSPOSE)
 
 
-def _name_map(cfg: T5Config):
+def name_map(cfg: T5Config):
   """(our path, torch name, layout) for every parameter of `cfg` (unscanned layout)."""
   yield ("shared/embedding", "shared.weight", SAME)
   for i in range(cfg.num_layers):
@@ -266,7 +266,7 @@ class HFCheckpoint:
       self._aliases[head] = self._name(shared)
     expected = sliced_read.flat_shapes(config)
     problems, entries = [], {}
-    for ours, torch_name, layout in _name_map(config):
+    for ours, torch_name, layout in name_map(config):
       theirs, layout = self._stored(torch_name, layout)
       if self.format.name == "flax" and theirs == head and self._name(head) != head:
         layout = TRANSPOSE  # the embedding [vocab, d_model] standing in for a [d_model, vocab] head
@@ -441,7 +441,7 @@ def save_hf(config: T5Config, params: Mapping, out_dir: str, *,
     config = _unscanned(config)
   expected = sliced_read.flat_shapes(config)
   tensors = {}
-  for ours, theirs, layout in _name_map(config):
+  for ours, theirs, layout in name_map(config):
     try:
       value = np.asarray(jax.device_get(_get_path(params, ours)))
     except KeyError as e:

@@ -91,6 +91,21 @@ def _plan(path: str, entry: Entry, shape, index_map: Mapping) -> _Plan:
   return _Plan(path, entry, tuple(shape), layouts.bounding_box(boxes), blocks)
 
 
+def planned_bytes(entries: Mapping[str, Entry], shapes: Mapping[str, tuple[int, ...]],
+                  shardings: Mapping[str, jax.sharding.Sharding], devices, *,
+                  piece_bytes: int = 4 << 20) -> int:
+  """Bytes `read_sharded` fetches on a host whose devices are `devices`, read from
+  nothing but the checkpoint's headers (to size a pod's reads before renting it)."""
+  devices, total = set(devices), 0
+  for path, entry in entries.items():
+    index_map = {d: i for d, i in shardings[path].devices_indices_map(tuple(shapes[path])).items()
+                 if d in devices}
+    plan = _plan(path, entry, shapes[path], index_map)
+    total += sum(entry.reader.stored_bytes(entry.name, piece)
+                 for piece in entry.reader.pieces(entry.name, plan.box, piece_bytes))
+  return total
+
+
 def _submit(plan: _Plan, pool, piece_bytes: int) -> None:
   reader, name = plan.entry.reader, plan.entry.name
   info = reader.tensors[name]

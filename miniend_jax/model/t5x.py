@@ -50,6 +50,28 @@ _STEP_DIR = re.compile(r"checkpoint_(\d+)")
 _DUMMY_BUCKET = "t5x-dummy-bucket"
 
 
+# Google's published T5X checkpoints (t5x's docs/models.md; UL2's README):
+# gs://t5-data/pretrained_models/t5x/<name>/checkpoint_<step> and UL2's bucket.
+_PUBLISHED = re.compile(r"gs://t5-data/pretrained_models/t5x/(?P<name>[\w]+(/\w+)?)"
+                        r"/checkpoint_\d+/?")
+_PUBLISHED_UL2 = re.compile(r"gs://scenic-bucket/ul2/(ul220b/checkpoint_\d+|flan-ul220b-v3)/?")
+
+
+def published_preset(path: str) -> str | None:
+  """The preset of a checkpoint Google publishes in T5X form, from its path alone
+  (e.g. .../t5x/t5_1_1_xxl/checkpoint_1000000 -> "t5-v1_1-xxl"), so a run can be
+  planned without reading the bucket; None for other paths."""
+  if _PUBLISHED_UL2.fullmatch(path):
+    return "ul2"
+  match = _PUBLISHED.fullmatch(path)
+  if not match:
+    return None
+  name = match["name"].lower().replace("/", "-").replace("_", "-").replace("t5-1-1", "t5-v1_1")
+  # The LM-adapted checkpoints have their base model's shapes.
+  name = name.replace("-lm100k", "").replace("-lm-adapted", "")
+  return name if name in presets.MODEL_PRESETS else None
+
+
 def step_directory(path) -> epath.Path | None:
   """The T5X step directory `path` names (itself, or its newest `checkpoint_<step>`),
   or None when it is not a T5X checkpoint."""
@@ -139,6 +161,17 @@ class T5XArrays(TensorFile):
     except Exception as e:  # pylint: disable=broad-except  (tensorstore's status errors)
       raise CheckpointError(f"Cannot open {name} of the T5X checkpoint {self.path}: {e}. The "
                             "copy is incomplete or damaged.") from e
+
+  def stored_bytes(self, name: str, box: Box) -> int:
+    """The bytes of the chunks `box` touches (uncompressed; tensorstore decodes whole
+    chunks), or of the box for arrays inline in the msgpack."""
+    chunks = self._specs.get(name, {}).get("metadata", {}).get("chunks")
+    if chunks is None:
+      return super().stored_bytes(name, box)
+    shape, itemsize = self.tensors[name].shape, self.tensors[name].dtype.itemsize
+    extent = [min(-(-s.stop // c) * c, n) - (s.start // c) * c if s.stop > s.start else 0
+              for s, c, n in zip(box, chunks, shape)]
+    return int(np.prod(extent, dtype=np.int64)) * itemsize
 
   def _read(self, name: str, box: Box) -> np.ndarray:
     if name in self._inline:

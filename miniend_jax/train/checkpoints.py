@@ -349,7 +349,7 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree, *, data_state: DataState = None,
            data_iterator: Any = None, metrics: Mapping[str, Any] | None = None,
-           force: bool = False) -> bool:
+           force: bool = False, chunk_bytes: int | None = None) -> bool:
     """Saves `state` (a TrainState or any pytree of arrays) at `step`.
 
     Writes only when `step` is a multiple of `save_interval_steps` or `force`
@@ -362,6 +362,8 @@ class Checkpointer:
         (e.g. `inputs.GlobalBatchReader`); its position is written into this
         step before `save` returns.
       metrics: scalars (e.g. {"eval_loss": ...}); `best_metric` ranks by them.
+      chunk_bytes: store arrays in chunks of at most this size (default: one chunk
+        per process's part), so hosts that shard them otherwise read only theirs.
     Returns:
       Whether a checkpoint was started (it completes asynchronously).
     """
@@ -381,8 +383,10 @@ class Checkpointer:
         "metrics": metrics,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
+    save_args = None if chunk_bytes is None else jax.tree.map(
+        lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), state)
     items = {
-        STATE: ocp.args.StandardSave(state),
+        STATE: ocp.args.StandardSave(state, save_args=save_args),
         DATA_STATE: ocp.args.JsonSave(_encode_data_state(data_state)),
         METADATA: ocp.args.JsonSave(metadata),
     }

@@ -684,7 +684,7 @@ def _replace_directory(new: epath.Path, target: epath.Path) -> None:
 
 @gin.configurable(denylist=["source", "out_dir"])
 def convert(source: str, out_dir: str, *, dtype: str | None = None,
-            mesh: partitioning.MeshConfig | None = None) -> str:
+            mesh: partitioning.MeshConfig | None = None, chunk_bytes: int = 2 << 20) -> str:
   """Writes a teacher as a miniend (orbax) checkpoint.
 
   Pods then restore the teacher in parallel, every host reading only its own
@@ -699,6 +699,9 @@ def convert(source: str, out_dir: str, *, dtype: str | None = None,
       or PyTorch .bin), a hub id (`ID@REVISION` allowed) or a T5X checkpoint.
     out_dir: the checkpoint directory to create (local or gs://).
     dtype: store the weights in this dtype (default: as stored).
+    chunk_bytes: the stored chunks' size. Whatever mesh converts, a pod's host
+      then reads little more than its own shards (one chunk per array, what a
+      single process writes by default, made every host read whole arrays).
   Returns:
     out_dir.
   """
@@ -713,7 +716,7 @@ def convert(source: str, out_dir: str, *, dtype: str | None = None,
   _, params = hf.load_hf_sharded(checkpoint, shardings, config=config)
   with checkpoints.Checkpointer(out_dir, checkpoints.CheckpointConfig(async_save=False),
                                 model_config=config, metadata={"converted_from": source}) as ckpt:
-    ckpt.save(0, {"params": params}, force=True)
+    ckpt.save(0, {"params": params}, force=True, chunk_bytes=chunk_bytes)
   if jax.process_index() == 0:
     hf.copy_tokenizer_files(checkpoint.directory, out_dir)
   return out_dir
