@@ -203,14 +203,16 @@ def model_config_of(source: str) -> t5.T5Config:
   """A model's config, read without its weights.
 
   `source`: a miniend checkpoint directory, a Hugging Face directory (local or
-  gs://), a T5X checkpoint, a preset name ("t5-v1_1-xl"), or a hub id whose
-  name is a preset ("google/t5-v1_1-xl", "google/t5-v1_1-xxl@refs/pr/2"); other
-  hub ids are read from the hub's config.json.
+  gs://), a T5X checkpoint (Google's published ones by their path alone), a
+  preset name ("t5-v1_1-xl"), or a hub id whose name is a preset
+  ("google/t5-v1_1-xl", "google/t5-v1_1-xxl@refs/pr/2"); other hub ids are
+  read from the hub's config.json.
   """
-  if source in presets.MODEL_PRESETS:
-    return presets.MODEL_PRESETS[source]
   from etils import epath  # pylint: disable=import-outside-toplevel
   from miniend_jax.model import hub, t5x, tensor_files  # pylint: disable=import-outside-toplevel
+  preset = source if source in presets.MODEL_PRESETS else t5x.published_preset(source)
+  if preset:  # no bucket or hub access needed
+    return presets.MODEL_PRESETS[preset]
   path = epath.Path(os.path.expanduser(source))
   if path.is_dir() and not (path / hf.CONFIG_NAME).exists():
     if t5x.step_directory(path) is not None:
