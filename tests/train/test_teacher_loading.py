@@ -80,23 +80,24 @@ def test_teacher_loads_slice_by_slice_into_an_fsdp_mesh(big_checkpoint, tmp_path
 
 
 def test_every_teacher_route_gives_the_same_first_loss(tmp_path):
-  """A Hugging Face directory, its `miniend convert` copy (issue: it did not restore
-  into a scanned teacher) and a T5X copy of the same weights, each loaded as a scanned
+  """A Hugging Face directory, a T5X copy of the same weights and that copy's `miniend
+  convert` (which did not restore into a scanned teacher), each loaded as a scanned
   teacher the way a run loads it: the same first distillation step, bitwise."""
   config = t5.T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                        num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
                        tie_word_embeddings=False)
   teachers = {"hf": str(tmp_path / "hf")}
-  hf.save_hf(config, t5.init_params(config, jax.random.key(4)), teachers["hf"])
-  teachers["converted"] = loop.convert(teachers["hf"], str(tmp_path / "converted"))
+  rng = np.random.default_rng(4)
+  hf.save_hf(config, jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
+                                  t5.param_shapes(config)), teachers["hf"])
   teachers["t5x"] = _t5x_copy(teachers["hf"], str(tmp_path / "t5x"))
+  teachers["converted"] = loop.convert(teachers["t5x"], str(tmp_path / "converted"))
   train = program.TrainConfig(task="unused", batch_size=8, inputs_length=16, targets_length=8,
                               num_steps=1)
   model = program.ModelSetup(teacher=teachers["hf"], student_shape="1L-32H",
                              scan_layers=("teacher",), teacher_dtype="float32")
   prog = program.build_step_program("distill", train, model, state_lib.OptimizerConfig(),
-                                    partitioning.MeshConfig(data=2, fsdp=4), "miniend_d")
-  rng = np.random.default_rng(0)
+                                    partitioning.MeshConfig(data=2, fsdp=4), "kd_logits")
   batch = {k: rng.integers(1, config.vocab_size, shape).astype(np.int32)
            for k, shape in program.batch_features(train).items()}
   batch["decoder_loss_weights"] = np.ones_like(batch["decoder_loss_weights"])
