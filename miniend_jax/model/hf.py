@@ -307,14 +307,19 @@ def open_checkpoint(source, **overrides) -> tuple[Any, T5Config]:
   directory, or a Hugging Face directory / hub id in any published format. The
   checkpoint has `directory` and `entries(config)`; an opened one is taken as it is."""
   if isinstance(source, (HFCheckpoint, t5x.T5XCheckpoint)):
-    return source, source.config(**overrides)
+    checkpoint = source
+  else:
+    checkpoint = _t5x_checkpoint(source) or HFCheckpoint(os.path.expanduser(source))
+  return checkpoint, checkpoint.config(**overrides)
+
+
+def _t5x_checkpoint(source: str) -> t5x.T5XCheckpoint | None:
+  """The T5X checkpoint at `source`, or None when it is not one (hub ids never are)."""
   source = os.path.expanduser(source)
   if hub.parse(source) is None or epath.Path(source).exists():
     if t5x.step_directory(source) is not None:
-      checkpoint = t5x.T5XCheckpoint(source)
-      return checkpoint, checkpoint.config(**overrides)
-  checkpoint = HFCheckpoint(source)
-  return checkpoint, checkpoint.config(**overrides)
+      return t5x.T5XCheckpoint(source)
+  return None
 
 
 def read_hf_config_dict(directory) -> dict:
@@ -331,12 +336,12 @@ def read_hf_config_dict(directory) -> dict:
 
 def read_hf_config(path_or_hub_id: str, **overrides) -> T5Config:
   """The T5Config of a checkpoint (Hugging Face or T5X), without reading its weights
-  (a hub id fetches only what `hub.resolve` fetches)."""
-  source = os.path.expanduser(path_or_hub_id)
-  if hub.parse(source) is None or epath.Path(source).exists():
-    if t5x.step_directory(source) is not None:
-      return t5x.T5XCheckpoint(source).config(**overrides)
-  return config_from_hf(read_hf_config_dict(hub.resolve(source)), **overrides)
+  (of a hub id, only config.json is downloaded)."""
+  checkpoint = _t5x_checkpoint(path_or_hub_id)
+  if checkpoint is not None:
+    return checkpoint.config(**overrides)
+  directory = hub.resolve(path_or_hub_id, weights=False)
+  return config_from_hf(read_hf_config_dict(directory), **overrides)
 
 
 def load_hf(path_or_hub_id: str, *, param_dtype: str | None = None,

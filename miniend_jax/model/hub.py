@@ -61,9 +61,10 @@ def refuse_on_many_processes(source: str) -> None:
         "it once to storage every host reads")
 
 
-def resolve(source: str) -> str:
+def resolve(source: str, *, weights: bool = True) -> str:
   """A directory holding the checkpoint `source` names: a local or gs:// (any
-  etils.epath) directory as given, or a hub id's download of one format."""
+  etils.epath) directory as given, or a hub id's download of one format (of
+  config.json alone without `weights`)."""
   source = os.path.expanduser(source)
   path = epath.Path(source)
   if path.is_dir():
@@ -75,12 +76,13 @@ def resolve(source: str) -> str:
         "weights (or a Hugging Face hub id such as 'google/t5-v1_1-base', optionally "
         "ID@REVISION)")
   refuse_on_many_processes(source)
-  return download(*parsed)
+  return download(*parsed, weights=weights)
 
 
-def download(repo_id: str, revision: str | None = None) -> str:
+def download(repo_id: str, revision: str | None = None, *, weights: bool = True) -> str:
   """Downloads config.json, tokenizer files and the best weight format of a
-  repository (at `revision`) through huggingface_hub; returns the local directory."""
+  repository (at `revision`; only config.json without `weights`) through
+  huggingface_hub; returns the local directory."""
   import huggingface_hub  # pylint: disable=import-outside-toplevel
   from huggingface_hub import errors  # pylint: disable=import-outside-toplevel
   where = f"{repo_id}@{revision}" if revision else repo_id
@@ -105,8 +107,9 @@ def download(repo_id: str, revision: str | None = None) -> str:
     raise CheckpointError(
         f"{'No weights to read' if fmt is None else 'No config.json'}: "
         + tensor_files.describe(f"the Hugging Face repository {where}", files))
-  wanted = [CONFIG_NAME, *(f for f in TOKENIZER_FILES if f in files),
-            *tensor_files.format_files(fmt, files)]
+  wanted = [CONFIG_NAME]
+  if weights:
+    wanted += [*(f for f in TOKENIZER_FILES if f in files), *tensor_files.format_files(fmt, files)]
   try:
     return api.snapshot_download(repo_id, revision=revision, allow_patterns=wanted)
   except Exception as e:  # pylint: disable=broad-except

@@ -163,5 +163,8 @@ def test_hub_ids_fetch_one_format_at_the_revision_asked(published, tmp_path, mon
   with pytest.raises(hf.CheckpointError, match=r"repository google/tf-only holds config.json, "
                                                r"tf_model.h5; miniend_jax reads"):
     hf.load_hf("google/tf-only")
-  # A preset-named id needs no download for its config, at any revision.
+  # A config alone fetches config.json alone; a preset-named id needs no download.
+  LocalHubApi.downloaded.clear()
+  assert hf.read_hf_config("google/t5-tiny@refs/pr/2").num_layers == 2
+  assert [f for *_, f in LocalHubApi.downloaded] == ["config.json"]
   assert program.model_config_of("google/t5-v1_1-xxl@refs/pr/2").num_heads == 64

@@ -59,7 +59,9 @@ def test_a_t5x_teacher_loads_sliced_without_torch_or_tensorflow(tmp_path):
   config = t5.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2,
                        num_decoder_layers=1, num_heads=4, feed_forward_proj="gated-silu",
                        tie_word_embeddings=False)
-  params = t5.init_params(config, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
+                        t5.param_shapes(config))
   hf.save_hf(config, params, str(tmp_path / "hf"))
   state = load_file(str(tmp_path / "hf" / "model.safetensors"))
   t5x_dir = t5x_testing.write_t5x(
