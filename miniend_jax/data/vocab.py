@@ -14,10 +14,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from typing import Iterable, Optional
 
 import seqio
-import tensorflow as tf
+from etils import epath
 import sentencepiece
 from sentencepiece import SentencePieceTrainer
 from sentencepiece import sentencepiece_model_pb2
@@ -42,7 +43,7 @@ def resolve_sentencepiece_path(path: str) -> str:
   """Returns the SentencePiece model file for a file, `gs://` or HF directory.
 
   Args:
-    path: a `.model` file (local or any `tf.io.gfile` scheme such as
+    path: a `.model` file (local or any etils.epath scheme such as
       `gs://`), or a Hugging Face checkpoint directory that holds
       `spiece.model`.
 
@@ -53,9 +54,9 @@ def resolve_sentencepiece_path(path: str) -> str:
     FileNotFoundError: if nothing usable is at `path`.
   """
   path = os.fspath(path)
-  if tf.io.gfile.isdir(path):
-    candidate = os.path.join(path, HF_SPM_FILENAME)
-    if not tf.io.gfile.exists(candidate):
+  if epath.Path(path).is_dir():
+    candidate = os.fspath(epath.Path(path) / HF_SPM_FILENAME)
+    if not epath.Path(candidate).exists():
       raise FileNotFoundError(
           f"Directory {path!r} has no {HF_SPM_FILENAME!r}. A Hugging Face T5 "
           "checkpoint directory must contain its SentencePiece model "
@@ -63,7 +64,7 @@ def resolve_sentencepiece_path(path: str) -> str:
           "the model's spiece.model there or pass the .model file directly."
       )
     return candidate
-  if not tf.io.gfile.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(
         f"SentencePiece model {path!r} does not exist. Pass a .model file, a "
         f"gs:// path, or a Hugging Face checkpoint directory with "
@@ -74,8 +75,7 @@ def resolve_sentencepiece_path(path: str) -> str:
 
 
 def _read_model_proto(spm_path: str) -> sentencepiece_model_pb2.ModelProto:
-  with tf.io.gfile.GFile(spm_path, "rb") as f:
-    data = f.read()
+  data = epath.Path(spm_path).read_bytes()
   try:
     return sentencepiece_model_pb2.ModelProto.FromString(data)
   except Exception as e:  # protobuf raises DecodeError, not always importable.
@@ -86,11 +86,10 @@ def _read_model_proto(spm_path: str) -> sentencepiece_model_pb2.ModelProto:
 
 def _hf_declared_extra_ids(directory: str) -> Optional[int]:
   """The extra-id count a HF checkpoint's tokenizer_config.json declares."""
-  config_path = os.path.join(directory, "tokenizer_config.json")
-  if not tf.io.gfile.exists(config_path):
+  config_path = epath.Path(directory) / "tokenizer_config.json"
+  if not config_path.exists():
     return None
-  with tf.io.gfile.GFile(config_path, "r") as f:
-    config = json.load(f)
+  config = json.loads(config_path.read_text())
   if "extra_ids" in config:
     return int(config["extra_ids"])
   specials = config.get("additional_special_tokens") or config.get(
@@ -104,11 +103,10 @@ def _hf_declared_extra_ids(directory: str) -> Optional[int]:
 
 def _hf_model_vocab_size(directory: str) -> Optional[int]:
   """vocab_size from a HF checkpoint's config.json (embedding rows)."""
-  config_path = os.path.join(directory, "config.json")
-  if not tf.io.gfile.exists(config_path):
+  config_path = epath.Path(directory) / "config.json"
+  if not config_path.exists():
     return None
-  with tf.io.gfile.GFile(config_path, "r") as f:
-    return json.load(f).get("vocab_size")
+  return json.loads(config_path.read_text()).get("vocab_size")
 
 
 def _check_extra_ids(extra_ids: int) -> None:
@@ -278,13 +276,12 @@ def checkpoint_vocabulary(directory: str) -> seqio.Vocabulary:
     ValueError: the directory holds neither (e.g. only a tokenizer.json).
   """
   directory = os.fspath(directory)
-  if tf.io.gfile.exists(os.path.join(directory, HF_SPM_FILENAME)):
+  if (epath.Path(directory) / HF_SPM_FILENAME).exists():
     return get_vocabulary(directory)
   tokenizer_class = None
-  config_path = os.path.join(directory, "tokenizer_config.json")
-  if tf.io.gfile.exists(config_path):
-    with tf.io.gfile.GFile(config_path, "r") as f:
-      tokenizer_class = json.load(f).get("tokenizer_class")
+  config_path = epath.Path(directory) / "tokenizer_config.json"
+  if config_path.exists():
+    tokenizer_class = json.loads(config_path.read_text()).get("tokenizer_class")
   if tokenizer_class == "ByT5Tokenizer":
     vocabulary = byt5_vocabulary()
     rows = _hf_model_vocab_size(directory)
@@ -311,7 +308,7 @@ def vocabulary_from_reference(reference: str) -> seqio.Vocabulary:
   directory (`checkpoint_vocabulary`) or a SentencePiece `.model` file."""
   if reference == BYT5:
     return byt5_vocabulary()
-  if tf.io.gfile.isdir(reference):
+  if epath.Path(reference).is_dir():
     return checkpoint_vocabulary(reference)
   return get_vocabulary(reference)
 
@@ -391,12 +388,12 @@ def train_sentencepiece(
       num_threads=num_threads,
       minloglevel=2,
   )
-  tf.io.gfile.makedirs(os.path.dirname(os.path.abspath(output_path)))
+  output = epath.Path(output_path)
+  output.parent.mkdir(parents=True, exist_ok=True)
   # Write atomically so that concurrent readers never see a partial model.
-  tmp_path = f"{output_path}.tmp{os.getpid()}"
-  with tf.io.gfile.GFile(tmp_path, "wb") as f:
-    f.write(buffer.getvalue())
-  tf.io.gfile.rename(tmp_path, output_path, overwrite=True)
+  tmp_path = output.parent / f"{output.name}.tmp{os.getpid()}"
+  tmp_path.write_bytes(buffer.getvalue())
+  tmp_path.replace(output)
   return output_path
 
 
@@ -412,10 +409,21 @@ def save_hf_tokenizer(vocabulary_or_path, out_dir: str) -> str:
   Returns:
     `out_dir`.
   """
+  if "://" in os.fspath(out_dir):
+    # transformers writes and reads tokenizers on the local disk only: build it
+    # there, then copy the files over.
+    with tempfile.TemporaryDirectory() as local:
+      save_hf_tokenizer(vocabulary_or_path, local)
+      out = epath.Path(out_dir)
+      out.mkdir(parents=True, exist_ok=True)
+      for path in epath.Path(local).iterdir():
+        path.copy(out / path.name, overwrite=True)
+    return out_dir
+
   import transformers  # pylint: disable=g-import-not-at-top
 
   if vocabulary_or_path == BYT5 or isinstance(vocabulary_or_path, seqio.ByteVocabulary):
-    tf.io.gfile.makedirs(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
     # 125 extra ids: the 384-id layout of Google's ByT5 checkpoints on the hub.
     transformers.ByT5Tokenizer(extra_ids=125).save_pretrained(out_dir)
     return out_dir
@@ -424,10 +432,10 @@ def save_hf_tokenizer(vocabulary_or_path, out_dir: str) -> str:
     spm_path = vocabulary_or_path.sentencepiece_model_file
   else:
     spm_path = resolve_sentencepiece_path(vocabulary_or_path)
-  tf.io.gfile.makedirs(out_dir)
-  target = os.path.join(out_dir, HF_SPM_FILENAME)
-  if os.path.abspath(spm_path) != os.path.abspath(target):
-    tf.io.gfile.copy(spm_path, target, overwrite=True)
+  os.makedirs(out_dir, exist_ok=True)
+  target = epath.Path(out_dir) / HF_SPM_FILENAME
+  if "://" in os.fspath(spm_path) or os.path.abspath(spm_path) != os.path.abspath(target):
+    epath.Path(spm_path).copy(target, overwrite=True)
   tokenizer = transformers.T5TokenizerFast.from_pretrained(
       out_dir, extra_ids=T5_EXTRA_IDS
   )

@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from miniend_jax.model import stacking
 from miniend_jax.model.t5 import T5Config
 
 PyTree = Any
@@ -348,7 +349,7 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree, *, data_state: DataState = None,
            data_iterator: Any = None, metrics: Mapping[str, Any] | None = None,
-           force: bool = False) -> bool:
+           force: bool = False, chunk_bytes: int | None = None) -> bool:
     """Saves `state` (a TrainState or any pytree of arrays) at `step`.
 
     Writes only when `step` is a multiple of `save_interval_steps` or `force`
@@ -361,6 +362,8 @@ class Checkpointer:
         (e.g. `inputs.GlobalBatchReader`); its position is written into this
         step before `save` returns.
       metrics: scalars (e.g. {"eval_loss": ...}); `best_metric` ranks by them.
+      chunk_bytes: store arrays in chunks of at most this size (default: one chunk
+        per process's part), so hosts that shard them otherwise read only theirs.
     Returns:
       Whether a checkpoint was started (it completes asynchronously).
     """
@@ -380,8 +383,10 @@ class Checkpointer:
         "metrics": metrics,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
+    save_args = None if chunk_bytes is None else jax.tree.map(
+        lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), state)
     items = {
-        STATE: ocp.args.StandardSave(state),
+        STATE: ocp.args.StandardSave(state, save_args=save_args),
         DATA_STATE: ocp.args.JsonSave(_encode_data_state(data_state)),
         METADATA: ocp.args.JsonSave(metadata),
     }
@@ -587,9 +592,12 @@ def load_params_from_checkpoint(directory, step: int | None = None, *,
     target = saved_model
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_model)
   else:
-    _check_matches(saved_model, target_params, step, directory)
-    target = target_params
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target_params)
+    # A checkpoint of unrolled layers (`miniend convert`, unscanned runs) restores into
+    # a scanned model and the other way round: read the saved layout with the
+    # matching shardings, then restack on the devices.
+    target = stacking.abstract_like(target_params, saved_model)
+    _check_matches(saved_model, target, step, directory)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
 
   def nest(tree):
     for key in reversed(prefix):
@@ -604,4 +612,7 @@ def load_params_from_checkpoint(directory, step: int | None = None, *,
     raise _read_only(directory)._restore_error(step, e) from e
   for key in prefix:
     restored = restored[key]
+  if target_params is not None and target is not target_params:
+    restored = stacking.relayout(restored, stacking.is_scanned(target_params),
+                                 jax.tree.map(lambda t: t.sharding, target_params))
   return restored

@@ -125,25 +125,24 @@ def check_vocabulary(config: t5.T5Config, vocabulary: seqio.Vocabulary, who: str
 
 
 def load_model(source: str, **config_overrides) -> tuple[t5.T5Config, dict]:
-  """(config, host numpy params) from a miniend checkpoint directory or a Hugging Face
-  one / hub id. For one host's worth of model; runs use `load_params`."""
+  """(config, host numpy params) from a miniend checkpoint directory, a Hugging Face
+  one (any published format) / hub id, or a T5X checkpoint. For one host's worth of
+  model; runs use `load_params`."""
   if program.is_miniend_checkpoint(source):
     directory = program.checkpoint_directory(source)
     config = checkpoints.load_model_config(directory).replace(**config_overrides)
     return config, checkpoints.load_params_from_checkpoint(directory)
-  path = epath.Path(os.path.expanduser(source))
-  if path.is_dir() and not (path / hf.CONFIG_NAME).exists():
-    raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
   return hf.load_hf(source, **config_overrides)
 
 
 def load_params(source: str, config: t5.T5Config, shardings) -> Any:
-  """A model's parameters straight into `shardings`, in `config.param_dtype`.
+  """A model's parameters straight into `shardings`, in `config.param_dtype` and
+  its layout (scanned or not, whatever the checkpoint's).
 
   A miniend checkpoint (e.g. from `miniend convert`) is restored by orbax into
-  the shardings; a Hugging Face directory (local, gs://) or hub id is read
-  slice by slice (`hf.load_hf_sharded`). Either way each host reads only what
-  its devices hold.
+  the shardings; a Hugging Face directory (local, gs://; safetensors, Flax
+  msgpack or PyTorch .bin), hub id or T5X checkpoint is read slice by slice
+  (`hf.load_hf_sharded`). Either way each host reads only what its devices hold.
   """
   if program.is_miniend_checkpoint(source):
     target = jax.tree.map(
@@ -151,9 +150,6 @@ def load_params(source: str, config: t5.T5Config, shardings) -> Any:
         t5.param_shapes(config), shardings)
     return checkpoints.load_params_from_checkpoint(program.checkpoint_directory(source),
                                                    target_params=target)
-  path = epath.Path(os.path.expanduser(source))
-  if path.is_dir() and not (path / hf.CONFIG_NAME).exists():
-    raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
   return hf.load_hf_sharded(source, shardings, config=config)[1]
 
 
@@ -657,50 +653,70 @@ def export(workdir: str, out_dir: str, *, checkpoint_dir: str | None = None,
     tmp.rmtree()
   hf.save_hf(config, params, os.fspath(tmp), dtype=dtype)
   vocabulary = checkpoints.load_metadata(source, step).get("run", {}).get("vocabulary")
-  if vocabulary == vocab_lib.BYT5 or (vocabulary and os.path.exists(vocabulary)):
+  if vocabulary == vocab_lib.BYT5 or (vocabulary and epath.Path(vocabulary).exists()):
     vocab_lib.save_hf_tokenizer(vocabulary, os.fspath(tmp))
-  if target.exists():
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    target.rename(old)
-    tmp.rename(target)
-    old.rmtree() if old.is_dir() else old.unlink()
-  else:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(target)
+  _replace_directory(tmp, target)
   return out_dir
+
+
+def _replace_directory(new: epath.Path, target: epath.Path) -> None:
+  """Puts the finished directory `new` at `target`, replacing what is there. A
+  local directory is swapped by renames (never half old, half new); object stores
+  have no directory rename, so there the files move one by one once all are
+  written, config.json last."""
+  if "://" not in os.fspath(target):
+    if target.exists():
+      old = target.parent / f".{target.name}.old-{os.getpid()}"
+      target.rename(old)
+      new.rename(target)
+      old.rmtree() if old.is_dir() else old.unlink()
+    else:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      new.rename(target)
+    return
+  if target.exists():
+    target.rmtree() if target.is_dir() else target.unlink()
+  target.mkdir(parents=True, exist_ok=True)
+  for path in sorted(new.iterdir(), key=lambda p: p.name == hf.CONFIG_NAME):
+    path.rename(target / path.name)
+  new.rmtree()
 
 
 @gin.configurable(denylist=["source", "out_dir"])
 def convert(source: str, out_dir: str, *, dtype: str | None = None,
-            mesh: partitioning.MeshConfig | None = None) -> str:
-  """Writes a Hugging Face T5 checkpoint as a miniend (orbax) checkpoint.
+            mesh: partitioning.MeshConfig | None = None, chunk_bytes: int = 2 << 20) -> str:
+  """Writes a teacher as a miniend (orbax) checkpoint.
 
   Pods then restore the teacher in parallel, every host reading only its own
-  slices with tensorstore, instead of each parsing safetensors: convert once,
-  to a bucket, and pass the result as `--teacher`. Every process of a
-  multi-host job calls it; the weights are loaded sharded (fully sharded over
-  all devices by default), so no host holds the whole model.
+  slices with tensorstore: convert once, to a bucket, and pass the result as
+  `--teacher`. Every process of a multi-host job calls it; the weights are
+  loaded sharded (fully sharded over all devices by default), so no host holds
+  the whole model. A hub id is converted on one process (a job of several
+  refuses it: each host would download it).
 
   Args:
-    source: a Hugging Face directory (local or gs://) or hub id.
+    source: a Hugging Face directory (local or gs://; safetensors, Flax msgpack
+      or PyTorch .bin), a hub id (`ID@REVISION` allowed) or a T5X checkpoint.
     out_dir: the checkpoint directory to create (local or gs://).
     dtype: store the weights in this dtype (default: as stored).
+    chunk_bytes: the stored chunks' size. Whatever mesh converts, a pod's host
+      then reads little more than its own shards (one chunk per array, what a
+      single process writes by default, made every host read whole arrays).
   Returns:
     out_dir.
   """
   partitioning.maybe_initialize_distributed()
   if checkpoints.latest_step(out_dir) is not None:
     raise FileExistsError(f"{out_dir} already holds a checkpoint; pick a new directory.")
-  checkpoint = hf.HFCheckpoint(source)
-  config = checkpoint.config(**({"param_dtype": dtype} if dtype else {}))
+  checkpoint, config = hf.open_checkpoint(source, **({"param_dtype": dtype} if dtype else {}))
   mesh = mesh or partitioning.MeshConfig(data=1, fsdp=-1)
   device_mesh = partitioning.make_mesh(mesh)
   shardings = partitioning.logical_to_sharding(t5.param_logical_axes(config), device_mesh,
                                                mesh.logical_axis_rules)
-  _, params = hf.load_hf_sharded(source, shardings, config=config)
+  _, params = hf.load_hf_sharded(checkpoint, shardings, config=config)
   with checkpoints.Checkpointer(out_dir, checkpoints.CheckpointConfig(async_save=False),
                                 model_config=config, metadata={"converted_from": source}) as ckpt:
-    ckpt.save(0, {"params": params}, force=True)
+    ckpt.save(0, {"params": params}, force=True, chunk_bytes=chunk_bytes)
   if jax.process_index() == 0:
     hf.copy_tokenizer_files(checkpoint.directory, out_dir)
   return out_dir

@@ -203,22 +203,40 @@ def model_config_of(source: str) -> t5.T5Config:
   """A model's config, read without its weights.
 
   `source`: a miniend checkpoint directory, a Hugging Face directory (local or
-  gs://), a preset name ("t5-v1_1-xl"), or a hub id whose name is a preset
-  ("google/t5-v1_1-xl"); other hub ids are read from the hub's config.json.
+  gs://), a T5X checkpoint (Google's published ones by their path alone), a
+  preset name ("t5-v1_1-xl"), or a hub id whose name is a preset
+  ("google/t5-v1_1-xl", "google/t5-v1_1-xxl@refs/pr/2"); other hub ids are
+  read from the hub's config.json.
   """
-  if source in presets.MODEL_PRESETS:
-    return presets.MODEL_PRESETS[source]
   from etils import epath  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model import hub, t5x, tensor_files  # pylint: disable=import-outside-toplevel
+  preset = source if source in presets.MODEL_PRESETS else t5x.published_preset(source)
+  if preset:  # no bucket or hub access needed
+    return presets.MODEL_PRESETS[preset]
   path = epath.Path(os.path.expanduser(source))
   if path.is_dir() and not (path / hf.CONFIG_NAME).exists():
+    if t5x.step_directory(path) is not None:
+      return hf.read_hf_config(source)
     # Not a Hugging Face directory: a miniend checkpoint, or nothing usable.
     from miniend_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
+    if not is_miniend_checkpoint(source):
+      raise checkpoints.NoCheckpointError(
+          f"no checkpoint in {source}: "
+          + tensor_files.describe(source, [p.name for p in path.iterdir()])
+          + ", or a miniend checkpoint (a run's work directory, `miniend convert`'s output).")
     return checkpoints.load_model_config(checkpoint_directory(source))
-  if not path.exists() and "/" in source and not source.startswith((".", "/", "~", "gs://")):
-    name = source.rsplit("/", 1)[1]
-    if name in presets.MODEL_PRESETS:
-      return presets.MODEL_PRESETS[name]
+  if not path.exists() and hub.parse(source) and hub.name(source) in presets.MODEL_PRESETS:
+    return presets.MODEL_PRESETS[hub.name(source)]
   return hf.read_hf_config(source)
+
+
+def _refuse_hub_ids_on_many_processes(*sources: str | None) -> None:
+  """Hub ids make every host download the checkpoint: refused on several processes."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model import hub  # pylint: disable=import-outside-toplevel
+  for source in sources:
+    if source and hub.parse(source) and not epath.Path(os.path.expanduser(source)).exists():
+      hub.refuse_on_many_processes(source)
 
 
 def model_configs(mode: str, model: ModelSetup, *, vocab_size: int | None = None
@@ -235,6 +253,8 @@ def model_configs(mode: str, model: ModelSetup, *, vocab_size: int | None = None
   own = {**model.scans("student"), "attention_impl": model.attention_impl,
          **dict(model.overrides)}
   teacher_config = None
+  _refuse_hub_ids_on_many_processes(model.teacher if mode == "distill" else None,
+                                    model.init_from if mode == "finetune" else None)
   if mode == "distill":
     if not model.teacher:
       raise ValueError("distill needs a teacher: bind ModelSetup.teacher (a Hugging Face "

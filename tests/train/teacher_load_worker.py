@@ -1,11 +1,13 @@
 """One process of the teacher-loading test: load a Hugging Face checkpoint into an fsdp mesh.
 
   python -m tests.train.teacher_load_worker --checkpoint DIR --out OUT.json
-      [--num_processes N --process_id I --port P] [--impl sharded|host]
+      [--num_processes N --process_id I --port P] [--impl sharded|host] [--t5x DIR]
 
-Measures this process's peak RSS growth while loading (VmHWM after, reset just
-before, minus VmRSS before), then checks every shard it holds against the
-file, read independently.
+Measures this process's peak RSS growth and the bytes it read while loading
+(VmHWM after, reset just before, minus VmRSS before), then checks every shard
+it holds against the file, read independently. With --t5x, also loads that T5X
+checkpoint sliced and checks its shards the same way. On several processes it
+also records what a hub id gets (a refusal).
 """
 
 import argparse
@@ -30,6 +32,7 @@ def main():
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
   parser.add_argument("--impl", choices=("sharded", "host"), default="sharded")
+  parser.add_argument("--t5x")
   args = parser.parse_args()
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // args.num_processes}"
   if args.num_processes > 1:
@@ -38,9 +41,8 @@ def main():
                       JAX_PROCESS_ID=str(args.process_id))
 
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from miniend_jax.model import hf, t5  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model import hf, sliced_read, t5  # pylint: disable=import-outside-toplevel
   from miniend_jax.train import partitioning  # pylint: disable=import-outside-toplevel
 
   partitioning.maybe_initialize_distributed()
@@ -53,8 +55,9 @@ def main():
   rss_before = _status("VmRSS")
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current RSS
+  stats = sliced_read.ReadStats()
   if args.impl == "sharded":
-    _, params = hf.load_hf_sharded(args.checkpoint, shardings, config=config)
+    _, params = hf.load_hf_sharded(args.checkpoint, shardings, config=config, stats=stats)
   else:  # what every host did before: read the whole file, then place it
     _, host = hf.load_hf(args.checkpoint)
     params = jax.device_put(host, shardings)
@@ -62,7 +65,33 @@ def main():
   jax.block_until_ready(params)
   peak_growth = _status("VmHWM") - rss_before
 
-  _, reference = hf.load_hf(args.checkpoint)  # every tensor, read the plain way
+  result = {"peak_rss_growth_bytes": peak_growth, "rss_before_bytes": rss_before,
+            "bytes_read": stats.bytes_read, "checked_shards": _check(params, args.checkpoint),
+            "held_bytes": sum(s.data.nbytes for a in jax.tree.leaves(params)
+                              for s in a.addressable_shards)}
+  del params
+  if args.t5x:
+    t5x_config = hf.read_hf_config(args.t5x)
+    t5x_stats = sliced_read.ReadStats()
+    t5x_params = hf.load_hf_sharded(args.t5x, partitioning.logical_to_sharding(
+        t5.param_logical_axes(t5x_config), mesh), stats=t5x_stats)[1]
+    result.update(t5x_checked_shards=_check(t5x_params, args.t5x),
+                  t5x_bytes_read=t5x_stats.bytes_read)
+  if args.num_processes > 1:
+    try:
+      hf.load_hf("google/t5-v1_1-base")
+    except ValueError as e:
+      result["hub_id_refusal"] = str(e)
+  with open(f"{args.out}.{args.process_id}", "w") as f:
+    json.dump(result, f)
+
+
+def _check(params, checkpoint) -> int:
+  """Compares every shard this process holds with the checkpoint read the plain way."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model import hf  # pylint: disable=import-outside-toplevel
+  _, reference = hf.load_hf(checkpoint)
   checked = 0
   for path, array in jax.tree_util.tree_leaves_with_path(params):
     expected = reference
@@ -72,11 +101,7 @@ def main():
     for shard in array.addressable_shards:
       np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index])
       checked += 1
-  with open(f"{args.out}.{args.process_id}", "w") as f:
-    json.dump({"peak_rss_growth_bytes": peak_growth, "rss_before_bytes": rss_before,
-               "checked_shards": checked,
-               "held_bytes": sum(s.data.nbytes for a in jax.tree.leaves(params)
-                                 for s in a.addressable_shards)}, f)
+  return checked
 
 
 if __name__ == "__main__":
