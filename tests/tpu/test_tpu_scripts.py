@@ -208,7 +208,7 @@ def verify_program(check):
   return words[words.index("-c") + 1], words[-2:]
 
 
-def test_setup_check_fails_when_jax_cannot_use_the_tpu(fake):
+def test_setup_check_fails_when_jax_cannot_use_the_tpu(fake, monkeypatch, capsys):
   """Played worker: its venv's python is this one (JAX, no TPU): the check must fail, where
   `echo "$(python -c ...)"` printed nothing and passed."""
   (worker,) = fake.play_workers("miniend-v4-8")
@@ -221,18 +221,16 @@ def test_setup_check_fails_when_jax_cannot_use_the_tpu(fake):
   assert proc.returncode == 1, proc.stderr
   assert "t1v-n-miniend-v4-8-w-0: JAX cannot use the TPU: " in proc.stderr
   assert "the TPU check failed" in proc.stderr
-  # The same program passes where the devices are what it is told to expect, and
-  # fails on a count that does not match.
+  # The same program passes where the devices are what it is told to expect (here, in
+  # this process: the tests' 8 CPU devices), and fails on a count that does not match.
   program, args = verify_program(ssh_command(fake.calls()[-1]))
   assert args == ["tpu", "4"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  good = subprocess.run([sys.executable, "-c", program, "h", "cpu", "8"], env=env,
-                        capture_output=True, text=True)
-  assert good.returncode == 0 and good.stdout.startswith("h: 8 cpu devices (cpu); 8 in all")
-  bad = subprocess.run([sys.executable, "-c", program, "h", "cpu", "4"], env=env,
-                       capture_output=True, text=True)
-  assert bad.returncode == 1 and "expected 4 cpu devices here, found 8 cpu" in bad.stderr
+  monkeypatch.setattr(sys, "argv", ["-c", "h", "cpu", "8"])
+  exec(program, {})  # pylint: disable=exec-used
+  assert capsys.readouterr().out.startswith("h: 8 cpu devices (cpu); 8 in all")
+  monkeypatch.setattr(sys, "argv", ["-c", "h", "cpu", "4"])
+  with pytest.raises(SystemExit, match="h: expected 4 cpu devices here, found 8 cpu"):
+    exec(program, {})  # pylint: disable=exec-used
 
 
 def test_devices_per_host_by_accelerator_type():
