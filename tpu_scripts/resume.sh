@@ -47,7 +47,8 @@ Options:
                             state file, or Ctrl-C: unattended spot training
   --max-stalled N           stop relaunching after N relaunches in a row without progress
                             (default 3; 0: no limit)
-  --hung-after SECONDS      a run whose metrics file has not changed for this long is hung
+  --hung-after SECONDS      a training run (distill, pretrain, finetune) whose metrics file
+                            has not changed for this long is hung
                             (default 3600: more than the longest load, compile, evaluation
                             or checkpoint between two logged steps; 0: never)
   --recreate-after K        with --watch: after K rounds in a row that failed (a worker
@@ -228,12 +229,17 @@ read_metrics_size() {
   [[ "$METRICS_SIZE" =~ ^-?[0-9]+$ ]] || METRICS_SIZE=-1
 }
 
-# run_is_hung: true when the metrics file has not changed for HUNG_AFTER seconds (0: never),
-# comparing with what earlier checks recorded (RESUME_METRICS_SIZE / _SINCE; launch.sh
-# clears them, so a new launch starts the clock).
+# run_is_hung: true when the metrics file of a training run (distill, pretrain, finetune:
+# the commands that write it) has not changed for HUNG_AFTER seconds (0: never), comparing
+# with what earlier checks recorded (RESUME_METRICS_SIZE / _SINCE; launch.sh clears them,
+# so a new launch starts the clock).
 run_is_hung() {
-  local now
+  local now command="" arg
   if ((HUNG_AFTER == 0 || DRY_RUN)); then return 1; fi
+  for arg in "${LAUNCH_ARGS[@]}"; do
+    if [[ "$arg" != -* ]]; then command=$arg && break; fi
+  done
+  case "$command" in distill | pretrain | finetune) ;; *) return 1 ;; esac
   read_metrics_size
   now=$(date +%s)
   if [[ "$METRICS_SIZE" != "${RESUME_METRICS_SIZE:-}" || -z "${RESUME_METRICS_SINCE:-}" ]]; then
