@@ -165,7 +165,8 @@ wrapper_steps=('log=$1 exit_file=$2 gs_log=$3 every=$4' 'shift 4'
   'save_log() { [ -z "$gs_log" ] || gcloud storage cp "$log" "$gs_log" >/dev/null 2>&1 || true; }'
   '"$@" </dev/null >>"$log" 2>&1 & child=$!'
   'copier=""'
-  'if [ -n "$gs_log" ] && [ "$every" -gt 0 ]; then (while sleep "$every"; do save_log; done) & copier=$!; fi'
+  # The copier's sleep goes with it when it is stopped (an orphaned sleep would linger).
+  'if [ -n "$gs_log" ] && [ "$every" -gt 0 ]; then (trap '"'"'kill "$s" 2>/dev/null; exit 0'"'"' TERM; while :; do sleep "$every" & s=$!; wait "$s"; save_log; done) & copier=$!; fi'
   # Ignored from here on (miniend, already started, still gets them): wait for its status.
   "trap '' TERM INT"
   'wait "$child"; rc=$?'

@@ -9,4 +9,4 @@ from tests.tpu.stand_in import Fake
 def fake(tmp_path):
   fake = Fake(tmp_path)
   yield fake
-  fake.stop_workers()
+  assert fake.stop_workers() == [], "processes outlived the played runs on the workers"

@@ -47,6 +47,7 @@ class Fake:
     self.bin = tmp / "bin"
     self.home = tmp / "home"
     self.workers_home = tmp / "workers"
+    self.background = []  # scripts started with Popen (watch)
     for p in (self.dir, self.bin, self.home):
       p.mkdir()
     gcloud = self.bin / "gcloud"
@@ -61,8 +62,17 @@ class Fake:
                     FAKE_GCLOUD_DIR=str(self.dir), LOGNAME=USER)
 
   def run(self, script, *args, scripts_dir=SCRIPTS, env=None, check=None):
-    proc = subprocess.run(["bash", str(scripts_dir / script), *args], capture_output=True,
-                          text=True, env={**self.env, **(env or {})}, timeout=60)
+    """Runs a script to its end (60 s at most: then it and every process it started
+    are killed, so a script that waits forever leaves nothing behind)."""
+    argv = ["bash", str(scripts_dir / script), *args]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**self.env, **(env or {})}, start_new_session=True) as p:
+      try:
+        out, err = p.communicate(timeout=60)
+      except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    proc = subprocess.CompletedProcess(argv, p.returncode, out, err)
     if check is not None:
       assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
     return proc
@@ -102,12 +112,33 @@ class Fake:
     return homes
 
   def stop_workers(self):
-    """Kill every process group a played launch left running."""
+    """Kill every process group a played launch left running; returns the processes
+    that were left outside those groups (orphans: a run that leaks them on the workers),
+    after killing them too."""
+    for proc in self.background:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    groups = set()
     for pid_file in self.workers_home.glob("*/*/miniend_logs/*.pid"):
       try:
+        groups.add(int(pid_file.read_text()))
         os.killpg(int(pid_file.read_text()), signal.SIGKILL)
       except (ProcessLookupError, ValueError):
         pass
+    home = f"HOME={self.workers_home}/".encode()
+    orphans = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+      try:
+        pid = int(environ.parent.name)
+        if os.getpgid(pid) in groups or not any(
+            v.startswith(home) for v in environ.read_bytes().split(b"\0")):
+          continue
+        orphans.append(read(environ.parent / "cmdline").replace("\0", " ").strip())
+        os.kill(pid, signal.SIGKILL)
+      except (OSError, ValueError):  # gone meanwhile, or not ours to read
+        pass
+    return [o for o in orphans if o]
 
 
 def printed_commands(stdout):
@@ -197,8 +228,12 @@ def finish_run(fake, step, preempted=False):
 
 
 def watch(fake, name, *flags):
-  return subprocess.Popen(["bash", str(SCRIPTS / "resume.sh"), "--name", name, *flags],
-                          env=fake.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  """`resume.sh --name NAME FLAGS` started in the background (stop_workers ends it)."""
+  proc = subprocess.Popen(["bash", str(SCRIPTS / "resume.sh"), "--name", name, *flags],
+                          env=fake.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  fake.background.append(proc)
+  return proc
 
 
 def common_sh(snippet, **variables):

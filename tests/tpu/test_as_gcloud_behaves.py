@@ -6,15 +6,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.tpu.stand_in import (
-    FAKE_GCLOUD, PAPER_GIN, SCRIPTS, USER, ZONE, alive, common_sh, create_vm, finish_run,
-    kinds, printed_commands, read, run_files, ssh_command, start_run, untracked, wait_for,
-    watch)
+    SCRIPTS, USER, ZONE, alive, common_sh, create_vm, kinds, printed_commands, read, run_files,
+    start_run, wait_for, watch)
 
 
 def gcloud(fake, *args):

@@ -638,19 +638,14 @@ def test_resume_watch_stops_when_relaunching_makes_no_progress_or_the_run_finish
 def test_resume_watch_stops_once_torn_down(fake):
   create_vm(fake)
   fake.calls()
-  watch = subprocess.Popen(["bash", str(SCRIPTS / "resume.sh"), "--name", "miniend-v4-8",
-                            "--watch", "0.2"], env=fake.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-  try:
-    for _ in range(200):
-      if (fake.dir / "calls.log").exists():
-        break
-      time.sleep(0.02)
-    fake.run("teardown.sh", "--name", "miniend-v4-8", check=0)
-    _, err = watch.communicate(timeout=10)
-  finally:
-    watch.kill()
-  assert watch.returncode == 0 and "stopping the watch" in err
+  proc = watch(fake, "miniend-v4-8", "--watch", "0.2")
+  for _ in range(200):
+    if (fake.dir / "calls.log").exists():
+      break
+    time.sleep(0.02)
+  fake.run("teardown.sh", "--name", "miniend-v4-8", check=0)
+  _, err = proc.communicate(timeout=10)
+  assert proc.returncode == 0 and "stopping the watch" in err
   assert kinds(fake.calls()) == ["tpu-vm describe", "tpu-vm delete"]
 
 
