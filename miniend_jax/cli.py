@@ -369,8 +369,7 @@ def _configure_logging(verbose: bool) -> None:
     # and, on a machine with no accelerator, the probing of TPU/GPU plugins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    if "JAX_PLATFORMS" not in os.environ and not _has_accelerator():
-      os.environ["JAX_PLATFORMS"] = "cpu"
+    _choose_jax_platforms()
     import warnings  # pylint: disable=import-outside-toplevel
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -385,18 +384,19 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _has_accelerator() -> bool:
-  """Whether this machine has TPU chips or NVIDIA GPUs (without importing JAX)."""
-  import glob  # pylint: disable=import-outside-toplevel
-  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*"):
-    return True
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    try:
-      with open(vendor) as f:
-        if f.read().strip() in ("0x1ae0", "0x10de"):  # Google (TPU), NVIDIA
-          return True
-    except OSError:
-      pass
-  return False
+  """Whether this machine has TPU chips (or is a Cloud TPU VM by its runtime's
+  variables) or NVIDIA GPUs, read without importing JAX."""
+  from miniend_jax.train import accelerators  # pylint: disable=import-outside-toplevel
+  return accelerators.has_accelerator()
+
+
+def _choose_jax_platforms() -> None:
+  """JAX_PLATFORMS=cpu on machines with no accelerator (JAX's probing of TPU and GPU
+  plugins is slow and noisy there). Never on a Cloud TPU VM: there a TPU that JAX cannot
+  use (held by another process) is an error, not a run on the CPU
+  (`partitioning.require_tpu_on_tpu_vm`)."""
+  if "JAX_PLATFORMS" not in os.environ and not _has_accelerator():
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _message(error: BaseException) -> str:
@@ -417,7 +417,8 @@ def _exit_code(error: BaseException) -> int | None:
   data_errors = [FileNotFoundError, NotADirectoryError, FloatingPointError]
   # Only modules already loaded can have raised their errors.
   for module, name in (("miniend_jax.model.hf", "CheckpointError"),
-                       ("miniend_jax.train.checkpoints", "CheckpointRestoreError")):
+                       ("miniend_jax.train.checkpoints", "CheckpointRestoreError"),
+                       ("miniend_jax.train.partitioning", "TpuUnavailableError")):
     if module in sys.modules:
       data_errors.append(getattr(sys.modules[module], name))
   if isinstance(error, tuple(data_errors)):

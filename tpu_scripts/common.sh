@@ -6,6 +6,9 @@
 #   - flag_value / common_flag / resolve_existing_tpu: the flags every script shares
 #   - run: echo the exact command in --dry-run, execute it otherwise
 #   - gcloud_tpu: every gcloud call goes through it so --zone/--project are never forgotten
+#   - node_ssh / node_scp: ssh and scp as the recorded remote user, through IAP (gcloud's
+#     alpha track) when asked
+#   - describe_state / state_class: what the TPU API says, and what that means here
 #   - a small per-TPU state file (~/.miniend_tpu/<name>.env) so resume.sh can replay
 #     create/setup/launch with the same flags after a preemption
 #   - accelerator-type helpers (default runtime image, number of hosts)
@@ -28,6 +31,7 @@ MINIEND_TPU_STATE_DIR=${MINIEND_TPU_STATE_DIR:-$HOME/.miniend_tpu}
 REMOTE_SRC='$HOME/miniend_jax'
 REMOTE_VENV='$HOME/miniend_venv'
 REMOTE_LOGS='$HOME/miniend_logs'
+REMOTE_WHEELS='$HOME/miniend_wheels'
 
 DRY_RUN=0
 SCRIPT_NAME=$(basename "$0")
@@ -121,12 +125,75 @@ gcloud_tpu() {
   run "$GCLOUD" compute tpus "$@" --zone "$ZONE" "${GCLOUD_FLAGS[@]}"
 }
 
-# Extra ssh/scp flags from the environment, e.g. MINIEND_TPU_SSH_FLAGS='--tunnel-through-iap'
-# or '--internal-ip' for VPCs without external IPs. Word-split on purpose.
-SSH_FLAGS=()
-if [[ -n "${MINIEND_TPU_SSH_FLAGS:-}" ]]; then
-  read -r -a SSH_FLAGS <<<"$MINIEND_TPU_SSH_FLAGS"
-fi
+# ---------------------------------------------------------------- reaching the workers
+
+# SSH_FLAGS: extra flags for every ssh/scp, from MINIEND_TPU_SSH_FLAGS (word-split on
+# purpose), e.g. '--tunnel-through-iap' (IAP) or '--internal-ip' (from inside the VPC).
+# SSH_TRACK: gcloud's release track for ssh/scp. `tpu-vm ssh|scp --tunnel-through-iap`
+# exists only in the alpha track (GA has --internal-ip alone; there is no beta tpu-vm).
+# REMOTE_USER: the login on the workers, recorded once, so that scripts run from another
+# local login (resume.sh --watch under cron, a colleague) find the same home there.
+SSH_FLAGS=() SSH_TRACK=() REMOTE_USER=""
+
+# local_login: the user gcloud ssh would pick by default (Python's getpass.getuser()).
+local_login() {
+  echo "${LOGNAME:-${USER:-${LNAME:-${USERNAME:-$(id -un)}}}}"
+}
+
+# resolve_remote_access: set SSH_FLAGS, SSH_TRACK and REMOTE_USER from the environment,
+# else what the state file recorded (TPU_SSH_FLAGS, REMOTE_USER), else the defaults: IAP
+# for a TPU created with --internal-ips (no external IP to reach), the local login.
+resolve_remote_access() {
+  local flags
+  REMOTE_USER=${REMOTE_USER:-$(local_login)}
+  if [[ -n "${MINIEND_TPU_SSH_FLAGS+x}" ]]; then
+    flags=$MINIEND_TPU_SSH_FLAGS
+  elif [[ -n "${TPU_SSH_FLAGS+x}" ]]; then
+    flags=$TPU_SSH_FLAGS
+  elif [[ "${CREATE_INTERNAL_IPS:-0}" == 1 ]]; then
+    flags=--tunnel-through-iap
+  else
+    flags=""
+  fi
+  read -r -a SSH_FLAGS <<<"$flags"
+  SSH_TRACK=()
+  if [[ " ${SSH_FLAGS[*]} " == *" --tunnel-through-iap "* ]]; then SSH_TRACK=(alpha); fi
+}
+
+# remember_remote_access NAME: record REMOTE_USER, and MINIEND_TPU_SSH_FLAGS when set.
+remember_remote_access() {
+  local keys=(REMOTE_USER)
+  if ((DRY_RUN)); then return; fi
+  if [[ -n "${MINIEND_TPU_SSH_FLAGS+x}" ]]; then
+    TPU_SSH_FLAGS=$MINIEND_TPU_SSH_FLAGS
+    keys+=(TPU_SSH_FLAGS)
+  fi
+  state_save "$1" "${keys[@]}"
+}
+
+# gcloud_tpu_remote ssh|scp ARG...: `gcloud [alpha] compute tpus tpu-vm ssh|scp ARG...`
+# with the ssh flags, zone and project.
+gcloud_tpu_remote() {
+  local verb=$1
+  shift
+  run "$GCLOUD" "${SSH_TRACK[@]}" compute tpus tpu-vm "$verb" "$@" "${SSH_FLAGS[@]}" \
+    --zone "$ZONE" "${GCLOUD_FLAGS[@]}"
+}
+
+# ensure_ssh_key_in_agent: gcloud refuses scp to several workers when an ssh-agent with
+# keys runs without gcloud's own key ("SSH Key is not present in the SSH agent"): add it.
+ensure_ssh_key_in_agent() {
+  local key=$HOME/.ssh/google_compute_engine listed fingerprint
+  if ((DRY_RUN)) || [[ ! -f "$key" ]]; then return 0; fi
+  # No agent, or one without keys: gcloud only warns then; nothing to add.
+  listed=$(ssh-add -l 2>/dev/null) || return 0
+  fingerprint=$(ssh-keygen -lf "$key" 2>/dev/null) || return 0
+  fingerprint=$(awk '{print $2}' <<<"$fingerprint")
+  if [[ -z "$fingerprint" || "$listed" == *"$fingerprint"* ]]; then return 0; fi
+  info "adding $key to your ssh-agent (gcloud copies to several workers only with it there)"
+  ssh-add "$key" </dev/null ||
+    die "gcloud copies to several TPU workers only with its key in your ssh-agent, and ssh-add could not add it: run 'ssh-add $key', then run this again"
+}
 
 # ---------------------------------------------------------------- nodes (slices)
 
@@ -171,7 +238,12 @@ each_node() {
 
 # node_ssh NODE WORKER REMOTE_COMMAND: run REMOTE_COMMAND on one worker of NODE or on all.
 node_ssh() {
-  gcloud_tpu tpu-vm ssh "$1" --worker="$2" "${SSH_FLAGS[@]}" --command "$3"
+  gcloud_tpu_remote ssh "$REMOTE_USER@$1" --worker="$2" --command "$3"
+}
+
+# node_scp NODE LOCAL_DIR REMOTE_DIR: copy LOCAL_DIR to ~/REMOTE_DIR on every worker of NODE.
+node_scp() {
+  gcloud_tpu_remote scp --recurse "$2" "$REMOTE_USER@$1:$3" --worker=all
 }
 
 # tpu_ssh WORKER REMOTE_COMMAND: node_ssh on every node.
@@ -243,6 +315,39 @@ state_save() {
   mv "$tmp" "$f"
 }
 
+# ---------------------------------------------------------------- flags of an existing TPU
+
+# set_gcloud_flags: derive the per-call gcloud flags from PROJECT.
+set_gcloud_flags() {
+  GCLOUD_FLAGS=()
+  if [[ -n "${PROJECT:-}" ]]; then
+    GCLOUD_FLAGS=(--project "$PROJECT")
+  fi
+}
+
+# load_defaults_from_state: for scripts run after create.sh, fill --zone/--project/mode
+# from the state file so users only pass --name (flags given explicitly win), and how to
+# reach the workers (resolve_remote_access).
+load_defaults_from_state() {
+  local zone=$ZONE project=$PROJECT
+  if state_load "$NAME"; then
+    ZONE=${zone:-${CREATE_ZONE:-}}
+    PROJECT=${project:-${CREATE_PROJECT:-}}
+    if [[ "${CREATE_QUEUED:-0}" == 1 ]]; then MODE=queued; else MODE=vm; fi
+    NODE_COUNT=${CREATE_NODE_COUNT:-1}
+  fi
+  resolve_remote_access
+}
+
+# resolve_existing_tpu: for the scripts run after create.sh: --name is required and valid,
+# and --zone/--project/mode default to what create.sh recorded.
+resolve_existing_tpu() {
+  require_flag "$NAME" --name miniend-v4-8
+  validate_name "$NAME"
+  load_defaults_from_state
+  require_flag "$ZONE" --zone us-central2-b
+}
+
 # ---------------------------------------------------------------- accelerator types
 
 # default_runtime_version ACCELERATOR_TYPE: the TPU VM image for that generation.
@@ -270,18 +375,58 @@ num_hosts() {
   esac
 }
 
-# describe_state: the current state of the node (VM mode) or queued resource, or
-# NOT_FOUND when gcloud cannot describe it. Never runs in dry-run mode.
-describe_state() {
-  local out
-  if [[ "$MODE" == queued ]]; then
-    out=$("$GCLOUD" compute tpus queued-resources describe "$NAME" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
-      --format='value(state.state)' 2>/dev/null) || out=NOT_FOUND
-  else
-    out=$("$GCLOUD" compute tpus tpu-vm describe "$NAME" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
-      --format='value(state)' 2>/dev/null) || out=NOT_FOUND
+# devices_per_host ACCELERATOR_TYPE: how many JAX devices each worker has: v2/v3 one per
+# TensorCore (8 a host); v4/v5p one per chip (megacore: 4 a host, 2 cores each); v5e/v6e
+# one per chip (all of them up to 8 chips, else 4 a host).
+devices_per_host() {
+  local gen=${1%-*} n=${1##*-}
+  [[ "$n" =~ ^[0-9]+$ ]] || return 1
+  case "$gen" in
+    v2 | v3) echo 8 ;;
+    v4 | v5p) if ((n < 8)); then echo $((n / 2)); else echo 4; fi ;;
+    v5litepod | v5e | v6e) if ((n <= 8)); then echo "$n"; else echo 4; fi ;;
+    *) return 1 ;;
+  esac
+}
+
+# resolve_accelerator: ACCEL, the accelerator type create.sh recorded (or given), else the
+# one gcloud describes; empty when neither is known (dry run without state).
+resolve_accelerator() {
+  ACCEL=${ACCEL:-${CREATE_ACCELERATOR_TYPE:-}}
+  if [[ -z "$ACCEL" ]] && ! ((DRY_RUN)); then
+    ACCEL=$("$GCLOUD" compute tpus tpu-vm describe "$(node_name 0)" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
+      --format='value(acceleratorType)' 2>/dev/null) || ACCEL=""
   fi
-  echo "${out:-UNKNOWN}"
+}
+
+# ---------------------------------------------------------------- TPU states
+
+# describe_state: STATE, what the TPU API says of the node (VM mode) or queued resource,
+# or NOT_FOUND when gcloud says it does not exist. Any other gcloud error (expired
+# credentials, a permission, the API disabled) stops here with gcloud's own message:
+# guessing NOT_FOUND would have resume.sh create over a TPU it cannot see.
+describe_state() {
+  local err rc=0
+  err=$(mktemp "${TMPDIR:-/tmp}/miniend_describe.XXXXXX")
+  if [[ "$MODE" == queued ]]; then
+    STATE=$("$GCLOUD" compute tpus queued-resources describe "$NAME" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
+      --format='value(state.state)' 2>"$err") || rc=$?
+  else
+    STATE=$("$GCLOUD" compute tpus tpu-vm describe "$NAME" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
+      --format='value(state)' 2>"$err") || rc=$?
+  fi
+  if ((rc != 0)); then
+    if grep -q -E 'NOT_FOUND|was not found' "$err"; then
+      STATE=NOT_FOUND
+    else
+      echo "$SCRIPT_NAME: error: cannot read the state of $NAME (gcloud exit status $rc):" >&2
+      cat "$err" >&2
+      rm -f "$err"
+      exit 1
+    fi
+  fi
+  rm -f "$err"
+  STATE=${STATE:-STATE_UNSPECIFIED}
 }
 
 # The gcloud describe command describe_state runs, for --dry-run output.
@@ -300,59 +445,75 @@ ready_state() {
   if [[ "$MODE" == queued ]]; then echo ACTIVE; else echo READY; fi
 }
 
-# set_gcloud_flags: derive the per-call gcloud flags from PROJECT.
-set_gcloud_flags() {
-  GCLOUD_FLAGS=()
-  if [[ -n "${PROJECT:-}" ]]; then
-    GCLOUD_FLAGS=(--project "$PROJECT")
-  fi
-}
+# Every state of the TPU API (v2) by what it means for a run, VM nodes then queued
+# resources (the NAME of `create.sh --queued`):
+#   ready    usable: READY / ACTIVE
+#   pending  on its way to ready by itself: wait
+#   gone     lost or on its way out, never ready again: (wait until it has settled,)
+#            delete what is left, create it again
+#   failed   broken: UNKNOWN is a node after a failed repair, FAILED a queued resource
+#            that could not be provisioned; STATE_UNSPECIFIED says nothing: delete it and
+#            create it again, like gone
+# NOT_FOUND (describe_state) is gone with nothing left to delete. A state missing here
+# (a newer API) is "unknown": no guess; resume.sh --watch counts that round as failed.
+NODE_STATES="ready:READY pending:CREATING pending:STARTING pending:RESTARTING pending:REPAIRING
+  pending:REIMAGING pending:UNHIDING gone:PREEMPTED gone:TERMINATED gone:STOPPED gone:STOPPING
+  gone:HIDING gone:HIDDEN gone:DELETING gone:NOT_FOUND failed:UNKNOWN failed:STATE_UNSPECIFIED"
+QUEUED_STATES="ready:ACTIVE pending:CREATING pending:ACCEPTED pending:WAITING_FOR_RESOURCES
+  pending:PROVISIONING gone:SUSPENDING gone:SUSPENDED gone:DELETING gone:NOT_FOUND
+  failed:FAILED failed:STATE_UNSPECIFIED"
+# Gone states that are still changing: wait for them to settle before deleting/creating.
+SETTLING_STATES="STOPPING HIDING SUSPENDING DELETING"
 
-# load_defaults_from_state: for scripts run after create.sh, fill --zone/--project/mode
-# from the state file so users only pass --name. Flags given explicitly win.
-load_defaults_from_state() {
-  local zone=$ZONE project=$PROJECT
-  if state_load "$NAME"; then
-    ZONE=${zone:-${CREATE_ZONE:-}}
-    PROJECT=${project:-${CREATE_PROJECT:-}}
-    if [[ "${CREATE_QUEUED:-0}" == 1 ]]; then MODE=queued; else MODE=vm; fi
-    NODE_COUNT=${CREATE_NODE_COUNT:-1}
-  fi
+# state_class STATE: ready, pending, gone, failed or unknown (see above), for MODE.
+state_class() {
+  local table=$NODE_STATES entry
+  if [[ "$MODE" == queued ]]; then table=$QUEUED_STATES; fi
+  for entry in $table; do
+    if [[ "${entry#*:}" == "$1" ]]; then
+      echo "${entry%%:*}"
+      return
+    fi
+  done
+  echo unknown
 }
-
-# resolve_existing_tpu: for the scripts run after create.sh: --name is required and valid,
-# and --zone/--project/mode default to what create.sh recorded.
-resolve_existing_tpu() {
-  require_flag "$NAME" --name miniend-v4-8
-  validate_name "$NAME"
-  load_defaults_from_state
-  require_flag "$ZONE" --zone us-central2-b
-}
-
-# States after which a TPU never becomes usable without being deleted and re-created.
-DEAD_STATES="FAILED SUSPENDED SUSPENDING PREEMPTED TERMINATED STOPPED DELETING"
 
 # wait_until_ready TIMEOUT POLL_INTERVAL: poll describe until READY (queued: ACTIVE).
 # Queued resources pass through ACCEPTED/WAITING_FOR_RESOURCES/PROVISIONING (hours, for
-# big slices); TPU VMs through CREATING. Fails fast on states that never lead to ready,
-# and after TIMEOUT seconds (0 = never) with a message saying what to do next.
+# big slices); TPU VMs through CREATING. Fails fast on gone and failed states, and after
+# TIMEOUT seconds (0 = never) with a message saying what to do next.
 wait_until_ready() {
-  local timeout=$1 interval=$2 want state last="" start=$SECONDS
+  local timeout=$1 interval=$2 want last="" start=$SECONDS
   want=$(ready_state)
   info "waiting for $NAME to become $want (timeout ${timeout}s; 0 = none)"
   while :; do
-    state=$(describe_state)
-    if [[ "$state" != "$last" ]]; then
-      info "$NAME: $state"
-      last=$state
+    describe_state
+    if [[ "$STATE" != "$last" ]]; then
+      info "$NAME: $STATE"
+      last=$STATE
     fi
-    [[ "$state" == "$want" ]] && return 0
-    if [[ " $DEAD_STATES " == *" $state "* ]]; then
-      die "$NAME entered state $state while waiting for $want. Check with: $(describe_command). Delete it with: tpu_scripts/teardown.sh --name $NAME"
-    fi
+    case "$(state_class "$STATE")" in
+      ready) return 0 ;;
+      gone | failed)
+        die "$NAME entered state $STATE while waiting for $want. Check with: $(describe_command). Delete it with: tpu_scripts/teardown.sh --name $NAME" ;;
+    esac
     if ((timeout > 0 && SECONDS - start >= timeout)); then
-      die "timed out after ${timeout}s waiting for $NAME to become $want (last state: $state). It may still come up: check with: $(describe_command); or retry with a larger --timeout; or delete it with: tpu_scripts/teardown.sh --name $NAME"
+      die "timed out after ${timeout}s waiting for $NAME to become $want (last state: $STATE). It may still come up: check with: $(describe_command); or retry with a larger --timeout; or delete it with: tpu_scripts/teardown.sh --name $NAME"
     fi
     sleep "$interval"
+  done
+}
+
+# wait_until_settled TIMEOUT POLL_INTERVAL: poll describe while the state is one of
+# SETTLING_STATES (a stop, hide, suspension or deletion under way); STATE is the next one.
+wait_until_settled() {
+  local timeout=$1 interval=$2 start=$SECONDS
+  while [[ " $SETTLING_STATES " == *" $STATE "* ]]; do
+    if ((timeout > 0 && SECONDS - start >= timeout)); then
+      die "timed out after ${timeout}s waiting for $NAME to leave state $STATE. Check with: $(describe_command)"
+    fi
+    info "$NAME is $STATE: waiting for that to finish"
+    sleep "$interval"
+    describe_state
   done
 }

@@ -29,6 +29,14 @@ Options:
   --queued                  Use a queued resource (gcloud compute tpus queued-resources):
                             the request waits in a queue until capacity exists instead of
                             failing; the usual way to get large slices. Combines with --spot.
+  --internal-ips            Workers without external IP addresses (gcloud --internal-ips).
+                            The other scripts then reach them through IAP (gcloud alpha
+                            ... ssh --tunnel-through-iap) unless MINIEND_TPU_SSH_FLAGS says
+                            otherwise, and the workers need Cloud NAT to download Python,
+                            packages and a --repo clone (see tpu_scripts/README.md).
+  --remote-user USER        Login on the workers (default: your local login, as gcloud's
+                            default); recorded, so every later script, run from any local
+                            login, uses USER@NAME.
   --node-count N            Multi-slice: N slices of TYPE joined over the data-center network
                             (N >= 2; implies --queued). gcloud names the slices NAME-0 ...
                             NAME-(N-1) (--node-prefix NAME); setup.sh, launch.sh and logs.sh
@@ -48,13 +56,14 @@ resume.sh and teardown.sh only need --name.
 Examples:
   tpu_scripts/create.sh --name miniend-v4-8 --zone us-central2-b --accelerator-type v4-8 --spot
   tpu_scripts/create.sh --name miniend-v5p-32 --zone us-east5-a --accelerator-type v5p-32 --queued --spot
+  tpu_scripts/create.sh --name miniend-v4-32 --zone us-central2-b --accelerator-type v4-32 --internal-ips
   tpu_scripts/create.sh --name miniend-2xv5e-256 --zone us-west4-a --accelerator-type v5litepod-256 \
     --node-count 2 --spot
 EOF
 }
 
 NAME="" ZONE="" PROJECT="" ACCELERATOR_TYPE="" RUNTIME_VERSION=""
-SPOT=0 QUEUED=0 TIMEOUT=3600 POLL_INTERVAL=30 WAIT=1 NODE_COUNT=1
+SPOT=0 QUEUED=0 TIMEOUT=3600 POLL_INTERVAL=30 WAIT=1 NODE_COUNT=1 INTERNAL_IPS=0 REMOTE_USER=""
 EXTRA_ARGS=()
 while (($#)); do
   case "$1" in
@@ -63,7 +72,9 @@ while (($#)); do
     --timeout | --timeout=*) flag_value "$@"; TIMEOUT=$FLAG_VALUE ;;
     --node-count | --node-count=*) flag_value "$@"; NODE_COUNT=$FLAG_VALUE ;;
     --poll-interval | --poll-interval=*) flag_value "$@"; POLL_INTERVAL=$FLAG_VALUE ;;
+    --remote-user | --remote-user=*) flag_value "$@"; REMOTE_USER=$FLAG_VALUE ;;
     --spot) SPOT=1 FLAG_SHIFT=1 ;;
+    --internal-ips) INTERNAL_IPS=1 FLAG_SHIFT=1 ;;
     --queued) QUEUED=1 FLAG_SHIFT=1 ;;
     --no-wait) WAIT=0 FLAG_SHIFT=1 ;;
     --) shift; EXTRA_ARGS=("$@"); break ;;
@@ -90,9 +101,13 @@ if ((NODE_COUNT > 1)); then
 fi
 if ((QUEUED)); then MODE=queued; else MODE=vm; fi
 set_gcloud_flags
+# shellcheck disable=SC2034  # read by resolve_remote_access
+CREATE_INTERNAL_IPS=$INTERNAL_IPS
+resolve_remote_access
 
-spot_flag=()
-if ((SPOT)); then spot_flag=(--spot); fi
+create_flags=()
+if ((SPOT)); then create_flags+=(--spot); fi
+if ((INTERNAL_IPS)); then create_flags+=(--internal-ips); fi
 
 # Remember the flags first, so resume.sh/teardown.sh work even if this script is
 # interrupted while waiting. setup.sh and launch.sh add their own keys later.
@@ -104,7 +119,8 @@ if ! ((DRY_RUN)); then
   # shellcheck disable=SC2034
   CREATE_NODE_COUNT=$NODE_COUNT CREATE_EXTRA_ARGS=("${EXTRA_ARGS[@]}")
   state_save "$NAME" CREATE_ZONE CREATE_PROJECT CREATE_ACCELERATOR_TYPE CREATE_RUNTIME_VERSION \
-    CREATE_SPOT CREATE_QUEUED CREATE_NODE_COUNT CREATE_EXTRA_ARGS
+    CREATE_SPOT CREATE_QUEUED CREATE_NODE_COUNT CREATE_INTERNAL_IPS CREATE_EXTRA_ARGS
+  remember_remote_access "$NAME"
 fi
 
 if [[ "$MODE" == queued ]]; then
@@ -114,11 +130,11 @@ if [[ "$MODE" == queued ]]; then
   if ((NODE_COUNT > 1)); then node_flags=(--node-count "$NODE_COUNT" --node-prefix "$NAME"); fi
   gcloud_tpu queued-resources create "$NAME" "${node_flags[@]}" \
     --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$RUNTIME_VERSION" \
-    "${spot_flag[@]}" "${EXTRA_ARGS[@]}"
+    "${create_flags[@]}" "${EXTRA_ARGS[@]}"
 else
   gcloud_tpu tpu-vm create "$NAME" \
     --accelerator-type "$ACCELERATOR_TYPE" --version "$RUNTIME_VERSION" \
-    "${spot_flag[@]}" "${EXTRA_ARGS[@]}"
+    "${create_flags[@]}" "${EXTRA_ARGS[@]}"
 fi
 
 if ! ((WAIT)); then exit 0; fi

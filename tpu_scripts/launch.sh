@@ -31,8 +31,10 @@ Required:
 Options:
   --tfds-data-dir DIR     exported as TFDS_DATA_DIR on every worker (e.g. gs://BUCKET/tfds)
   --env KEY=VALUE         another environment variable for the run (repeatable)
-  --restart               stop a miniend this script started earlier on the workers first
-                          (otherwise launching over a running one is refused)
+  --restart               first stop a miniend this script started earlier on the workers,
+                          and any other process that holds the TPU chips (SIGTERM, SIGKILL
+                          after 2 minutes), waiting until the chips are free; otherwise
+                          launching over either is refused
   --relaunch              run the last command launched on NAME again (from the state
                           file; what resume.sh does after re-creating the TPU)
   --log-sync SECONDS      copy each worker's log to the gs:// workdir this often (default
@@ -43,7 +45,12 @@ Options:
   --dry-run               Print the gcloud commands instead of running them
   -h, --help              Show this help
 
-Environment: MINIEND_TPU_SSH_FLAGS adds flags to every ssh (e.g. '--tunnel-through-iap').
+Before starting, each worker removes a stale /tmp/libtpu_lockfile (once nothing holds the
+chips), and the run gets JAX_PLATFORMS=tpu (unless --env sets JAX_PLATFORMS), so it stops
+with an error instead of training on the CPU when the TPU cannot be used.
+
+Environment: MINIEND_TPU_SSH_FLAGS adds flags to every ssh (e.g. '--tunnel-through-iap',
+which goes through gcloud's alpha track); remembered for NAME.
 
 Example (the paper's MiniEnD-D run, T5-base teacher -> 6L-384H student):
   tpu_scripts/launch.sh --name miniend-v5p-32 \
@@ -109,11 +116,7 @@ LOG_SYNC=${LOG_SYNC:-${LAUNCH_LOG_SYNC:-60}}
 
 # Every worker of a pod slice saves and restores its shards of the same checkpoint, and
 # resuming after a preemption needs the checkpoints to outlive the VMs: gs:// only.
-ACCEL=${ACCEL:-${CREATE_ACCELERATOR_TYPE:-}}
-if [[ -z "$ACCEL" ]] && ! ((DRY_RUN)); then
-  ACCEL=$("$GCLOUD" compute tpus tpu-vm describe "$NAME" --zone "$ZONE" "${GCLOUD_FLAGS[@]}" \
-    --format='value(acceleratorType)' 2>/dev/null) || ACCEL=""
-fi
+resolve_accelerator
 hosts=$(num_hosts "$ACCEL" 2>/dev/null) || hosts=""
 if ((NODE_COUNT > 1)); then
   hosts=$((${hosts:-1} * NODE_COUNT)) ACCEL="$NODE_COUNT x $ACCEL"
@@ -136,9 +139,10 @@ if ! ((DRY_RUN)); then
   # A launch starts resume.sh's count of relaunches without progress afresh (resume.sh
   # writes its own count after it relaunches).
   # shellcheck disable=SC2034
-  RESUME_LAST_STEP=-1 RESUME_STALLED=0
+  RESUME_LAST_STEP=-1 RESUME_STALLED=0 RESUME_METRICS_SIZE="" RESUME_METRICS_SINCE=""
   state_save "$NAME" LAUNCH_WORKDIR LAUNCH_TFDS_DATA_DIR LAUNCH_ENV LAUNCH_ARGS LAUNCH_LOG_SYNC \
-    RESUME_LAST_STEP RESUME_STALLED
+    RESUME_LAST_STEP RESUME_STALLED RESUME_METRICS_SIZE RESUME_METRICS_SINCE
+  remember_remote_access "$NAME"
 fi
 
 # ------------------------------------------------------------------ the remote script
@@ -161,7 +165,8 @@ wrapper_steps=('log=$1 exit_file=$2 gs_log=$3 every=$4' 'shift 4'
   'save_log() { [ -z "$gs_log" ] || gcloud storage cp "$log" "$gs_log" >/dev/null 2>&1 || true; }'
   '"$@" </dev/null >>"$log" 2>&1 & child=$!'
   'copier=""'
-  'if [ -n "$gs_log" ] && [ "$every" -gt 0 ]; then (while sleep "$every"; do save_log; done) & copier=$!; fi'
+  # The copier's sleep goes with it when it is stopped (an orphaned sleep would linger).
+  'if [ -n "$gs_log" ] && [ "$every" -gt 0 ]; then (trap '"'"'kill "$s" 2>/dev/null; exit 0'"'"' TERM; while :; do sleep "$every" & s=$!; wait "$s"; save_log; done) & copier=$!; fi'
   # Ignored from here on (miniend, already started, still gets them): wait for its status.
   "trap '' TERM INT"
   'wait "$child"; rc=$?'
@@ -179,12 +184,44 @@ if ((RESTART)); then
 else
   on_running="echo \"\$(hostname): miniend is already running (pid \$(cat \"$pid_file\")); pass --restart to stop it first\" >&2; exit 1"
 fi
+# What holds the TPU chips (/dev/accel* up to v4, /dev/vfio/N from v5e on): a process of an
+# earlier launch whose pid file was overwritten, another user's notebook, a run killed while
+# libtpu held them. libtpu then refuses the TPU ("TPU is already in use"), and the lock file
+# a killed run leaves behind does too, so: stop the holders (with --restart; otherwise
+# refuse, naming them), wait until the chips are free (SIGKILL after 2 minutes), then
+# remove the lock file, as MaxText's multihost runner does. MINIEND_TPU_CHIP_ROOT (unset on
+# real workers) is where a played worker in the tests keeps its /dev and /tmp.
+# shellcheck disable=SC2016  # all of it expanded by the worker's bash
+chips_steps=('root=${MINIEND_TPU_CHIP_ROOT:-}'
+  'chips() { ls -d "$root"/dev/accel* "$root"/dev/vfio/[0-9]* 2>/dev/null || true; }'
+  'holders() { if [ -n "$(chips)" ] && command -v lsof >/dev/null 2>&1; then { sudo -n lsof -t -w $(chips) 2>/dev/null || lsof -t -w $(chips) 2>/dev/null; } | sort -u | tr "\n" " "; fi; true; }'
+  'describe_pids() { ps -o pid=,user=,args= -p "$(echo $1 | tr " " ",")" 2>/dev/null | sed "s/^ *//" | tr -s " " | tr "\n" ";"; }'
+  'signal_pids() { sudo -n kill "$1" $2 2>/dev/null || kill "$1" $2 2>/dev/null || true; }'
+  'wait_released() { for _ in $(seq "$1"); do held=$(holders); [ -z "$held" ] && break; sleep 0.5; done; }'
+  'held=$(holders)')
+# shellcheck disable=SC2016
+if ((RESTART)); then
+  chips_steps+=('if [ -n "$held" ]; then echo "$(hostname): stopping what holds the TPU: $(describe_pids "$held")"; signal_pids -TERM "$held"; wait_released 240; fi'
+    'if [ -n "$held" ]; then signal_pids -KILL "$held"; wait_released 60; fi'
+    'if [ -n "$held" ]; then echo "$(hostname): $(describe_pids "$held") still hold the TPU after SIGKILL: reboot this worker or re-create the TPU (tpu_scripts/resume.sh --recreate)" >&2; exit 1; fi')
+else
+  chips_steps+=('if [ -n "$held" ]; then echo "$(hostname): the TPU is held by another process: $(describe_pids "$held") stop it, or pass --restart to stop it first" >&2; exit 1; fi')
+fi
+# shellcheck disable=SC2016
+chips_steps+=('sudo -n rm -f "$root/tmp/libtpu_lockfile" 2>/dev/null || rm -f "$root/tmp/libtpu_lockfile"')
+
 common_steps=("set -euo pipefail"
   "mkdir -p \"$REMOTE_LOGS\""
   "cd \"$REMOTE_SRC\""
   "test -x \"$REMOTE_VENV/bin/miniend\" || { echo \"\$(hostname): miniend is not installed; run tpu_scripts/setup.sh --name $NAME first\" >&2; exit 1; }"
   "if [ -f \"$pid_file\" ] && kill -0 \"\$(cat \"$pid_file\")\" 2>/dev/null; then $on_running; fi"
+  "${chips_steps[@]}"
   "rm -f \"$exit_file\"")
+# On a TPU VM a run never falls back to the CPU quietly: JAX fails instead (and miniend
+# says what to do). --env JAX_PLATFORMS=... overrides it.
+if [[ " ${ENV_VARS[*]%%=*} " != *" JAX_PLATFORMS "* ]]; then
+  common_steps+=("export JAX_PLATFORMS=tpu")
+fi
 if [[ -n "$TFDS_DIR" ]]; then
   common_steps+=("export TFDS_DATA_DIR=$(shell_quote "$TFDS_DIR")")
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Keep a TPU run going: bring back a preempted TPU, relaunch a crashed run, stop when done.
+# Keep a TPU run going: bring back a preempted TPU, relaunch a crashed or hung run, stop when done.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -8,21 +8,29 @@ usage() {
   cat <<'USAGE'
 Usage: resume.sh --name NAME [options]
 
-Check the TPU and the run launch.sh started on it, and bring the run back when needed:
+Check the TPU and the run launch.sh started on it, and bring the run back when needed.
+What the TPU API says (describe) decides:
 
-- TPU preempted or gone (PREEMPTED, TERMINATED, STOPPED, SUSPENDED, FAILED, not found):
-  1. delete what is left of it (tpu-vm delete / queued-resources delete --force),
-  2. create it again with the flags create.sh recorded in ~/.miniend_tpu/NAME.env
-     (multi-slice ones with the same --node-count),
-  3. run setup.sh again with the recorded source (--repo/--ref or --scp-local),
-  4. launch the recorded miniend command again (launch.sh --relaunch).
-- TPU READY/ACTIVE but miniend is gone on any worker (it crashed, was killed, or stopped
-  after a SIGTERM): stop it on the workers where it still runs, so that all hosts start
-  together, and launch it again on all of them (launch.sh --relaunch --restart); once
-  per call without --watch, each round with it.
-  Each worker's exit status is in ~/miniend_logs/NAME.exit. A READY TPU whose run is
-  alive on every worker is left alone.
-- TPU still being created or queued: wait for it, then set up and launch.
+- ready (READY, ACTIVE): ask every worker whether miniend still runs.
+  - It is gone on some worker (crashed, killed, or stopped after a SIGTERM): stop it
+    where it still runs and launch it again on all workers, so that all hosts start
+    together (launch.sh --relaunch --restart). A host whose peer died cannot save a
+    checkpoint: the run continues from the last one saved before the failure.
+  - It runs everywhere but WORKDIR/logs/train_metrics.jsonl has not changed for
+    --hung-after seconds: it is hung (a stalled input read, a wedged chip); it is
+    stopped (SIGTERM, SIGKILL after 2 minutes) and launched again, the same way.
+  - It runs everywhere and moves: nothing to do.
+- pending, on its way to ready by itself (CREATING, STARTING, RESTARTING, REPAIRING,
+  REIMAGING, UNHIDING; queued: CREATING, ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING):
+  wait for it, then set up and launch.
+- gone (PREEMPTED, TERMINATED, STOPPED, STOPPING, HIDING, HIDDEN, DELETING, not found;
+  queued: SUSPENDING, SUSPENDED, DELETING) or failed (UNKNOWN, a node after a failed repair;
+  queued: FAILED; STATE_UNSPECIFIED): wait until a stop, suspension or deletion under way
+  has finished, delete what is left (tpu-vm delete / queued-resources delete --force),
+  create it again with the flags create.sh recorded in ~/.miniend_tpu/NAME.env (multi-slice
+  ones with the same --node-count), run setup.sh again with the recorded source, and launch
+  the recorded miniend command again (launch.sh --relaunch).
+- any other state: an error; nothing is guessed.
 
 The run continues from the latest checkpoint in its work directory: the trainer restores
 it by itself. Nothing is relaunched once the run has finished (WORKDIR/summary.json says
@@ -39,7 +47,17 @@ Options:
                             state file, or Ctrl-C: unattended spot training
   --max-stalled N           stop relaunching after N relaunches in a row without progress
                             (default 3; 0: no limit)
+  --hung-after SECONDS      a training run (distill, pretrain, finetune) whose metrics file
+                            has not changed for this long is hung
+                            (default 3600: more than the longest load, compile, evaluation
+                            or checkpoint between two logged steps; 0: never)
+  --recreate-after K        with --watch: after K rounds in a row that failed (a worker
+                            unreachable by ssh, a relaunch that failed, a state not known
+                            here), delete and create the TPU again (default 3; 0: never)
+  --recreate                delete and create the TPU again now (unless it is pending: that
+                            is waited for), then set up and launch
   --dry-run                 Print the gcloud commands, assuming the TPU was preempted
+                            (queued resources: suspended)
   -h, --help                Show this help
 
 Exit status: 0 done (relaunched, healthy, or finished), 1 this attempt failed (the watch
@@ -52,6 +70,7 @@ USAGE
 }
 
 NAME="" ZONE="" PROJECT="" MODE=vm TIMEOUT=3600 POLL_INTERVAL=30 WATCH="" MAX_STALLED=3
+HUNG_AFTER=3600 RECREATE_AFTER=3 RECREATE=0
 EXIT_GAVE_UP=3
 # Under --watch each round runs in a child, which says "the run finished" with this status.
 EXIT_FINISHED_IN_WATCH=10
@@ -61,6 +80,9 @@ while (($#)); do
     --poll-interval | --poll-interval=*) flag_value "$@"; POLL_INTERVAL=$FLAG_VALUE ;;
     --watch | --watch=*) flag_value "$@"; WATCH=$FLAG_VALUE ;;
     --max-stalled | --max-stalled=*) flag_value "$@"; MAX_STALLED=$FLAG_VALUE ;;
+    --hung-after | --hung-after=*) flag_value "$@"; HUNG_AFTER=$FLAG_VALUE ;;
+    --recreate-after | --recreate-after=*) flag_value "$@"; RECREATE_AFTER=$FLAG_VALUE ;;
+    --recreate) RECREATE=1 FLAG_SHIFT=1 ;;
     --zone | --zone=* | --project | --project=*)
       usage_error "unknown argument '$1' (resume.sh uses the zone and project create.sh recorded)" ;;
     *) common_flag "$@" ;;
@@ -73,27 +95,44 @@ validate_name "$NAME"
 [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || usage_error "--timeout must be a whole number of seconds, got '$TIMEOUT'"
 [[ "$POLL_INTERVAL" =~ ^[0-9]+(\.[0-9]+)?$ ]] || usage_error "--poll-interval must be a number of seconds, got '$POLL_INTERVAL'"
 [[ "$MAX_STALLED" =~ ^[0-9]+$ ]] || usage_error "--max-stalled must be a whole number, got '$MAX_STALLED'"
+[[ "$HUNG_AFTER" =~ ^[0-9]+$ ]] || usage_error "--hung-after must be a whole number of seconds, got '$HUNG_AFTER'"
+[[ "$RECREATE_AFTER" =~ ^[0-9]+$ ]] || usage_error "--recreate-after must be a whole number, got '$RECREATE_AFTER'"
 here=$(dirname "${BASH_SOURCE[0]}")
 
-if [[ -n "$WATCH" ]]; then
-  [[ "$WATCH" =~ ^[0-9]+$ && "$WATCH" -gt 0 ]] || usage_error "--watch must be a positive number of seconds, got '$WATCH'"
-  ((!DRY_RUN)) || usage_error "--watch and --dry-run do not mix"
-  # One check per round in a child process, so a failed attempt (no capacity yet, say)
-  # is retried at the next round instead of ending the watch.
+# watch: one check per round in a child process, so a failed attempt (no capacity yet, a
+# worker that does not answer) is retried at the next round instead of ending the watch;
+# after RECREATE_AFTER failed rounds in a row the next round re-creates the TPU.
+watch() {
+  local failed=0 rc round
   while [[ -f "$(state_file "$NAME")" ]]; do
+    round=(--name "$NAME" --timeout "$TIMEOUT" --poll-interval "$POLL_INTERVAL"
+      --max-stalled "$MAX_STALLED" --hung-after "$HUNG_AFTER")
+    if ((RECREATE_AFTER > 0 && failed >= RECREATE_AFTER)); then
+      info "$failed rounds in a row failed: re-creating $NAME"
+      round+=(--recreate)
+    fi
     rc=0
-    MINIEND_TPU_RESUME_WATCHED=1 "$here/resume.sh" --name "$NAME" --timeout "$TIMEOUT" \
-      --poll-interval "$POLL_INTERVAL" --max-stalled "$MAX_STALLED" || rc=$?
+    MINIEND_TPU_RESUME_WATCHED=1 "$here/resume.sh" "${round[@]}" || rc=$?
     case "$rc" in
-      0) ;;
+      0) failed=0 ;;
       "$EXIT_FINISHED_IN_WATCH") info "stopping the watch: the run finished"; exit 0 ;;
       "$EXIT_GAVE_UP") info "stopping the watch: relaunching made no progress (see above)"; exit "$EXIT_GAVE_UP" ;;
-      *) info "this attempt failed; trying again in ${WATCH}s" ;;
+      *)
+        failed=$((failed + 1))
+        info "this round failed ($failed in a row; the TPU is re-created after ${RECREATE_AFTER:-0}, 0 = never); trying again in ${WATCH}s" ;;
     esac
     sleep "$WATCH"
   done
   info "no state file for $NAME any more (torn down?): stopping the watch"
   exit 0
+}
+
+if [[ -n "$WATCH" ]]; then
+  [[ "$WATCH" =~ ^[0-9]*\.?[0-9]+$ && ! "$WATCH" =~ ^[0.]+$ ]] ||
+    usage_error "--watch must be a positive number of seconds, got '$WATCH'"
+  ((!DRY_RUN)) || usage_error "--watch and --dry-run do not mix"
+  ((!RECREATE)) || usage_error "--watch and --recreate do not mix (see --recreate-after)"
+  watch
 fi
 
 state_load "$NAME" ||
@@ -101,6 +140,7 @@ state_load "$NAME" ||
 ZONE=$CREATE_ZONE PROJECT=$CREATE_PROJECT NODE_COUNT=${CREATE_NODE_COUNT:-1}
 if [[ "$CREATE_QUEUED" == 1 ]]; then MODE=queued; else MODE=vm; fi
 set_gcloud_flags
+resolve_remote_access
 dry=()
 if ((DRY_RUN)); then dry=(--dry-run); fi
 launched=0
@@ -163,7 +203,53 @@ record_relaunch() {
   if ((DRY_RUN)); then return; fi
   # shellcheck disable=SC2034  # saved by name
   RESUME_LAST_STEP=$RUN_STEP RESUME_STALLED=$NEXT_STALLED
-  state_save "$NAME" RESUME_LAST_STEP RESUME_STALLED
+  state_update RESUME_LAST_STEP RESUME_STALLED
+}
+
+# state_update VAR...: state_save, unless teardown.sh removed the state file meanwhile
+# (a new one would keep a --watch going on a TPU that is gone).
+state_update() {
+  if [[ -f "$(state_file "$NAME")" ]]; then state_save "$NAME" "$@"; fi
+}
+
+# metrics_url: the metrics file the trainer rewrites at every logged step.
+metrics_url() {
+  echo "${LAUNCH_WORKDIR%/}/logs/train_metrics.jsonl"
+}
+
+# read_metrics_size: METRICS_SIZE, the size in bytes of the metrics file (-1: none yet).
+read_metrics_size() {
+  local out
+  if [[ "$LAUNCH_WORKDIR" == gs://* ]]; then
+    out=$("$GCLOUD" storage objects describe "$(metrics_url)" --format='value(size)' 2>/dev/null) || out=-1
+  else
+    out=$(node_ssh "$(node_name 0)" 0 "cd \"$REMOTE_SRC\" 2>/dev/null; stat -c %s $(shell_quote "$(metrics_url)") 2>/dev/null || echo -1" 2>/dev/null) || out=-1
+  fi
+  METRICS_SIZE=$(tail -n 1 <<<"$out")
+  [[ "$METRICS_SIZE" =~ ^-?[0-9]+$ ]] || METRICS_SIZE=-1
+}
+
+# run_is_hung: true when the metrics file of a training run (distill, pretrain, finetune:
+# the commands that write it) has not changed for HUNG_AFTER seconds (0: never), comparing
+# with what earlier checks recorded (RESUME_METRICS_SIZE / _SINCE; launch.sh clears them,
+# so a new launch starts the clock).
+run_is_hung() {
+  local now command="" arg
+  if ((HUNG_AFTER == 0 || DRY_RUN)); then return 1; fi
+  for arg in "${LAUNCH_ARGS[@]}"; do
+    if [[ "$arg" != -* ]]; then command=$arg && break; fi
+  done
+  case "$command" in distill | pretrain | finetune) ;; *) return 1 ;; esac
+  read_metrics_size
+  now=$(date +%s)
+  if [[ "$METRICS_SIZE" != "${RESUME_METRICS_SIZE:-}" || -z "${RESUME_METRICS_SINCE:-}" ]]; then
+    # shellcheck disable=SC2034  # saved by name
+    RESUME_METRICS_SIZE=$METRICS_SIZE RESUME_METRICS_SINCE=$now
+    state_update RESUME_METRICS_SIZE RESUME_METRICS_SINCE
+    return 1
+  fi
+  STILL_FOR=$((now - RESUME_METRICS_SINCE))
+  ((STILL_FOR >= HUNG_AFTER))
 }
 
 # ------------------------------------------------------------------ the workers
@@ -196,29 +282,11 @@ check_workers() {
 
 # ------------------------------------------------------------------ what to do
 
-if ((DRY_RUN)); then
-  echo "# check: $(describe_command)  (dry-run assumes PREEMPTED)"
-  state=PREEMPTED
-else
-  state=$(describe_state)
-fi
-info "$NAME is $state"
-
-# States on the way to READY/ACTIVE, and states after which the TPU must be re-created.
-PENDING_STATES="CREATING STARTING RESTARTING REPAIRING ACCEPTED WAITING_FOR_RESOURCES PROVISIONING CREATING_RESOURCES"
-GONE_STATES="NOT_FOUND PREEMPTED TERMINATED STOPPED SUSPENDED SUSPENDING FAILED"
-
-if [[ "$state" == READY || "$state" == ACTIVE ]]; then
-  if ((!launched)); then
-    info "nothing launched on $NAME yet (tpu_scripts/launch.sh): nothing to resume"
-    exit 0
-  fi
-  check_workers
-  if [[ -z "$DEAD" ]]; then
-    info "miniend runs on all $WORKERS_SEEN workers of $NAME: nothing to do"
-    exit 0
-  fi
-  info "miniend is not running on every worker of $NAME:"$'\n'"${DEAD%$'\n'}"
+# relaunch_on_ready_tpu WHY: the TPU is ready but the run is not well (WHY says how):
+# unless it finished or stopped progressing, stop it wherever it still runs and start it
+# again on every worker (reinstalling first on workers that lack it).
+relaunch_on_ready_tpu() {
+  info "$1"
   read_run_status
   stop_if_finished
   claim_relaunch
@@ -231,10 +299,64 @@ if [[ "$state" == READY || "$state" == ACTIVE ]]; then
   record_relaunch
   info "relaunched on $NAME; the run continues from the latest checkpoint in $LAUNCH_WORKDIR"
   exit 0
+}
+
+# on_ready_tpu: the TPU is READY/ACTIVE: look at the run on every worker.
+on_ready_tpu() {
+  if ((!launched)); then
+    info "nothing launched on $NAME yet (tpu_scripts/launch.sh): nothing to resume"
+    exit 0
+  fi
+  check_workers
+  if [[ -n "$DEAD" ]]; then
+    relaunch_on_ready_tpu "miniend is not running on every worker of $NAME:"$'\n'"${DEAD%$'\n'}"
+  fi
+  if run_is_hung; then
+    relaunch_on_ready_tpu "miniend runs on all $WORKERS_SEEN workers of $NAME, but $(metrics_url) has not changed for ${STILL_FOR}s (--hung-after $HUNG_AFTER): it is hung"
+  fi
+  info "miniend runs on all $WORKERS_SEEN workers of $NAME: nothing to do"
+  exit 0
+}
+
+# recreate_tpu: delete what is left of the TPU (once a stop, suspension or deletion under
+# way has finished) and create it again with the recorded flags.
+recreate_tpu() {
+  local create_flags
+  if ! ((DRY_RUN)); then wait_until_settled "$TIMEOUT" "$POLL_INTERVAL"; fi
+  if [[ "$STATE" != NOT_FOUND ]]; then
+    # A preempted node (or suspended queued resource) keeps its name taken until deleted.
+    "$here/teardown.sh" --name "$NAME" --keep-state "${dry[@]}"
+  fi
+  create_flags=(--name "$NAME" --zone "$ZONE" --accelerator-type "$CREATE_ACCELERATOR_TYPE"
+    --runtime-version "$CREATE_RUNTIME_VERSION" --timeout "$TIMEOUT" --poll-interval "$POLL_INTERVAL"
+    --remote-user "$REMOTE_USER")
+  if [[ -n "$PROJECT" ]]; then create_flags+=(--project "$PROJECT"); fi
+  if [[ "$CREATE_SPOT" == 1 ]]; then create_flags+=(--spot); fi
+  if [[ "$CREATE_QUEUED" == 1 ]]; then create_flags+=(--queued); fi
+  if [[ "${CREATE_INTERNAL_IPS:-0}" == 1 ]]; then create_flags+=(--internal-ips); fi
+  if ((NODE_COUNT > 1)); then create_flags+=(--node-count "$NODE_COUNT"); fi
+  "$here/create.sh" "${create_flags[@]}" "${dry[@]}" -- "${CREATE_EXTRA_ARGS[@]}"
+}
+
+if ((DRY_RUN)); then
+  STATE=PREEMPTED
+  if [[ "$MODE" == queued ]]; then STATE=SUSPENDED; fi
+  echo "# check: $(describe_command)  (dry-run assumes $STATE)"
+else
+  describe_state
 fi
-if [[ " $PENDING_STATES $GONE_STATES " != *" $state "* ]]; then
-  die "$NAME is in state '$state', which resume.sh does not handle; check it with: $(describe_command)"
+class=$(state_class "$STATE")
+info "$NAME is $STATE ($class)"
+if ((RECREATE)) && [[ "$class" == ready || "$class" == unknown ]]; then
+  info "re-creating $NAME on request (--recreate)"
+  class=failed
 fi
+
+case "$class" in
+  ready) on_ready_tpu ;;
+  pending | gone | failed) ;;
+  *) die "$NAME is in state '$STATE', which these scripts do not know; check it with: $(describe_command) (resume.sh --watch re-creates it after --recreate-after failed rounds)" ;;
+esac
 
 # The TPU is gone or not up yet (and a local work directory with it): only a gs:// work
 # directory can tell whether the run finished or progressed.
@@ -249,21 +371,11 @@ fi
 stop_if_finished
 if ((launched && !DRY_RUN)); then claim_relaunch; fi
 
-if [[ " $PENDING_STATES " == *" $state "* ]]; then
+if [[ "$class" == pending ]]; then
   # A create (or repair) is under way: wait for it, then set up and launch below.
   wait_until_ready "$TIMEOUT" "$POLL_INTERVAL"
 else
-  if [[ "$state" != NOT_FOUND ]]; then
-    # A preempted node (or suspended queued resource) keeps its name taken until deleted.
-    "$here/teardown.sh" --name "$NAME" --keep-state "${dry[@]}"
-  fi
-  create_flags=(--name "$NAME" --zone "$ZONE" --accelerator-type "$CREATE_ACCELERATOR_TYPE"
-    --runtime-version "$CREATE_RUNTIME_VERSION" --timeout "$TIMEOUT" --poll-interval "$POLL_INTERVAL")
-  if [[ -n "$PROJECT" ]]; then create_flags+=(--project "$PROJECT"); fi
-  if [[ "$CREATE_SPOT" == 1 ]]; then create_flags+=(--spot); fi
-  if [[ "$CREATE_QUEUED" == 1 ]]; then create_flags+=(--queued); fi
-  if ((NODE_COUNT > 1)); then create_flags+=(--node-count "$NODE_COUNT"); fi
-  "$here/create.sh" "${create_flags[@]}" "${dry[@]}" -- "${CREATE_EXTRA_ARGS[@]}"
+  recreate_tpu
 fi
 
 # A fresh TPU has empty disks: install the code again, then start the same command.

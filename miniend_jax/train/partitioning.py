@@ -27,6 +27,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from miniend_jax.train import accelerators
+
 MESH_AXES = ("data", "fsdp", "model")
 
 LogicalRules = Sequence[tuple[str, Any]]
@@ -238,9 +240,10 @@ DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_
 def detect_cluster() -> str | None:
   """Names the multi-process environment this process runs in, or None.
 
-  Cloud TPU VMs are recognised by their TPU chips (JAX then reads the slice's
-  coordinator and worker list from the TPU metadata); Slurm and Open MPI by
-  their task counts. MINIEND_DISTRIBUTED=0 turns detection off, =1 forces
+  Cloud TPU VMs are recognised by their TPU chips on the PCI bus
+  (`accelerators.tpu_chips`, as JAX's own detection does; JAX then reads the
+  slice's coordinator and worker list from the TPU metadata); Slurm and Open MPI
+  by their task counts. MINIEND_DISTRIBUTED=0 turns detection off, =1 forces
   JAX's own cluster auto-detection.
   """
   forced = os.environ.get("MINIEND_DISTRIBUTED", "").strip().lower()
@@ -248,23 +251,55 @@ def detect_cluster() -> str | None:
     return None
   if forced in ("1", "true", "on"):
     return "forced by MINIEND_DISTRIBUTED"
-  try:
-    from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
-      return "Cloud TPU VM"
-  except Exception:  # pylint: disable=broad-except  (private helper; fall back on env)
-    if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_ACCELERATOR_TYPE"):
-      return "Cloud TPU VM"
+  if accelerators.tpu_chips():
+    return "Cloud TPU VM"
   for name, variable in (("Slurm", "SLURM_NTASKS"), ("Open MPI", "OMPI_COMM_WORLD_SIZE")):
     if int(os.environ.get(variable, "1") or 1) > 1:
       return name
   return None
 
 
+class TpuUnavailableError(RuntimeError):
+  """This is a Cloud TPU VM, but JAX cannot use its TPU."""
+
+
+def require_tpu_on_tpu_vm() -> None:
+  """Refuses to go on where this is a Cloud TPU VM (`accelerators.tpu_vm_evidence`)
+  but JAX runs on another platform.
+
+  A TPU held by another process, or the lock file of a killed run, makes JAX fall
+  back to the CPU with a warning: the run would train there, orders of magnitude
+  slower, without anyone noticing. Asking for the CPU on purpose (JAX_PLATFORMS=cpu,
+  or `jax_platforms` set without "tpu") is respected.
+
+  Raises:
+    TpuUnavailableError: with JAX's reason and what to do.
+  """
+  evidence = accelerators.tpu_vm_evidence()
+  asked = jax.config.jax_platforms
+  if evidence is None or (asked and "tpu" not in asked.split(",")):
+    return
+  reason = ""
+  try:
+    if jax.default_backend() == "tpu":
+      return
+    jax.devices("tpu")  # raises with the reason the TPU backend did not start
+  except RuntimeError as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  raise TpuUnavailableError(
+      f"This machine is a Cloud TPU VM ({evidence}) but JAX cannot use its TPU"
+      f"{' (' + reason.rstrip('.') + ')' if reason else ''}, and a run on its CPU would be "
+      "orders of magnitude slower. Stop what holds the TPU (tpu_scripts/launch.sh --restart "
+      "does; by hand: sudo lsof -w /dev/accel* /dev/vfio/* lists it, kill it, wait until it "
+      "has exited), remove /tmp/libtpu_lockfile, and start again; or set JAX_PLATFORMS=cpu "
+      "to run on the CPU on purpose")
+
+
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
                                  process_id: int | None = None) -> bool:
-  """Starts JAX's distributed runtime when this job has several processes.
+  """Starts JAX's distributed runtime when this job has several processes, then
+  makes sure a Cloud TPU VM runs on its TPU (`require_tpu_on_tpu_vm`).
 
   Explicit settings (arguments, else JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
   and JAX_PROCESS_ID) are used as given; otherwise a detected cluster (a Cloud
@@ -278,7 +313,15 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   Raises:
     RuntimeError: a multi-process job asked for after JAX already ran a
       computation (it must be the first JAX call).
+    TpuUnavailableError: a Cloud TPU VM whose TPU JAX cannot use.
   """
+  started = _initialize_distributed(coordinator_address, num_processes, process_id)
+  require_tpu_on_tpu_vm()
+  return started
+
+
+def _initialize_distributed(coordinator_address, num_processes, process_id) -> bool:
+  """maybe_initialize_distributed without the TPU check."""
   if jax.distributed.is_initialized():
     return True
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None

@@ -1,219 +1,28 @@
-"""Tests for tpu_scripts/*.sh against a fake `gcloud` first on PATH.
+"""Tests for tpu_scripts/*.sh against a stand-in `gcloud` first on PATH.
 
-The fake appends each call's argv (one JSON list per line) to a log and answers
-`describe` with states read from a file, one per call (the last one repeats), so
-the scripts' exact gcloud command lines, their order and the waiting logic can be
-checked without a cloud account or network.
+The stand-in (fake_gcloud.py) refuses the flags the real gcloud refuses per release
+track, appends each call's argv (one JSON list per line) to a log and answers `describe`
+with states read from a file, one per call (the last one repeats), so the scripts' exact
+gcloud command lines, their order and the waiting logic can be checked without a cloud
+account or network; with played workers, their remote commands run for real in local
+homes.
 """
 
-import json
 import os
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = REPO / "tpu_scripts"
-ALL_SCRIPTS = ["create.sh", "setup.sh", "launch.sh", "logs.sh", "resume.sh", "teardown.sh"]
-ZONE = "us-central2-b"
-PAPER_GIN = "gin_configs/runs/paper_t5_base_6L384H.gin"
-
-
-FAKE_GCLOUD = textwrap.dedent("""\
-    #!{python}
-    import glob, json, os, shutil, subprocess, sys
-    args = sys.argv[1:]
-    d = os.environ["FAKE_GCLOUD_DIR"]
-    with open(os.path.join(d, "calls.log"), "a") as f:
-      f.write(json.dumps(args) + "\\n")
-
-    def local(url):  # gs://BUCKET/PATH lives in FAKE_GCLOUD_DIR/gs/BUCKET/PATH
-      return os.path.join(d, "gs", url[len("gs://"):]) if url.startswith("gs://") else url
-
-    if args[0] == "storage":
-      op, paths = args[1], [a for a in args[2:] if not a.startswith("-")]
-      if op == "cp":
-        src, dst = local(paths[0]), local(paths[1])
-        if not os.path.isfile(src):
-          sys.exit("ERROR: (gcloud.storage.cp) URL matched no objects: " + paths[0])
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copyfile(src, dst)
-      elif op == "cat":
-        if not os.path.isfile(local(paths[0])):
-          sys.exit("ERROR: (gcloud.storage.cat) URL matched no objects: " + paths[0])
-        sys.stdout.write(open(local(paths[0])).read())
-      elif op == "ls":
-        url = paths[0]
-        if "*" in url:
-          found = sorted(glob.glob(local(url)))
-          urls = [url.rsplit("/", 1)[0] + "/" + os.path.basename(p) for p in found]
-        else:
-          base = url.rstrip("/") + "/"
-          p = local(base)
-          urls = [base + n + ("/" if os.path.isdir(os.path.join(p, n)) else "")
-                  for n in sorted(os.listdir(p))] if os.path.isdir(p) else []
-        if not urls:
-          sys.exit("ERROR: (gcloud.storage.ls) One or more URLs matched no objects.")
-        print("\\n".join(urls))
-    elif "describe" in args:
-      if any("acceleratorType" in a for a in args):
-        print(os.environ.get("FAKE_GCLOUD_ACCELERATOR", "v4-8"))
-        sys.exit(0)
-      path = os.path.join(d, "states." + ("queued" if "queued-resources" in args else "tpu-vm"))
-      states = open(path).read().split() if os.path.exists(path) else ["NOT_FOUND"]
-      if len(states) > 1:
-        open(path, "w").write("\\n".join(states[1:]))
-      if states[0] == "NOT_FOUND":
-        sys.exit("ERROR: (gcloud.compute.tpus) NOT_FOUND: " + args[4])
-      print(states[0])
-    elif "scp" in args and os.environ.get("FAKE_GCLOUD_SCP_TO"):
-      src = [a for a in args[4:] if not a.startswith("-") and ":" not in a][0]
-      subprocess.run(["cp", "-R", src, os.environ["FAKE_GCLOUD_SCP_TO"]], check=True)
-    elif "ssh" in args and os.environ.get("FAKE_GCLOUD_WORKER_HOME"):
-      # Play the node's workers: run the remote command with bash, one after the other, each
-      # in its home WORKER_HOME/NODE-wI, where `hostname` says t1v-n-NODE-w-I as on TPU VMs.
-      # Setup's install command is recorded but not run (the homes hold a fake miniend).
-      cmd = args[args.index("--command") + 1]
-      if "uv venv" in cmd:
-        sys.exit(0)
-      node = args[4]
-      worker = [a for a in args if a.startswith("--worker=")][0].split("=", 1)[1]
-      n = int(os.environ.get("FAKE_GCLOUD_WORKERS", "1"))
-      rc = 0
-      for i in (range(n) if worker == "all" else [int(worker)]):
-        home = os.path.join(os.environ["FAKE_GCLOUD_WORKER_HOME"], f"{{node}}-w{{i}}")
-        fakebin = os.path.join(home, ".fakebin")
-        os.makedirs(fakebin, exist_ok=True)
-        with open(os.path.join(fakebin, "hostname"), "w") as f:
-          f.write(f"#!/bin/sh\\necho t1v-n-{{node}}-w-{{i}}\\n")
-        os.chmod(os.path.join(fakebin, "hostname"), 0o755)
-        env = dict(os.environ, HOME=home, PATH=fakebin + os.pathsep + os.environ["PATH"])
-        rc = subprocess.run(["bash", "-c", cmd], env=env).returncode or rc
-      sys.exit(rc)
-    """)
-
-# A stand-in for the trainer on a played worker: prints its arguments, then does what
-# ~/behaviour says: `exit N` at once, or (default) run until SIGTERM, then "save" and exit 0.
-FAKE_MINIEND = textwrap.dedent("""\
-    #!/usr/bin/env bash
-    echo "args: $*"
-    echo "tfds: ${TFDS_DATA_DIR:-}"
-    behaviour=$(cat "$HOME/behaviour" 2>/dev/null || echo run)
-    case "$behaviour" in
-      exit*) exit "${behaviour#exit }" ;;
-    esac
-    trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
-    sleep 60 &
-    wait $!
-    """)
-
-
-class Fake:
-  """A fake gcloud, a private HOME (so ~/.miniend_tpu is per test) and a runner."""
-
-  def __init__(self, tmp: Path):
-    self.dir = tmp / "fake"
-    self.bin = tmp / "bin"
-    self.home = tmp / "home"
-    self.workers_home = tmp / "workers"
-    for p in (self.dir, self.bin, self.home):
-      p.mkdir()
-    gcloud = self.bin / "gcloud"
-    gcloud.write_text(FAKE_GCLOUD.format(python=sys.executable))
-    gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
-    self.env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("MINIEND_TPU_", "FAKE_GCLOUD_")) and k != "GCLOUD"}
-    self.env.update(PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}", HOME=str(self.home),
-                    FAKE_GCLOUD_DIR=str(self.dir))
-
-  def run(self, script, *args, scripts_dir=SCRIPTS, env=None, check=None):
-    proc = subprocess.run(["bash", str(scripts_dir / script), *args], capture_output=True,
-                          text=True, env={**self.env, **(env or {})}, timeout=60)
-    if check is not None:
-      assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
-    return proc
-
-  def calls(self, clear=True):
-    log = self.dir / "calls.log"
-    if not log.exists():
-      return []
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    if clear:
-      log.unlink()
-    return calls
-
-  def states(self, kind, *states):
-    (self.dir / f"states.{kind}").write_text("\n".join(states))
-
-  def state_file(self, name):
-    return self.home / ".miniend_tpu" / f"{name}.env"
-
-  def bucket(self, url):
-    """Where the fake keeps gs:// URL."""
-    return self.dir / "gs" / url.removeprefix("gs://")
-
-  def play_workers(self, node, workers=1):
-    """From now on ssh runs the remote commands on `workers` played workers of `node`
-    (their homes hold a fake miniend); returns the homes."""
-    self.env.update(FAKE_GCLOUD_WORKER_HOME=str(self.workers_home), FAKE_GCLOUD_WORKERS=str(workers))
-    homes = []
-    for i in range(workers):
-      home = self.workers_home / f"{node}-w{i}"
-      (home / "miniend_jax").mkdir(parents=True)
-      (home / "miniend_venv" / "bin").mkdir(parents=True)
-      miniend = home / "miniend_venv" / "bin" / "miniend"
-      miniend.write_text(FAKE_MINIEND)
-      miniend.chmod(0o755)
-      homes.append(home)
-    return homes
-
-  def stop_workers(self):
-    """Kill every process group a played launch left running."""
-    for pid_file in self.workers_home.glob("*/miniend_logs/*.pid"):
-      try:
-        os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-      except (ProcessLookupError, ValueError):
-        pass
-
-
-@pytest.fixture
-def fake(tmp_path):
-  fake = Fake(tmp_path)
-  yield fake
-  fake.stop_workers()
-
-
-def printed_commands(stdout):
-  """The gcloud argv lists a --dry-run printed (comments skipped)."""
-  cmds = [shlex.split(line) for line in stdout.splitlines()
-          if line.strip() and not line.startswith("#")]
-  assert all(c[0] == "gcloud" for c in cmds), stdout
-  return [c[1:] for c in cmds]
-
-
-def ssh_command(call):
-  """The --command string of a `gcloud compute tpus tpu-vm ssh` call."""
-  assert call[:4] == ["compute", "tpus", "tpu-vm", "ssh"], call
-  return call[call.index("--command") + 1]
-
-
-def assert_bash_syntax(cmd):
-  subprocess.run(["bash", "-n", "-c", cmd], check=True)
-
-
-def create_vm(fake, name="miniend-v4-8", accel="v4-8", *extra):
-  fake.states("tpu-vm", "READY")
-  fake.run("create.sh", "--name", name, "--zone", ZONE, "--accelerator-type", accel,
-           "--poll-interval", "0", *extra, check=0)
-
+from tests.tpu.stand_in import (
+    ALL_SCRIPTS, PAPER_GIN, RUN_CHECK, SCRIPTS, USER, ZONE, alive, assert_bash_syntax,
+    common_sh, create_vm, finish_run, kinds, printed_commands, read, run_files, ssh_command,
+    start_run, wait_for, watch)
 
 VM_DESCRIBE = ["compute", "tpus", "tpu-vm", "describe", "miniend-v4-8", "--zone", ZONE,
                "--format=value(state)"]
@@ -352,24 +161,83 @@ def test_create_dry_run_prints_the_commands_and_calls_nothing(fake):
 
 # ------------------------------------------------------------------ setup
 
-def test_setup_clones_installs_and_verifies_on_all_workers(fake):
+def test_setup_clones_installs_pinned_and_verifies_on_all_workers(fake):
   create_vm(fake)
   fake.calls()
   fake.run("setup.sh", "--name", "miniend-v4-8", "--repo", "https://example.com/o/miniend_jax.git",
            "--ref", "v1.0", check=0)
-  (call,) = fake.calls()
-  cmd = ssh_command(call)
-  assert call == ["compute", "tpus", "tpu-vm", "ssh", "miniend-v4-8", "--worker=all",
-                  "--command", cmd, "--zone", ZONE]
+  install, verify = fake.calls()
+  cmd = ssh_command(install)
+  assert install == ["compute", "tpus", "tpu-vm", "ssh", f"{USER}@miniend-v4-8", "--worker=all",
+                     "--command", cmd, "--zone", ZONE]
   assert "git clone --quiet https://example.com/o/miniend_jax.git" in cmd
   assert "fetch --quiet origin v1.0" in cmd
   assert "uv venv --quiet --seed --python 3.11" in cmd
-  assert "pip\" install --quiet -e '.[tpu]'" in cmd
-  assert "-c 'import jax; print(jax.device_count())'" in cmd
+  # The tested set's pins, so a re-created TPU gets the same jax, libtpu and orbax.
+  assert "pip\" install --quiet $([ -f constraints.txt ] && echo -c constraints.txt) -e '.[tpu]'" in cmd
   assert_bash_syntax(cmd)
+  # The TPU check is a step of its own: JAX_PLATFORMS=tpu, 4 devices on a v4-8 host.
+  check = ssh_command(verify)
+  assert verify[4:6] == [f"{USER}@miniend-v4-8", "--worker=all"]
+  assert 'JAX_PLATFORMS=tpu "$HOME/miniend_venv/bin/python" -c ' in check
+  assert check.endswith('"$(hostname)" tpu 4')
+  assert_bash_syntax(check)
   # Again with only --name: the recorded source is reused.
   fake.run("setup.sh", "--name", "miniend-v4-8", check=0)
   assert ssh_command(fake.calls()[0]) == cmd
+
+
+def test_setup_wheelhouse_installs_without_an_index(fake):
+  create_vm(fake)
+  fake.calls()
+  fake.run("setup.sh", "--name", "miniend-v4-8", "--repo", "u", "--skip-verify",
+           "--wheelhouse", "gs://b/wheels/", check=0)
+  cmd = ssh_command(fake.calls()[-1])
+  assert 'gcloud storage rsync --quiet gs://b/wheels "$HOME/miniend_wheels"' in cmd
+  assert ('install --quiet --no-index --find-links "$HOME/miniend_wheels" '
+          "$([ -f constraints.txt ] && echo -c constraints.txt) -e '.[tpu]'") in cmd
+  assert "curl" not in cmd  # uv from the wheelhouse too
+  assert_bash_syntax(cmd)
+  proc = fake.run("setup.sh", "--name", "miniend-v4-8", "--wheelhouse", "/local/wheels")
+  assert proc.returncode == 2 and "gs://" in proc.stderr
+
+
+def verify_program(check):
+  """The Python program and arguments of setup's TPU check command."""
+  words = shlex.split(check.split(" && ", 1)[1])
+  return words[words.index("-c") + 1], words[-2:]
+
+
+def test_setup_check_fails_when_jax_cannot_use_the_tpu(fake, monkeypatch, capsys):
+  """Played worker: its venv's python is this one (JAX, no TPU): the check must fail, where
+  `echo "$(python -c ...)"` printed nothing and passed."""
+  (worker,) = fake.play_workers("miniend-v4-8")
+  python = worker / "miniend_venv" / "bin" / "python"
+  python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  python.chmod(0o755)
+  create_vm(fake)
+  fake.calls()
+  proc = fake.run("setup.sh", "--name", "miniend-v4-8", "--repo", "u")
+  assert proc.returncode == 1, proc.stderr
+  assert "t1v-n-miniend-v4-8-w-0: JAX cannot use the TPU: " in proc.stderr
+  assert "the TPU check failed" in proc.stderr
+  # The same program passes where the devices are what it is told to expect (here, in
+  # this process: the tests' 8 CPU devices), and fails on a count that does not match.
+  program, args = verify_program(ssh_command(fake.calls()[-1]))
+  assert args == ["tpu", "4"]
+  monkeypatch.setattr(sys, "argv", ["-c", "h", "cpu", "8"])
+  exec(program, {})  # pylint: disable=exec-used
+  assert capsys.readouterr().out.startswith("h: 8 cpu devices (cpu); 8 in all")
+  monkeypatch.setattr(sys, "argv", ["-c", "h", "cpu", "4"])
+  with pytest.raises(SystemExit, match="h: expected 4 cpu devices here, found 8 cpu"):
+    exec(program, {})  # pylint: disable=exec-used
+
+
+def test_devices_per_host_by_accelerator_type():
+  expected = {"v2-8": 8, "v3-32": 8, "v4-8": 4, "v4-32": 4, "v5p-8": 4, "v5p-128": 4,
+              "v5litepod-1": 1, "v5litepod-8": 8, "v5litepod-16": 4, "v6e-4": 4, "v6e-256": 4}
+  out = common_sh(f"for a in {' '.join(expected)}; do echo $a $(devices_per_host $a); done")
+  assert dict(line.split() for line in out.splitlines()) == {k: str(v) for k, v in expected.items()}
 
 
 def make_checkout(tmp_path):
@@ -396,10 +264,11 @@ def test_setup_scp_local_copies_the_checkout_without_ignored_files(fake, tmp_pat
   copied = tmp_path / "copied"
   fake.run("setup.sh", "--name", "n", "--zone", ZONE, "--scp-local", scripts_dir=root / "tpu_scripts",
            env={"FAKE_GCLOUD_SCP_TO": str(copied)}, check=0)
-  rm, scp, install = fake.calls()
+  rm, scp, install, _ = [c for c in fake.calls() if "describe" not in c]  # _: the TPU check
   assert ssh_command(rm) == 'rm -rf "$HOME/miniend_jax"'
   assert scp[:5] == ["compute", "tpus", "tpu-vm", "scp", "--recurse"]
-  assert scp[5].endswith("/miniend_jax") and scp[6:] == ["n:miniend_jax", "--worker=all", "--zone", ZONE]
+  assert scp[5].endswith("/miniend_jax")
+  assert scp[6:] == [f"{USER}@n:miniend_jax", "--worker=all", "--zone", ZONE]
   assert "git clone" not in ssh_command(install) and "-e '.[tpu]'" in ssh_command(install)
   files = sorted(str(p.relative_to(copied)) for p in copied.rglob("*") if p.is_file())
   assert "pyproject.toml" in files and "new_untracked.py" in files
@@ -426,9 +295,10 @@ def test_launch_runs_miniend_detached_on_all_workers(fake):
   fake.run("launch.sh", *LAUNCH_ARGS, check=0)
   (call,) = fake.calls()
   cmd = ssh_command(call)
-  assert call == ["compute", "tpus", "tpu-vm", "ssh", "miniend-v4-8", "--worker=all",
+  assert call == ["compute", "tpus", "tpu-vm", "ssh", f"{USER}@miniend-v4-8", "--worker=all",
                   "--command", cmd, "--zone", ZONE]
   assert "export TFDS_DATA_DIR=gs://bucket/tfds" in cmd
+  assert "export JAX_PLATFORMS=tpu" in cmd  # never a quiet fallback to the CPU
   assert 'gs_log=gs://bucket/run/logs/workers/miniend-v4-8-$w.log' in cmd
   assert ("miniend-run \"$HOME/miniend_logs/miniend-v4-8.log\" \"$HOME/miniend_logs/miniend-v4-8.exit\" "
           f'"$gs_log" 60 "$HOME/miniend_venv/bin/miniend" distill --gin_file {PAPER_GIN} '
@@ -487,31 +357,6 @@ def test_launch_workdir_after_double_dash(fake):
   proc = fake.run("launch.sh", "--name", "miniend-v4-8", "--workdir", "gs://b/other",
                   "--", "distill", "--workdir", "gs://b/r")
   assert proc.returncode == 2 and "two different work directories" in proc.stderr
-
-
-def wait_for(predicate, what, timeout=15):
-  deadline = time.monotonic() + timeout
-  while not predicate():
-    assert time.monotonic() < deadline, f"timed out waiting for {what}"
-    time.sleep(0.05)
-
-
-def read(path):
-  return path.read_text() if path.exists() else ""
-
-
-def alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  # A zombie (exited, not yet reaped by its parent) counts as gone.
-  return "State:\tZ" not in read(Path(f"/proc/{pid}/status"))
-
-
-def run_files(home, name="miniend-v4-8"):
-  """A played worker's log, pid and exit-status files."""
-  return [home / "miniend_logs" / f"{name}.{ext}" for ext in ("log", "pid", "exit")]
 
 
 def test_launch_remote_command_detaches_and_guards_against_double_runs(fake):
@@ -604,7 +449,7 @@ def test_logs_follows_worker_0_by_default_or_all_workers(fake):
   fake.run("logs.sh", "--name", "miniend-v4-8", check=0)
   fake.run("logs.sh", "--name", "miniend-v4-8", "--worker", "all", "--lines", "5", check=0)
   one, every = fake.calls()
-  assert one == ["compute", "tpus", "tpu-vm", "ssh", "miniend-v4-8", "--worker=0", "--command",
+  assert one == ["compute", "tpus", "tpu-vm", "ssh", f"{USER}@miniend-v4-8", "--worker=0", "--command",
                  'tail -n 100 -F "$HOME/miniend_logs/miniend-v4-8.log"', "--zone", ZONE]
   assert every[5] == "--worker=all"
   assert ssh_command(every).startswith('tail -n 5 -F "$HOME/miniend_logs/miniend-v4-8.log" | sed -u')
@@ -631,29 +476,6 @@ def test_teardown_vm_and_queued(fake):
 
 
 # ------------------------------------------------------------------ resume
-
-def kinds(calls):
-  """Compact view of a call sequence: 'tpu-vm describe', 'storage cat', ..."""
-  return [f"storage {c[1]}" if c[0] == "storage" else f"{c[2]} {c[3]}" for c in calls]
-
-
-RUN_CHECK = ["storage cat", "storage ls"]  # summary.json and checkpoints/ of the workdir
-
-
-def start_run(fake, name, accel, *create_flags, queued=False):
-  """create -> setup -> launch, returning the calls each made."""
-  fake.states("queued" if queued else "tpu-vm", "ACTIVE" if queued else "READY")
-  fake.run("create.sh", "--name", name, "--zone", ZONE, "--accelerator-type", accel,
-           "--poll-interval", "0", *create_flags, check=0)
-  create = fake.calls()[0]
-  fake.run("setup.sh", "--name", name, "--repo", "https://example.com/m.git", check=0)
-  setup = fake.calls()
-  fake.run("launch.sh", "--name", name, "--workdir", "gs://b/run", "--tfds-data-dir", "gs://b/tfds",
-           "--env", "NOTE=a b 'c' $d", "--", "distill", "--gin_file", PAPER_GIN,
-           "--gin.X.y='it''s'", check=0)
-  launch = fake.calls()
-  return create, setup, launch
-
 
 def test_resume_preempted_spot_vm_deletes_recreates_sets_up_and_relaunches(fake):
   create, setup, launch = start_run(fake, "miniend-v4-8", "v4-8", "--spot")
@@ -693,13 +515,6 @@ def test_resume_when_the_node_is_gone_skips_the_delete(fake):
                                  "tpu-vm ssh", "tpu-vm ssh"]
 
 
-def finish_run(fake, step, preempted=False):
-  """What the trainer leaves in gs://b/run when it stops at `step`."""
-  (fake.bucket("gs://b/run/checkpoints") / str(step)).mkdir(parents=True, exist_ok=True)
-  summary = {"mode": "distill", "step": step, "preempted": preempted, "train": {"loss": 1.0}}
-  fake.bucket("gs://b/run/summary.json").write_text(json.dumps(summary, indent=2))
-
-
 def test_resume_does_not_bring_back_a_finished_run(fake):
   start_run(fake, "miniend-v4-8", "v4-8", "--spot")
   finish_run(fake, 500)
@@ -714,7 +529,8 @@ def test_resume_leaves_a_healthy_run_alone(fake):
   start_run(fake, "miniend-v4-8", "v4-8", "--spot")
   proc = fake.run("resume.sh", "--name", "miniend-v4-8", check=0)
   calls = fake.calls()
-  assert kinds(calls) == ["tpu-vm describe", "tpu-vm ssh"]  # one look at the workers
+  # One look at the workers, one at the metrics file (is it still growing?).
+  assert kinds(calls) == ["tpu-vm describe", "tpu-vm ssh", "storage objects"]
   assert "runs on all 1 workers" in proc.stderr
 
 
@@ -803,23 +619,18 @@ def test_resume_dry_run_prints_the_whole_sequence_and_calls_nothing(fake):
       create, *setup, *launch]
 
 
-def watch(fake, name, *flags):
-  return subprocess.Popen(["bash", str(SCRIPTS / "resume.sh"), "--name", name, *flags],
-                          env=fake.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_resume_watch_stops_when_relaunching_makes_no_progress_or_the_run_finished(fake):
   (worker,) = fake.play_workers("miniend-v4-8")
   (worker / "behaviour").write_text("exit 1")
   start_run(fake, "miniend-v4-8", "v4-8", "--spot")
   fake.states("tpu-vm", "READY")
-  proc = watch(fake, "miniend-v4-8", "--watch", "1", "--max-stalled", "1")
+  proc = watch(fake, "miniend-v4-8", "--watch", "0.2", "--max-stalled", "1")
   _, err = proc.communicate(timeout=30)
   assert proc.returncode == 3, err
   assert "the last 1 relaunches made no progress" in err and "stopping the watch" in err
   assert read(run_files(worker)[0]).count("args:") == 2  # the launch and one relaunch
   finish_run(fake, 10)
-  proc = watch(fake, "miniend-v4-8", "--watch", "1")
+  proc = watch(fake, "miniend-v4-8", "--watch", "0.2")
   _, err = proc.communicate(timeout=30)
   assert proc.returncode == 0 and "stopping the watch: the run finished" in err
 
@@ -827,19 +638,14 @@ def test_resume_watch_stops_when_relaunching_makes_no_progress_or_the_run_finish
 def test_resume_watch_stops_once_torn_down(fake):
   create_vm(fake)
   fake.calls()
-  watch = subprocess.Popen(["bash", str(SCRIPTS / "resume.sh"), "--name", "miniend-v4-8",
-                            "--watch", "1"], env=fake.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-  try:
-    for _ in range(200):
-      if (fake.dir / "calls.log").exists():
-        break
-      time.sleep(0.02)
-    fake.run("teardown.sh", "--name", "miniend-v4-8", check=0)
-    _, err = watch.communicate(timeout=10)
-  finally:
-    watch.kill()
-  assert watch.returncode == 0 and "stopping the watch" in err
+  proc = watch(fake, "miniend-v4-8", "--watch", "0.2")
+  for _ in range(200):
+    if (fake.dir / "calls.log").exists():
+      break
+    time.sleep(0.02)
+  fake.run("teardown.sh", "--name", "miniend-v4-8", check=0)
+  _, err = proc.communicate(timeout=10)
+  assert proc.returncode == 0 and "stopping the watch" in err
   assert kinds(fake.calls()) == ["tpu-vm describe", "tpu-vm delete"]
 
 
@@ -875,9 +681,10 @@ def test_multi_slice_setup_launch_logs_act_on_every_slice_and_resume_recreates_i
                                     queued=True)
   assert create == MS_CREATE
   # setup and launch: once per slice, NAME-0 and NAME-1, every worker of each.
-  assert sorted((c[4], c[5]) for c in setup) == [("ms-0", "--worker=all"), ("ms-1", "--worker=all")]
+  assert sorted((c[4], c[5]) for c in setup) == [(f"{USER}@ms-0", "--worker=all"),
+                                                 (f"{USER}@ms-1", "--worker=all")]
   assert ssh_command(setup[0]) == ssh_command(setup[1])
-  by_node = {c[4]: ssh_command(c) for c in launch}
+  by_node = {c[4].removeprefix(f"{USER}@"): ssh_command(c) for c in launch}
   assert sorted(by_node) == ["ms-0", "ms-1"]
   for node, cmd in by_node.items():  # each slice's workers copy their logs under their own name
     assert f"gs_log=gs://b/run/logs/workers/{node}-$w.log" in cmd
@@ -887,7 +694,8 @@ def test_multi_slice_setup_launch_logs_act_on_every_slice_and_resume_recreates_i
   # logs: slice 0 by default, --node picks another.
   fake.run("logs.sh", "--name", "ms", "--no-follow", check=0)
   fake.run("logs.sh", "--name", "ms", "--node", "1", "--worker", "2", "--no-follow", check=0)
-  assert [c[4:6] for c in fake.calls()] == [["ms-0", "--worker=0"], ["ms-1", "--worker=2"]]
+  assert [c[4:6] for c in fake.calls()] == [[f"{USER}@ms-0", "--worker=0"],
+                                            [f"{USER}@ms-1", "--worker=2"]]
   assert fake.run("logs.sh", "--name", "ms", "--node", "2").returncode == 2
   # Suspended: deleted and created again with the same --node-count, then set up and launched.
   fake.states("queued", "SUSPENDED", "ACTIVE")
@@ -905,16 +713,16 @@ def test_multi_slice_setup_launch_logs_act_on_every_slice_and_resume_recreates_i
 def test_multi_slice_relaunch_checks_the_workers_of_every_slice(fake):
   for node in ("ms-0", "ms-1"):
     fake.play_workers(node)
-  (fake.workers_home / "ms-1-w0" / "behaviour").write_text("exit 1")
+  (fake.workers_home / USER / "ms-1-w0" / "behaviour").write_text("exit 1")
   start_run(fake, "ms", "v5litepod-8", "--node-count", "2", queued=True)
-  exit_file = run_files(fake.workers_home / "ms-1-w0", "ms")[2]
+  exit_file = run_files(fake.workers_home / USER / "ms-1-w0", "ms")[2]
   wait_for(exit_file.exists, "slice 1's crash")
   fake.states("queued", "ACTIVE")
   proc = fake.run("resume.sh", "--name", "ms", check=0)
   assert "t1v-n-ms-1-w-0: miniend exited with status 1" in proc.stderr
   assert "t1v-n-ms-0-w-0: stopping miniend" in proc.stdout
   for node in ("ms-0", "ms-1"):
-    log = run_files(fake.workers_home / f"{node}-w0", "ms")[0]
+    log = run_files(fake.workers_home / USER / f"{node}-w0", "ms")[0]
     wait_for(lambda log=log: read(log).count("args: distill") == 2, f"{node}'s relaunch")
 
 
