@@ -263,6 +263,7 @@ def run_torch(args) -> dict:
         kl = (log_t.exp() * (log_t - torch.log_softmax(logits / t, -1))).sum(-1)
         total = total + term.weight * t * t * (kl * dec_mask).sum() / dec_mask.sum()
         continue
+      pair_losses = 0.0
       for pair in term.pairs:
         a, b = pair[0], pair[1]
         get = lambda side, p, layer: captured[(side, term.kind, layer, p)]
@@ -272,10 +273,13 @@ def run_torch(args) -> dict:
           rows, keys, causal = enc_mask, enc_mask, False
         else:
           rows, keys, causal = dec_mask, dec_mask, term.kind == "decoder_self"
-        total = total + term.weight * _torch_relation(
+        pair_losses = pair_losses + _torch_relation(
             get("student", a, term.student_layer), get("student", b, term.student_layer),
             get("teacher", a, term.teacher_layer), get("teacher", b, term.teacher_layer),
             term.relation_heads, rows, keys, causal)
+      if term.pair_reduction == "mean":
+        pair_losses = pair_losses / len(term.pairs)
+      total = total + term.weight * pair_losses
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_(student_model.parameters(), 1.0)  # as ours (grad_clip_norm)

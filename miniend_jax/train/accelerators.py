@@ -41,13 +41,21 @@ def tpu_chips(sysfs: str = "/sys") -> int:
              for vendor, device in pci_devices(sysfs))
 
 
+# The TPU VM variables the planner sets for compiling on a host without chips (a
+# comma-separated list, kept in the environment so that child processes know too):
+# they are not evidence of a TPU VM.
+SET_FOR_COMPILING = "MINIEND_TPU_VARIABLES_SET_FOR_COMPILING"
+
+
 def tpu_vm_evidence(sysfs: str = "/sys") -> str | None:
   """What says this machine is a Cloud TPU VM (its TPU chips, or the TPU runtime's
-  TPU_ACCELERATOR_TYPE variable), in words; None on other machines."""
+  TPU_ACCELERATOR_TYPE variable, unless the planner set it), in words; None on other
+  machines."""
   chips = tpu_chips(sysfs)
   if chips:
     return f"{chips} TPU chip{'s' if chips > 1 else ''} on its PCI bus"
-  if os.environ.get("TPU_ACCELERATOR_TYPE"):
+  set_for_compiling = os.environ.get(SET_FOR_COMPILING, "").split(",")
+  if os.environ.get("TPU_ACCELERATOR_TYPE") and "TPU_ACCELERATOR_TYPE" not in set_for_compiling:
     return f"TPU_ACCELERATOR_TYPE={os.environ['TPU_ACCELERATOR_TYPE']}"
   return None
 

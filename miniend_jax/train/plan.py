@@ -39,6 +39,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from miniend_jax.train import accelerators
+
 GiB = 1024 ** 3
 
 # Environment libtpu reads on a TPU VM (normally from the VM's metadata). On
@@ -183,15 +185,17 @@ def parse_topology(name: str) -> Topology:
 
 def quiet_libtpu() -> None:
   """Sets the TPU VM variables libtpu otherwise warns about (unless already set), on a
-  host without TPU chips only: on a TPU VM libtpu reads the real ones."""
-  try:
-    from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
-      return
-  except (ImportError, AttributeError, OSError):
-    pass
-  for key, value in _LIBTPU_QUIET_ENV.items():
-    os.environ.setdefault(key, value)
+  host without TPU chips only: on a TPU VM libtpu reads the real ones. What it sets is
+  listed in `accelerators.SET_FOR_COMPILING`, so that a later run in this process (or
+  its children) does not take this host for a TPU VM."""
+  if accelerators.tpu_chips():
+    return
+  set_here = [key for key in _LIBTPU_QUIET_ENV if key not in os.environ]
+  for key in set_here:
+    os.environ[key] = _LIBTPU_QUIET_ENV[key]
+  if set_here:
+    already = [k for k in os.environ.get(accelerators.SET_FOR_COMPILING, "").split(",") if k]
+    os.environ[accelerators.SET_FOR_COMPILING] = ",".join(already + set_here)
 
 
 @functools.lru_cache(maxsize=None)

@@ -34,6 +34,24 @@ def test_tpu_chips_are_read_from_the_pci_bus(tmp_path, monkeypatch):
   assert accelerators.tpu_vm_evidence(str(tmp_path / "gce")) == "TPU_ACCELERATOR_TYPE=v5litepod-8"
 
 
+
+def test_the_planners_variables_are_no_evidence(tmp_path, monkeypatch):
+  """Planning for a TPU sets TPU_ACCELERATOR_TYPE in this process for libtpu; a run
+  later in the same process (a test worker, a notebook) is still not on a TPU VM."""
+  from miniend_jax.train import plan  # pylint: disable=import-outside-toplevel
+  for key in [*plan._LIBTPU_QUIET_ENV, accelerators.SET_FOR_COMPILING]:  # pylint: disable=protected-access
+    monkeypatch.setenv(key, "")  # so that the undo removes what quiet_libtpu sets
+    monkeypatch.delenv(key)
+  plan.quiet_libtpu()
+  assert os.environ["TPU_ACCELERATOR_TYPE"]
+  assert accelerators.tpu_vm_evidence(str(tmp_path)) is None
+  # A variable the runtime set before the planner ran is still evidence.
+  monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v6e-8")
+  monkeypatch.delenv(accelerators.SET_FOR_COMPILING)
+  plan.quiet_libtpu()
+  assert accelerators.tpu_vm_evidence(str(tmp_path)) == "TPU_ACCELERATOR_TYPE=v6e-8"
+
+
 @pytest.fixture
 def on_a_tpu_vm_without_its_tpu(monkeypatch):
   """This machine as a TPU VM (by the runtime's variable) whose TPU JAX could not start
