@@ -41,9 +41,9 @@ def tpu_chips(sysfs: str = "/sys") -> int:
              for vendor, device in pci_devices(sysfs))
 
 
-# The TPU VM variables the planner sets for compiling on a host without chips (a
-# comma-separated list, kept in the environment so that child processes know too):
-# they are not evidence of a TPU VM.
+# The TPU VM variables the planner set for compiling on a host without chips, as
+# comma-separated NAME=VALUE pairs kept in the environment (so that child processes
+# know too): while a variable still has that value it is no evidence of a TPU VM.
 SET_FOR_COMPILING = "MINIEND_TPU_VARIABLES_SET_FOR_COMPILING"
 
 
@@ -54,8 +54,9 @@ def tpu_vm_evidence(sysfs: str = "/sys") -> str | None:
   chips = tpu_chips(sysfs)
   if chips:
     return f"{chips} TPU chip{'s' if chips > 1 else ''} on its PCI bus"
+  accelerator_type = os.environ.get("TPU_ACCELERATOR_TYPE")
   set_for_compiling = os.environ.get(SET_FOR_COMPILING, "").split(",")
-  if os.environ.get("TPU_ACCELERATOR_TYPE") and "TPU_ACCELERATOR_TYPE" not in set_for_compiling:
+  if accelerator_type and f"TPU_ACCELERATOR_TYPE={accelerator_type}" not in set_for_compiling:
     return f"TPU_ACCELERATOR_TYPE={os.environ['TPU_ACCELERATOR_TYPE']}"
   return None
 

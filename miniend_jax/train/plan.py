@@ -195,7 +195,8 @@ def quiet_libtpu() -> None:
     os.environ[key] = _LIBTPU_QUIET_ENV[key]
   if set_here:
     already = [k for k in os.environ.get(accelerators.SET_FOR_COMPILING, "").split(",") if k]
-    os.environ[accelerators.SET_FOR_COMPILING] = ",".join(already + set_here)
+    os.environ[accelerators.SET_FOR_COMPILING] = ",".join(
+        already + [f"{key}={_LIBTPU_QUIET_ENV[key]}" for key in set_here])
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,7 @@ def write_pci(sysfs, devices):
 
 def test_tpu_chips_are_read_from_the_pci_bus(tmp_path, monkeypatch):
   monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
+  monkeypatch.delenv(accelerators.SET_FOR_COMPILING, raising=False)  # a plan test's, earlier
   gvnic, nvidia = ("0x1ae0", "0x0042"), ("0x10de", "0x2330")
   write_pci(tmp_path / "v4", 4 * [("0x1ae0", "0x005e")] + [gvnic])
   write_pci(tmp_path / "gce", [gvnic])  # Google's vendor id on every Compute Engine VM
@@ -57,6 +58,7 @@ def on_a_tpu_vm_without_its_tpu(monkeypatch):
   """This machine as a TPU VM (by the runtime's variable) whose TPU JAX could not start
   (it has none), with JAX_PLATFORMS unset as on a fresh TPU VM."""
   monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v4-8")
+  monkeypatch.delenv(accelerators.SET_FOR_COMPILING, raising=False)  # a plan test's, earlier
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)
   monkeypatch.setenv("MINIEND_DISTRIBUTED", "0")
   asked = jax.config.jax_platforms
