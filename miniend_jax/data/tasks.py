@@ -30,6 +30,7 @@ import json
 import os
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+from absl import logging
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -300,12 +301,14 @@ class JsonlDataSource(seqio.DataSource):
     if shuffle:
       files = [files[i] for i in np.random.RandomState(seed).permutation(
           len(files))]
-    columns = read_jsonl_files(files, self._fields)
-    ds = tf.data.Dataset.from_tensor_slices(
+    columns = {field: [] for field in self._fields}
+    for path in files:  # records strided within each file: independent of the order
+      for field, values in read_jsonl_files([path], self._fields).items():
+        columns[field] += values[phase::stride]
+    return tf.data.Dataset.from_tensor_slices(
         {k: tf.constant(v, dtype=tf.string, shape=[len(v)])
          for k, v in columns.items()}
     )
-    return ds.shard(stride, phase) if stride > 1 else ds
 
 
 # ----------------------------------------------------------------------------
@@ -417,6 +420,33 @@ def span_corruption_task(
   if register:
     add_to_registry(task)
   return task
+
+
+FILES_TASK = "files_span_corruption"
+
+
+def register_data_tasks(config) -> str:
+  """Registers what a run's `TrainConfig` points at; returns the task it reads.
+
+  `config.hf_data_dir`: the GLUE / CNN-DM / XSum tasks read the Hub's parquet
+  copies there. `config.train_files`: span corruption over those files
+  (`FILES_TASK`, registered with the default vocabulary; a run re-tokenises
+  it with its own), else `config.task`.
+  """
+  if config.hf_data_dir:
+    from miniend_jax.data import hub_parquet  # pylint: disable=import-outside-toplevel
+    hub_parquet.register_hub_tasks(config.hf_data_dir)
+  if not config.train_files:
+    return config.task
+  if not config.validation_files:
+    logging.warning("No validation files (--validation_files): the evaluation reads the "
+                    "train files.")
+  span_corruption_task(
+      FILES_TASK, default_vocabulary(),
+      {"train": config.train_files,
+       "validation": config.validation_files or config.train_files},
+      text_key=config.text_field or "text", skip_bad_records=config.skip_bad_records)
+  return FILES_TASK
 
 
 def vocabulary_tag(vocabulary: seqio.Vocabulary) -> str:
