@@ -425,13 +425,13 @@ def span_corruption_task(
 FILES_TASK = "files_span_corruption"
 
 
-def register_data_tasks(config) -> str:
+def register_data_tasks(config, vocabulary: Optional[seqio.Vocabulary] = None) -> str:
   """Registers what a run's `TrainConfig` points at; returns the task it reads.
 
   `config.hf_data_dir`: the GLUE / CNN-DM / XSum tasks read the Hub's parquet
   copies there. `config.train_files`: span corruption over those files
-  (`FILES_TASK`, registered with the default vocabulary; a run re-tokenises
-  it with its own), else `config.task`.
+  (`FILES_TASK`, tokenised with `vocabulary`, default `default_vocabulary()`),
+  else `config.task`.
   """
   if config.hf_data_dir:
     from miniend_jax.data import hub_parquet  # pylint: disable=import-outside-toplevel
@@ -442,7 +442,7 @@ def register_data_tasks(config) -> str:
     logging.warning("No validation files (--validation_files): the evaluation reads the "
                     "train files.")
   span_corruption_task(
-      FILES_TASK, default_vocabulary(),
+      FILES_TASK, vocabulary or default_vocabulary(),
       {"train": config.train_files,
        "validation": config.validation_files or config.train_files},
       text_key=config.text_field or "text", skip_bad_records=config.skip_bad_records)

@@ -239,9 +239,9 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
     raise ValueError(f"--workdir {workdir} is a file, not a directory. Pass a directory "
                      "(it is created if missing).")
-  task, vocabulary = task_vocabulary(tasks_lib.register_data_tasks(cfg),
-                                     default_data_dir(cfg.data_dir),
-                                     named_vocabulary(cfg.vocabulary, model.teacher))
+  vocabulary = named_vocabulary(cfg.vocabulary, model.teacher)
+  task, vocabulary = task_vocabulary(tasks_lib.register_data_tasks(cfg, vocabulary),
+                                     default_data_dir(cfg.data_dir), vocabulary)
   student_config, teacher_config = program.model_configs(
       mode, model, vocab_size=vocab_lib.padded_vocab_size(vocabulary))
   if teacher_config is not None:
