@@ -31,6 +31,7 @@ import os
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from absl import logging
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -365,6 +366,9 @@ def add_to_registry(provider: Union[seqio.Task, seqio.Mixture]) -> None:
   registry.add_provider(provider.name, provider)
 
 
+# The run's bindings (`--gin.span_corruption_task.shuffle_buffer_size=10000`)
+# reach the task `--train_files` registers; explicit arguments still win.
+@gin.configurable(allowlist=["shuffle_buffer_size", "chunk_records"])
 def span_corruption_task(
     name: str,
     vocabulary: seqio.Vocabulary,
@@ -377,6 +381,8 @@ def span_corruption_task(
     skip_bad_records: bool = False,
     noise_density: float = preprocessors.NOISE_DENSITY,
     mean_noise_span_length: float = preprocessors.MEAN_NOISE_SPAN_LENGTH,
+    shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE,
+    chunk_records: int = sources.CHUNK_RECORDS,
 ) -> seqio.Task:
   """A span corruption task over corpus files, streamed (`sources.FileSource`).
 
@@ -395,6 +401,10 @@ def span_corruption_task(
     skip_bad_records: skip (and count) bad records instead of stopping.
     noise_density: span corruption noise density.
     mean_noise_span_length: span corruption mean span length.
+    shuffle_buffer_size: examples in the shuffle buffer of each data shard
+      (host memory: ~ this x a document); the buffer is part of the saved
+      position, so a resumed run needs the same size.
+    chunk_records: records one read of a file hands to tf.data (`sources`).
 
   Returns:
     The `seqio.Task`.
@@ -408,7 +418,7 @@ def span_corruption_task(
   if validate_files:
     sources.check_files(split_to_filepattern, (text_key,), file_format=file_format)
   source = sources.FileSource(split_to_filepattern, (text_key,), file_format=file_format,
-                              skip_bad_records=skip_bad_records)
+                              skip_bad_records=skip_bad_records, chunk_records=chunk_records)
   task = seqio.Task(
       name,
       source=source,
@@ -416,6 +426,7 @@ def span_corruption_task(
       preprocessors=span_corruption_preprocessors(
           text_key, noise_density, mean_noise_span_length),
       metric_fns=[],
+      shuffle_buffer_size=shuffle_buffer_size,
   )
   if register:
     add_to_registry(task)

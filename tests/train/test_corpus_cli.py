@@ -2,8 +2,12 @@
 mid-file resumes at exactly the next example (on another host count too), and
 a corrupt record stops the run with one line, exit 3, the last checkpoint kept.
 
-Four launches in all (one of them 2 processes): an uninterrupted reference, a
-run killed mid-file, its resume on 2 processes, and a run over a corrupt file.
+Cheap by construction (each `miniend` process costs ~10 s of imports and
+tf.data tracing): tiny files read 8 records at a time through a 16-example
+shuffle buffer, so a few steps already cross chunk and file boundaries; the
+uninterrupted reference and the corrupt-record run are `cli.main` in this
+process, the killed run and its 2-process resume are real processes; all
+share one persistent compilation cache.
 """
 
 import gzip
@@ -14,10 +18,12 @@ import time
 
 import pytest
 
+from miniend_jax import cli
 from miniend_jax.train import checkpoints, writers
 from tests.train import loop_testing, multihost_testing as mh
 
-STEPS = 24
+STEPS = 8
+DOCUMENTS_PER_FILE = 40  # 5 chunks of 8: positions are mid-file, and runs change files
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +31,27 @@ def data_dir(tmp_path_factory):
   return loop_testing.shared_data_dir(tmp_path_factory)
 
 
+def _write_json_gz(path, lines):
+  path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+
+
+def _documents(split, k):
+  """Short documents: span corruption concatenates 128 at a time, so a few steps
+  read several such batches, i.e. many chunks (and files) after a resume."""
+  return [json.dumps({"text": f"{split} {k}.{i}: {'fox ' * (i % 3 + 1)}",
+                      "timestamp": "2019-04-25T12:57:54Z", "url": f"https://x/{i}"})
+          for i in range(DOCUMENTS_PER_FILE)]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """4 train files (2 logical shards: 2 files each) and 1 validation file, as allenai/c4
-  names them; ~1500 documents a file, so that a run's position is mid-file."""
+  names them."""
   root = tmp_path_factory.mktemp("c4") / "en"
   root.mkdir()
   for split, files in (("train", 4), ("validation", 1)):
     for k in range(files):
-      lines = [json.dumps({"text": f"Document {k}-{i} of {split}: the quick brown fox "
-                                   f"{'jumps over ' * (i % 5 + 1)}the lazy dog {i % 13}.",
-                           "timestamp": "2019-04-25T12:57:54Z", "url": f"https://x/{i}"})
-               for i in range(1500)]
-      (root / f"c4-{split}.{k:05d}-of-{files:05d}.json.gz").write_bytes(
-          gzip.compress(("\n".join(lines) + "\n").encode()))
+      _write_json_gz(root / f"c4-{split}.{k:05d}-of-{files:05d}.json.gz", _documents(split, k))
   return str(root)
 
 
@@ -53,7 +66,33 @@ def _pretrain(workdir, data_dir, train_files, validation_files, num_steps=STEPS)
           "--train_files", train_files, "--validation_files", validation_files,
           "--vocabulary", vocabulary, "--num_steps", str(num_steps), *mh.TINY_FLAGS,
           "--gin.TrainConfig.data_shards=2", "--gin.TrainConfig.eval_batches=1",
-          "--gin.CheckpointConfig.save_interval_steps=2"]
+          "--gin.CheckpointConfig.save_interval_steps=2",
+          "--gin.span_corruption_task.shuffle_buffer_size=16",
+          "--gin.span_corruption_task.chunk_records=8"]
+
+
+def _main_here(argv, data_dir, cache_dir) -> int:
+  """`miniend ARGV` in this process (as `mh.launch` runs it, on its cache), leaving
+  JAX's compilation cache setting as it was for the other tests."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+  previous = jax.config.jax_compilation_cache_dir
+  try:
+    return cli.main([*argv, f"--gin.TrainConfig.data_dir='{data_dir}'",
+                     f"--gin.TrainConfig.compilation_cache_dir='{cache_dir}'"])
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, data_dir, cache_dir):
+  """The uninterrupted run (1 process, 8 devices), the one the others are held to."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  argv = _pretrain(workdir, data_dir, f"{corpus}/c4-train.*.json.gz",
+                   f"{corpus}/c4-validation.*.json.gz")
+  assert _main_here(argv, data_dir, cache_dir) == 0
+  return workdir
 
 
 def _losses(workdir):
@@ -62,12 +101,9 @@ def _losses(workdir):
 
 
 def test_sigkill_mid_file_resumes_exactly_also_on_two_processes(tmp_path, corpus, data_dir,
-                                                                 cache_dir):
+                                                                 cache_dir, reference):
   train, validation = f"{corpus}/c4-train.*.json.gz", f"{corpus}/c4-validation.*.json.gz"
   kwargs = dict(data_dir=data_dir, cache_dir=cache_dir)
-  reference = str(tmp_path / "reference")
-  mh.run(1, _pretrain(reference, data_dir, train, validation), **kwargs)
-
   killed = str(tmp_path / "killed")
   procs = mh.launch(1, _pretrain(killed, data_dir, train, validation, num_steps=10000), **kwargs)
   deadline = time.time() + 300
@@ -89,25 +125,27 @@ def test_sigkill_mid_file_resumes_exactly_also_on_two_processes(tmp_path, corpus
   mh.assert_params_close(mh.final_params(reference), mh.final_params(killed))
 
 
-def test_a_corrupt_record_stops_with_one_line_and_exit_3(tmp_path, corpus, data_dir, cache_dir):
+def test_a_corrupt_record_stops_with_one_line_and_exit_3(tmp_path, corpus, data_dir, cache_dir,
+                                                         capfd):
+  # 2 files for 2 shards: shard 1 reads part-1 alone, and meets its line 601 (past the
+  # start-up check of the first 8 records and the first checkpoints) ~10 steps in.
   bad = tmp_path / "bad"
   bad.mkdir()
   for k in range(2):
-    with gzip.open(f"{corpus}/c4-train.{k:05d}-of-00004.json.gz", "rt") as f:
-      lines = f.read().splitlines()
-    if k == 1:  # past the start-up check (first records) and the first checkpoints
-      lines[1399] = '{"text": "cut off'
-    (bad / f"part-{k}.json.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    lines = [line for j in range(16) for line in _documents("train", k + 2 * j)]
+    if k == 1:
+      lines[600] = '{"text": "cut off'
+    _write_json_gz(bad / f"part-{k}.json.gz", lines)
   workdir = str(tmp_path / "run")
-  procs = mh.launch(1, _pretrain(workdir, data_dir, str(bad / "*.json.gz"),
-                                 f"{corpus}/c4-validation.*.json.gz", num_steps=10000),
-                    data_dir=data_dir, cache_dir=cache_dir)
-  out = procs[0].communicate(timeout=600)[0]
-  assert procs[0].returncode == 3, out[-3000:]
-  errors = [line for line in out.splitlines() if line.startswith("miniend: ")]
-  assert len(errors) == 1 and f"{bad}/part-1.json.gz:1400: is not valid JSON" in errors[0], out
+  capfd.readouterr()
+  code = _main_here(_pretrain(workdir, data_dir, str(bad / "*.json.gz"),
+                              f"{corpus}/c4-validation.*.json.gz", num_steps=10000),
+                    data_dir, cache_dir)
+  err = capfd.readouterr().err
+  assert code == 3, err[-3000:]
+  errors = [line for line in err.splitlines() if line.startswith("miniend: ")]
+  assert len(errors) == 1 and f"{bad}/part-1.json.gz:601: is not valid JSON" in errors[0], err
   # Nothing after the last good checkpoint: the steps saved all restore.
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  latest = checkpoints.latest_step(ckpt_dir)
-  assert latest is not None
+  assert checkpoints.latest_step(ckpt_dir) is not None
   assert checkpoints.load_params_from_checkpoint(ckpt_dir)
