@@ -52,6 +52,10 @@ _SHORTHANDS = {
     "vocabulary": "TrainConfig.vocabulary",
     "num_steps": "TrainConfig.num_steps",
     "data_dir": "TrainConfig.data_dir",
+    "train_files": "TrainConfig.train_files",
+    "validation_files": "TrainConfig.validation_files",
+    "text_field": "TrainConfig.text_field",
+    "hf_data_dir": "TrainConfig.hf_data_dir",
 }
 
 
@@ -221,6 +225,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "OptimizerConfig.total_steps is set")
     p.add_argument("--data_dir", help="where the embedded corpus is built and cached "
                                       "(default $MINIEND_DATA_DIR or ~/.cache/miniend_jax)")
+    if mode != "finetune":
+      p.add_argument("--train_files", metavar="PATTERN",
+                     help="span corruption over these corpus files instead of --task: "
+                          "*.json/*.jsonl/*.txt (each optionally .gz), *.parquet, *.tfrecord; "
+                          "local, gs:// or hf://, e.g. gs://b/c4/en/c4-train.*.json.gz")
+      p.add_argument("--validation_files", metavar="PATTERN",
+                     help="the evaluation's files (default: the train files)")
+      p.add_argument("--text_field", help="the text field of the records (default text)")
+    p.add_argument("--hf_data_dir", metavar="DIR",
+                   help="the Hub's parquet copies of nyu-mll/glue, abisee/cnn_dailymail, "
+                        "EdinburghNLP/xsum (local, gs:// or hf://datasets) instead of TFDS")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--allow_changes", action="store_true",
                    help="continue a run in --workdir even though settings other than its "
@@ -418,7 +433,8 @@ def _exit_code(error: BaseException) -> int | None:
   # Only modules already loaded can have raised their errors.
   for module, name in (("miniend_jax.model.hf", "CheckpointError"),
                        ("miniend_jax.train.checkpoints", "CheckpointRestoreError"),
-                       ("miniend_jax.train.partitioning", "TpuUnavailableError")):
+                       ("miniend_jax.train.partitioning", "TpuUnavailableError"),
+                       ("miniend_jax.data.sources", "BadRecordError")):
     if module in sys.modules:
       data_errors.append(getattr(sys.modules[module], name))
   if isinstance(error, tuple(data_errors)):

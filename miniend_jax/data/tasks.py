@@ -30,6 +30,8 @@ import json
 import os
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+from absl import logging
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -37,6 +39,7 @@ import tensorflow_datasets as tfds
 
 from miniend_jax.data import metrics
 from miniend_jax.data import preprocessors
+from miniend_jax.data import sources
 from miniend_jax.data import vocab as vocab_lib
 
 # Environment variable naming the vocabulary the TFDS tasks are registered
@@ -84,7 +87,8 @@ GLUE_TRAIN_EXAMPLES: Mapping[str, int] = {
     "wnli": 635,
 }
 
-TEXT_FILE_FORMATS = ("text", "jsonl", "tfrecord")
+# Formats `span_corruption_task` takes ("jsonl" is "json"); None: from the names.
+TEXT_FILE_FORMATS = ("text", "jsonl", "json", "tfrecord", "parquet")
 
 
 # ----------------------------------------------------------------------------
@@ -270,7 +274,7 @@ class JsonlDataSource(seqio.DataSource):
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
-    return False
+    return True  # by files, or by records when files are fewer than shards
 
   def list_shards(self, split: str) -> Sequence[str]:
     return seqio.utils.list_files(self._split_to_filepattern[split])
@@ -281,9 +285,11 @@ class JsonlDataSource(seqio.DataSource):
 
     Args:
       split: a split of `split_to_filepattern`.
-      shuffle: shuffle the file order (seqio shuffles the examples).
+      shuffle: shuffle this shard's file order (seqio shuffles the examples).
       seed: seed of the file order.
-      shard_info: read only every num_shards-th file, from index.
+      shard_info: which shard: every num_shards-th file of one order shared by
+        all shards, or every num_shards-th record when there are fewer files
+        (`sources.shard_files`), so shards are disjoint whatever their seeds.
     """
     files = list(self.list_shards(split))
     if not files:
@@ -291,13 +297,15 @@ class JsonlDataSource(seqio.DataSource):
           f"No file matches {self._split_to_filepattern[split]!r} (split "
           f"{split!r})."
       )
-    if shard_info:
-      # seqio only passes shard_info when there are enough files.
-      files = files[shard_info.index :: shard_info.num_shards]
+    indices, stride, phase = sources.shard_files(len(files), shard_info)
+    files = [files[i] for i in indices]
     if shuffle:
       files = [files[i] for i in np.random.RandomState(seed).permutation(
           len(files))]
-    columns = read_jsonl_files(files, self._fields)
+    columns = {field: [] for field in self._fields}
+    for path in files:  # records strided within each file: independent of the order
+      for field, values in read_jsonl_files([path], self._fields).items():
+        columns[field] += values[phase::stride]
     return tf.data.Dataset.from_tensor_slices(
         {k: tf.constant(v, dtype=tf.string, shape=[len(v)])
          for k, v in columns.items()}
@@ -307,82 +315,6 @@ class JsonlDataSource(seqio.DataSource):
 # ----------------------------------------------------------------------------
 # Local files: validation and span corruption tasks
 # ----------------------------------------------------------------------------
-
-
-def _iter_utf8_lines(path: str):
-  """Yields (line number, text) of a file, failing clearly on non-UTF-8."""
-  with tf.io.gfile.GFile(path, "rb") as f:
-    for line_number, raw in enumerate(f, start=1):
-      try:
-        yield line_number, raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not valid UTF-8: line {line_number}, byte {e.start} "
-            f"of the line ({raw[max(e.start - 8, 0):e.start + 8]!r}) cannot "
-            "be decoded. Re-encode the file as UTF-8, e.g. "
-            f"`iconv -f latin1 -t utf-8 {path} > fixed.txt`."
-        ) from None
-
-
-def validate_text_files(
-    split_to_filepattern: Mapping[str, Union[str, Sequence[str]]],
-    file_format: str = "text",
-    text_key: str = "text",
-) -> dict[str, list[str]]:
-  """Checks local corpus files before a task is built on them.
-
-  Args:
-    split_to_filepattern: split -> glob pattern(s).
-    file_format: "text" (one example per line), "jsonl" (objects with a
-      string `text_key`) or "tfrecord" (tf.train.Example with bytes
-      `text_key`).
-    text_key: the text field of JSONL / TFRecord records.
-
-  Returns:
-    split -> the matched files.
-
-  Raises:
-    FileNotFoundError: a pattern matches no file.
-    ValueError: a file is empty / blank, not UTF-8, or (JSONL) has a line that
-      is not a JSON object with a string `text_key`.
-  """
-  if file_format not in TEXT_FILE_FORMATS:
-    raise ValueError(
-        f"file_format must be one of {TEXT_FILE_FORMATS}, got {file_format!r}."
-    )
-  matched = {}
-  for split, patterns in split_to_filepattern.items():
-    files = seqio.utils.list_files(patterns)
-    if not files:
-      raise FileNotFoundError(
-          f"Split {split!r}: no file matches {patterns!r}."
-      )
-    for path in files:
-      if tf.io.gfile.stat(path).length == 0:
-        raise ValueError(
-            f"{path} is empty; a {file_format} corpus file needs at least one "
-            "non-blank example. Remove it from the pattern or fill it."
-        )
-      if file_format == "tfrecord":
-        continue
-      has_text = False
-      # Every line is decoded, also after the first text line, so that a bad
-      # byte anywhere is reported here rather than mid-training.
-      for line_number, line in _iter_utf8_lines(path):
-        if not line.strip() or (file_format == "text" and has_text):
-          continue
-        if file_format == "text":
-          has_text = True
-          continue
-        record = parse_jsonl_record(path, line_number, line, (text_key,))
-        has_text = has_text or bool(record[text_key].strip())
-      if not has_text:
-        raise ValueError(
-            f"{path} has no non-blank text; a {file_format} corpus file needs "
-            "at least one example."
-        )
-    matched[split] = files
-  return matched
 
 
 def span_corruption_preprocessors(
@@ -434,69 +366,98 @@ def add_to_registry(provider: Union[seqio.Task, seqio.Mixture]) -> None:
   registry.add_provider(provider.name, provider)
 
 
+# The run's bindings (`--gin.span_corruption_task.shuffle_buffer_size=10000`)
+# reach the task `--train_files` registers; explicit arguments still win.
+@gin.configurable(allowlist=["shuffle_buffer_size", "chunk_records"])
 def span_corruption_task(
     name: str,
     vocabulary: seqio.Vocabulary,
     split_to_filepattern: Mapping[str, Union[str, Sequence[str]]],
-    file_format: str = "text",
+    file_format: Optional[str] = None,
     text_key: str = "text",
     *,
     validate_files: bool = True,
     register: bool = True,
+    skip_bad_records: bool = False,
     noise_density: float = preprocessors.NOISE_DENSITY,
     mean_noise_span_length: float = preprocessors.MEAN_NOISE_SPAN_LENGTH,
+    shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE,
+    chunk_records: int = sources.CHUNK_RECORDS,
 ) -> seqio.Task:
-  """A span corruption task over local (or gfile) text, JSONL or TFRecords.
+  """A span corruption task over corpus files, streamed (`sources.FileSource`).
 
   Args:
     name: task name.
     vocabulary: T5 vocabulary (with 100 extra ids).
-    split_to_filepattern: e.g. {"train": "/data/train-*.txt"}.
-    file_format: "text" (an example per line), "jsonl" or "tfrecord".
-    text_key: text field of JSONL objects / tf.train.Example features.
-    validate_files: check the files first (see `validate_text_files`); reads
-      every text / JSONL file once.
+    split_to_filepattern: e.g. {"train": "gs://b/c4/en/c4-train.*.json.gz"};
+      local, gs:// or any filesystem `etils.epath` knows.
+    file_format: None (from the file names: .json/.jsonl/.txt, optionally
+      .gz, .parquet, .tfrecord) or one of `TEXT_FILE_FORMATS`.
+    text_key: text field of JSON objects / parquet columns / tf.train.Example
+      features.
+    validate_files: check the first records of a few files of each split
+      (`sources.check_files`; the corpus itself is never read here).
     register: add (or replace) it in `seqio.TaskRegistry`.
+    skip_bad_records: skip (and count) bad records instead of stopping.
     noise_density: span corruption noise density.
     mean_noise_span_length: span corruption mean span length.
+    shuffle_buffer_size: examples in the shuffle buffer of each data shard
+      (host memory: ~ this x a document); the buffer is part of the saved
+      position, so a resumed run needs the same size.
+    chunk_records: records one read of a file hands to tf.data (`sources`).
 
   Returns:
     The `seqio.Task`.
   """
   vocab_lib.validate_vocabulary(vocabulary)
-  if validate_files:
-    validate_text_files(split_to_filepattern, file_format, text_key)
-  elif file_format not in TEXT_FILE_FORMATS:
+  if file_format not in (None, *TEXT_FILE_FORMATS):
     raise ValueError(
-        f"file_format must be one of {TEXT_FILE_FORMATS}, got {file_format!r}."
-    )
-  steps = span_corruption_preprocessors(
-      text_key, noise_density, mean_noise_span_length
-  )
-  if file_format == "text":
-    source = seqio.TextLineDataSource(split_to_filepattern)
-    # Lines come as bare strings; name them like the other formats.
-    steps.insert(
-        0,
-        functools.partial(preprocessors.text_line_to_example, key=text_key),
-    )
-  elif file_format == "jsonl":
-    source = JsonlDataSource(split_to_filepattern, fields=(text_key,))
-  else:
-    source = seqio.TFExampleDataSource(
-        split_to_filepattern,
-        feature_description={text_key: tf.io.FixedLenFeature([], tf.string)},
-    )
+        f"file_format must be one of {TEXT_FILE_FORMATS} (or None: from the file names), "
+        f"got {file_format!r}.")
+  file_format = "json" if file_format == "jsonl" else file_format
+  if validate_files:
+    sources.check_files(split_to_filepattern, (text_key,), file_format=file_format)
+  source = sources.FileSource(split_to_filepattern, (text_key,), file_format=file_format,
+                              skip_bad_records=skip_bad_records, chunk_records=chunk_records)
   task = seqio.Task(
       name,
       source=source,
       output_features=output_features(vocabulary),
-      preprocessors=steps,
+      preprocessors=span_corruption_preprocessors(
+          text_key, noise_density, mean_noise_span_length),
       metric_fns=[],
+      shuffle_buffer_size=shuffle_buffer_size,
   )
   if register:
     add_to_registry(task)
   return task
+
+
+FILES_TASK = "files_span_corruption"
+
+
+def register_data_tasks(config, vocabulary: Optional[seqio.Vocabulary] = None) -> str:
+  """Registers what a run's `TrainConfig` points at; returns the task it reads.
+
+  `config.hf_data_dir`: the GLUE / CNN-DM / XSum tasks read the Hub's parquet
+  copies there. `config.train_files`: span corruption over those files
+  (`FILES_TASK`, tokenised with `vocabulary`, default `default_vocabulary()`),
+  else `config.task`.
+  """
+  if config.hf_data_dir:
+    from miniend_jax.data import hub_parquet  # pylint: disable=import-outside-toplevel
+    hub_parquet.register_hub_tasks(config.hf_data_dir)
+  if not config.train_files:
+    return config.task
+  if not config.validation_files:
+    logging.warning("No validation files (--validation_files): the evaluation reads the "
+                    "train files.")
+  span_corruption_task(
+      FILES_TASK, vocabulary or default_vocabulary(),
+      {"train": config.train_files,
+       "validation": config.validation_files or config.train_files},
+      text_key=config.text_field or "text", skip_bad_records=config.skip_bad_records)
+  return FILES_TASK
 
 
 def vocabulary_tag(vocabulary: seqio.Vocabulary) -> str:
@@ -761,7 +722,13 @@ class DatasetIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     """The next batch as numpy arrays (int32 [batch, length] features)."""
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except tf.errors.OpError as e:
+      message = sources.bad_record_message(e)
+      if message is None:
+        raise
+      raise sources.BadRecordError(message) from None
     return tf.nest.map_structure(lambda t: t.numpy(), batch)
 
   @staticmethod

@@ -39,7 +39,7 @@ import seqio
 from etils import epath  # local paths and gs:// alike (multi-host runs need gs://)
 from jax.sharding import NamedSharding, PartitionSpec
 
-from miniend_jax.data import local_corpus, tasks as tasks_lib, vocab as vocab_lib
+from miniend_jax.data import local_corpus, sources, tasks as tasks_lib, vocab as vocab_lib
 from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model import hf, student as student_lib, t5
 from miniend_jax.train import (checkpoints, inputs, partitioning, preemption, program,
@@ -239,8 +239,9 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
     raise ValueError(f"--workdir {workdir} is a file, not a directory. Pass a directory "
                      "(it is created if missing).")
-  task, vocabulary = task_vocabulary(cfg.task, default_data_dir(cfg.data_dir),
-                                     named_vocabulary(cfg.vocabulary, model.teacher))
+  vocabulary = named_vocabulary(cfg.vocabulary, model.teacher)
+  task, vocabulary = task_vocabulary(tasks_lib.register_data_tasks(cfg, vocabulary),
+                                     default_data_dir(cfg.data_dir), vocabulary)
   student_config, teacher_config = program.model_configs(
       mode, model, vocab_size=vocab_lib.padded_vocab_size(vocabulary))
   if teacher_config is not None:
@@ -404,6 +405,8 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
         pending = []
         rates = _rates(time.perf_counter() - interval_start, interval_steps, timers,
                        prog.tokens_per_step, prog.analytic_flops, peak)
+        if cfg.skip_bad_records:
+          rates["data/skipped_records"] = float(sources.skipped_records())
         writer.write_scalars(done, rates)
         last_train.update(rates)
         interval_start, interval_steps = time.perf_counter(), 0

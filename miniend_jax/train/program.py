@@ -70,6 +70,22 @@ class TrainConfig:
       SentencePiece `.model` file. Span corruption follows the vocabulary
       (ByT5: 20-byte mean spans; size targets_length with
       `tasks.span_corruption_feature_lengths(inputs, mean_noise_span_length=20)`).
+    train_files / validation_files: glob patterns of corpus files (local,
+      gs://, hf://...; .json/.jsonl/.txt, each optionally .gz, .parquet,
+      .tfrecord): the run reads span corruption over them (task
+      `tasks.FILES_TASK`) instead of `task`, streamed with exact positions
+      (`data/sources.py`). Without validation_files the evaluation reads the
+      train files.
+    text_field: the text field of JSON records / parquet columns / tf.Examples
+      (None: "text").
+    skip_bad_records: skip (and count, metric `data/skipped_records`) records
+      that are not JSON, lack the text field, or follow a truncated gzip,
+      instead of stopping with exit status 3. A stopped run may resume with it
+      turned on.
+    hf_data_dir: a directory (local, gs://, or hf://datasets) holding the
+      Hub's parquet copies of nyu-mll/glue, abisee/cnn_dailymail and
+      EdinburghNLP/xsum: the glue_*, glue, cnn_dailymail and xsum tasks read
+      them instead of TFDS (`data/hub_parquet.py`).
   """
 
   task: str = "pydoc_span_corruption"
@@ -88,6 +104,11 @@ class TrainConfig:
   profile_steps: tuple[int, ...] = ()
   compilation_cache_dir: str | None = None
   vocabulary: str | None = None
+  train_files: str | None = None
+  validation_files: str | None = None
+  text_field: str | None = None
+  skip_bad_records: bool = False
+  hf_data_dir: str | None = None
 
   def __post_init__(self):
     for name in ("inputs_length", "targets_length", "batch_size", "num_steps", "log_every"):

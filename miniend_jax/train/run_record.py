@@ -31,6 +31,7 @@ SAFE_TO_CHANGE = (
     "train.profile_steps", "train.compilation_cache_dir", "train.data_dir",
     "optimizer.total_steps_from_num_steps", "checkpoint.*", "mesh.*",
     "model.attention_impl",  # the kernel, not the math
+    "train.skip_bad_records",  # how to go past a bad record the run stopped at
 )
 
 

@@ -79,18 +79,18 @@ def test_non_utf8_file(pydoc_vocab, tmp_path):
   (tmp_path / "latin1.txt").write_bytes(
       "fine first line\nun caf\u00e9 cr\u00e8me\n".encode("latin-1"))
   with pytest.raises(ValueError,
-                     match=r"latin1.txt is not valid UTF-8: line 2.*iconv"):
+                     match=r"latin1.txt:2: is not UTF-8.*Re-encode"):
     tasks.span_corruption_task("test_bad", pydoc_vocab,
                                {"train": str(tmp_path / "latin1.txt")})
 
 
 def test_bad_jsonl(pydoc_vocab, tmp_path):
   (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: is not valid JSON"):
     tasks.span_corruption_task("test_bad", pydoc_vocab,
                                {"train": str(tmp_path / "bad.jsonl")}, "jsonl")
   (tmp_path / "bad.jsonl").write_text('{"content": "ok"}\n')
-  with pytest.raises(ValueError, match="with a string 'text' field"):
+  with pytest.raises(ValueError, match="bad.jsonl:1: has no string field 'text'"):
     tasks.span_corruption_task("test_bad", pydoc_vocab,
                                {"train": str(tmp_path / "bad.jsonl")}, "jsonl")
 
