@@ -15,10 +15,13 @@ anything loads or compiles. Then:
 - the single jitted step of `train/steps.py` runs; every host logs goodput
   (step, data-wait, evaluation and checkpoint time) and MFU on compute time;
 - checkpoints (orbax) hold the state and every shard's data position in one
-  atomic step; a run resumes from the latest good one, on any number of hosts;
+  atomic step; a run resumes from the latest one every host can read, on any
+  number of hosts;
 - SIGTERM or Ctrl-C on any host stops every host after the same step, which
-  they save together (`preemption.py`); a non-finite loss stops with a clear
-  error and the last good checkpoint untouched;
+  they save together, or before the first step when it came while loading
+  (`preemption.py`); a non-finite loss stops with a clear error and the last
+  good checkpoint untouched; a run that stops finishing steps while alive is
+  ended by its watchdog (`watchdog.py`, exit status 4);
 - evaluation runs the same number of steps on every host (exhausted shards
   give zero-weight rows).
 """
