@@ -16,8 +16,9 @@ are shorthands for the bindings they name. Expected failures end in one line,
 `miniend: <what is wrong>. <what to do>.`, with exit status 2 (usage: flags,
 settings, a directory made by another run) or 3 (data, checkpoints, files,
 a diverged run); --debug shows the traceback instead. Ctrl-C saves and exits
-130. Nothing heavy is imported before a command runs, so --help and `models`
-answer at once.
+130; a training run that stops finishing steps exits 4 (train/watchdog.py).
+Nothing heavy is imported before a command runs, so --help and `models` answer
+at once.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
       prog="miniend", description="Task-agnostic distillation of T5 models (MiniEnD) in JAX.",
       epilog="Any --gin.NAME=VALUE flag is a gin binding, e.g. --gin.TrainConfig.num_steps=500 "
              "(a bare word is a string: --gin.ModelSetup.student_shape=2L-64H). Exit status: "
-             "0 done, 2 usage, 3 data or checkpoint problem, 130 stopped by Ctrl-C (saved).")
+             "0 done, 2 usage, 3 data or checkpoint problem, 4 hung (no step finished in the "
+             "watchdog's time), 130 stopped by Ctrl-C (saved).")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   def flags(p, *, workdir=True, gin=True):

@@ -16,9 +16,13 @@ What the TPU API says (describe) decides:
     where it still runs and launch it again on all workers, so that all hosts start
     together (launch.sh --relaunch --restart). A host whose peer died cannot save a
     checkpoint: the run continues from the last one saved before the failure.
+    A run that hangs while training ends itself: its watchdog (WatchdogConfig) exits
+    with status 4 when no step finishes for 20 times the recent step time (at least
+    20 minutes), and it is relaunched as any exited run.
   - It runs everywhere but WORKDIR/logs/train_metrics.jsonl has not changed for
-    --hung-after seconds: it is hung (a stalled input read, a wedged chip); it is
-    stopped (SIGTERM, SIGKILL after 2 minutes) and launched again, the same way.
+    --hung-after seconds: it is hung where the watchdog does not look (loading,
+    compiling, or with the watchdog off); it is stopped (SIGTERM, SIGKILL after 2
+    minutes) and launched again, the same way.
   - It runs everywhere and moves: nothing to do.
 - pending, on its way to ready by itself (CREATING, STARTING, RESTARTING, REPAIRING,
   REIMAGING, UNHIDING; queued: CREATING, ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING):
@@ -269,6 +273,7 @@ check_workers() {
     WORKERS_SEEN=$((WORKERS_SEEN + 1))
     case "$status" in
       running) ;;
+      "exited 4") DEAD+="  $host: miniend exited with status 4 (hung: its watchdog saw no step finish; every thread's stack ends its log)"$'\n' ;;
       exited*) DEAD+="  $host: miniend exited with status ${status#exited }"$'\n' ;;
       gone) DEAD+="  $host: miniend is gone without an exit status (killed, or the VM restarted)"$'\n' ;;
       not-launched) DEAD+="  $host: miniend was never launched there"$'\n' ;;

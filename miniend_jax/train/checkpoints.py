@@ -479,24 +479,39 @@ class Checkpointer:
 
   def restore_latest_good(self, target_state: PyTree = None, *,
                           data_iterator: Any = None) -> tuple[PyTree, DataState]:
-    """Restores the newest step that reads cleanly, skipping damaged ones.
+    """Restores the newest step that every process reads cleanly, skipping damaged ones.
 
-    Damaged steps are logged and left on disk (never deleted). Raises
-    NoCheckpointError when there is no step, and CheckpointRestoreError
-    (about the newest step) when none reads.
+    Each process tries the steps, newest first, on its own (through a reader
+    that joins no cross-host barrier), and after each try the processes agree
+    on whether all of them read it: all restore the newest step that every one
+    read. (A host falling back alone would mix two steps' parameter shards and
+    data positions, then hang at the next barrier.) Damaged steps are logged,
+    naming the processes that could not read them, and left on disk (never
+    deleted). Raises NoCheckpointError when there is no step, and
+    CheckpointRestoreError (about the newest step) when none reads.
     """
     errors = []
-    for step in reversed(self._require_steps_list()):
-      try:
-        restored = self.restore(step, target_state, data_iterator=data_iterator)
-      except CheckpointRestoreError as e:
-        logging.warning("Skipping unreadable checkpoint: %s", e)
-        errors.append(e)
-        continue
-      if errors:
-        logging.warning("Restored step %d of %s after skipping damaged steps %s.", step,
-                        self.directory, [e.step for e in errors])
-      return restored
+    with Checkpointer(self.directory, read_only=True) as reader:
+      for step in reversed(self._require_steps_list()):
+        try:
+          restored, error = reader.restore(step, target_state, data_iterator=data_iterator), None
+        except CheckpointRestoreError as e:
+          restored, error = None, e
+          logging.warning("Skipping unreadable checkpoint: %s", e)
+        failed = _processes_that_failed(step, error is not None, self.directory)
+        if not failed:
+          if errors:
+            logging.warning("Restored step %d of %s after skipping steps %s that not every "
+                            "process could read.", step, self.directory,
+                            [e.step for e in errors])
+          return restored
+        if error is None:
+          logging.warning("Checkpoint step %d of %s reads here, but not on process(es) %s: "
+                          "every process falls back to an older step.", step, self.directory,
+                          failed)
+        errors.append(error or CheckpointRestoreError(
+            f"Checkpoint step {step} in {self.directory} could not be read on process(es) "
+            f"{failed} (their logs say why).", step=step, directory=str(self.directory)))
     raise CheckpointRestoreError(
         f"No checkpoint step in {self.directory} could be read (tried "
         f"{[e.step for e in errors]}). The newest failed with: {errors[0]}",
@@ -518,6 +533,27 @@ class Checkpointer:
           step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
     except Exception as e:  # pylint: disable=broad-except
       raise self._restore_error(step, e) from e
+
+
+def _processes_that_failed(step: int, failed_here: bool, directory) -> list[int]:
+  """The processes that could not read `step` (the same list on every process).
+
+  Every process calls it once per step it tries, so all make the same calls; a
+  process that lists other steps than the others (it could not see the same
+  directory) ends the restore on all of them at once.
+  """
+  if jax.process_count() == 1:
+    return [0] if failed_here else []
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  gathered = np.asarray(multihost_utils.process_allgather(
+      np.asarray([step, int(failed_here)], np.int64))).reshape(-1, 2)
+  if len(set(gathered[:, 0].tolist())) > 1:
+    raise CheckpointRestoreError(
+        f"The processes see different checkpoint steps in {directory} (trying "
+        f"{gathered[:, 0].tolist()} by process): they do not read the same directory. Give "
+        "every host the same --workdir on storage they all share (gs://).",
+        step=step, directory=str(directory))
+  return [index for index, failed in enumerate(gathered[:, 1].tolist()) if failed]
 
 
 # ----------------------------------------------------------------------------

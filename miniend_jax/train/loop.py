@@ -15,10 +15,13 @@ anything loads or compiles. Then:
 - the single jitted step of `train/steps.py` runs; every host logs goodput
   (step, data-wait, evaluation and checkpoint time) and MFU on compute time;
 - checkpoints (orbax) hold the state and every shard's data position in one
-  atomic step; a run resumes from the latest good one, on any number of hosts;
+  atomic step; a run resumes from the latest one every host can read, on any
+  number of hosts;
 - SIGTERM or Ctrl-C on any host stops every host after the same step, which
-  they save together (`preemption.py`); a non-finite loss stops with a clear
-  error and the last good checkpoint untouched;
+  they save together, or before the first step when it came while loading
+  (`preemption.py`); a non-finite loss stops with a clear error and the last
+  good checkpoint untouched; a run that stops finishing steps while alive is
+  ended by its watchdog (`watchdog.py`, exit status 4);
 - evaluation runs the same number of steps on every host (exhausted shards
   give zero-weight rows).
 """
@@ -42,8 +45,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from miniend_jax.data import local_corpus, sources, tasks as tasks_lib, vocab as vocab_lib
 from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model import hf, student as student_lib, t5
-from miniend_jax.train import (checkpoints, inputs, partitioning, preemption, program,
-                               run_record, state as state_lib, steps, writers)
+from miniend_jax.train import (checkpoints, inputs, partitioning, preemption, profiling, program,
+                               run_record, state as state_lib, steps, watchdog as watchdog_lib,
+                               writers)
 from miniend_jax.train.program import MODES, ModelSetup, TrainConfig  # noqa: F401  (gin + API)
 
 
@@ -212,7 +216,8 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
           checkpoint: checkpoints.CheckpointConfig | None = None,
           mesh: partitioning.MeshConfig | None = None,
           recipe: str | Recipe = "miniend_d", progress: bool = True,
-          allow_changes: bool = False) -> dict:
+          allow_changes: bool = False,
+          watchdog: watchdog_lib.WatchdogConfig | None = None) -> dict:
   """Runs (or resumes) a distill / pretrain / finetune job in `workdir`.
 
   Every process of a multi-host job calls this with the same settings. The
@@ -227,12 +232,23 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
     and the process exit code that goes with it (`exit_code`: 0, or 130 after
     Ctrl-C).
   """
+  partitioning.maybe_initialize_distributed()
+  # Signals are caught from here on, after JAX's distributed runtime (whose own SIGTERM
+  # handler would swallow one sent while loading or compiling): see preemption.py.
+  with preemption.StopSignals() as stop:
+    return _train(mode, workdir, stop, train_config=train_config, model=model,
+                  optimizer=optimizer, checkpoint=checkpoint, mesh=mesh, recipe=recipe,
+                  progress=progress, allow_changes=allow_changes, watchdog=watchdog)
+
+
+def _train(mode: str, workdir: str, stop: preemption.StopSignals, *, train_config, model,
+           optimizer, checkpoint, mesh, recipe, progress, allow_changes, watchdog) -> dict:
   cfg = train_config or TrainConfig()
   model = model or ModelSetup()
   optimizer = optimizer or state_lib.OptimizerConfig()
   checkpoint = checkpoint or checkpoints.CheckpointConfig()
   mesh = mesh or partitioning.MeshConfig()
-  partitioning.maybe_initialize_distributed()
+  watchdog = watchdog or watchdog_lib.WatchdogConfig()
   began = time.perf_counter()
 
   # -- Everything that can be wrong, before anything loads or compiles.
@@ -376,12 +392,14 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
     return metrics
 
   pending, last_train, last_eval = [], {}, {}
-  preempted = False
+  # A signal while loading: every host stops before compiling (nothing to save beyond
+  # the checkpoint it started from; a fresh start saves its step 0).
+  preempted = stop.agree_now()
   bar = _progress(progress, start_step, cfg.num_steps)
   interval_start, interval_steps = time.perf_counter(), 0
-  profiler = _Profiler(cfg.profile_steps, os.path.join(log_dir, "profile"))
-  with preemption.StopSignals() as stop:
-    for step_number in range(start_step, cfg.num_steps):
+  profiler = profiling.Profiler(cfg.profile_steps, os.path.join(log_dir, "profile"))
+  with watchdog_lib.Watchdog(watchdog) as hung_run_check:
+    for step_number in range(start_step, start_step if preempted else cfg.num_steps):
       began = time.perf_counter()
       batch = partitioning.host_local_to_global(next(reader), device_mesh, rules,
                                                 global_batch_size=cfg.batch_size)
@@ -423,6 +441,7 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
         last_eval = evaluate_now(done)
       if save_due:
         save(done, metrics=last_eval or None)
+      hung_run_check.progress(done)
     if bar is not None:
       bar.close()
     profiler.close()
@@ -465,30 +484,6 @@ def _rates(elapsed: float, num_steps: int, timers: Mapping[str, float], tokens_p
   if peak:
     rates["perf/mfu"] = flops_per_step * num_steps / compute / (peak * jax.device_count())
   return rates
-
-
-class _Profiler:
-  """Traces the steps in `steps` with jax.profiler (consecutive steps in one trace)."""
-
-  def __init__(self, profile_steps, log_dir: str):
-    self._steps = set(profile_steps)
-    self._log_dir = log_dir
-    self._active = False
-
-  def before(self, step_number: int) -> None:
-    if step_number in self._steps and not self._active:
-      jax.profiler.start_trace(self._log_dir)
-      self._active = True
-
-  def after(self, step_number: int, metrics) -> None:
-    if self._active and step_number + 1 not in self._steps:
-      jax.block_until_ready(metrics)
-      self.close()
-
-  def close(self) -> None:
-    if self._active:
-      jax.profiler.stop_trace()
-      self._active = False
 
 
 def _progress(enabled: bool, start: int, total: int):

@@ -13,6 +13,14 @@ dispatched, so the host never waits for the device more than it would
 anyway; a stop then happens one step after the signal. A single-process job
 reads its own flag directly.
 
+The handlers are installed when the run starts, after JAX's distributed
+runtime (whose own SIGTERM handler would otherwise swallow the signal), so a
+signal while the run loads its weights or compiles is not lost: the hosts
+agree once before the first step (`agree_now`; they stop there, with nothing
+to save beyond the checkpoint they started from), and the first step's poll
+is read at once, so a signal during the first step's compile stops the run
+after that step.
+
 A second Ctrl-C aborts at once (KeyboardInterrupt), without saving.
 """
 
@@ -45,6 +53,7 @@ class StopSignals:
     self._previous: dict[int, object] = {}
     self._multi_process = jax.process_count() > 1
     self._pending = None  # the all-reduce dispatched at the last poll
+    self._polls = 0
     self._agreed = False
     if self._multi_process:
       devices = np.asarray(jax.devices())
@@ -90,14 +99,29 @@ class StopSignals:
 
   def should_stop(self) -> bool:
     """Call once per step, after dispatching it, on every host. True on every host
-    at the same call once any host has been signalled."""
+    at the same call once any host has been signalled. The first call (after the
+    first step, which compiles: the wait is nothing beside it) is answered at once."""
+    self._polls += 1
+    if self._polls == 1:
+      return self.agree_now()
     if not self._multi_process:
       return self.requested
     if self._agreed:
       return True
-    flag = np.asarray([int(self.requested)], np.int32)
-    local = jax.make_array_from_callback((jax.device_count(),), self._sharding, lambda _: flag)
-    previous, self._pending = self._pending, self._any(local)
+    previous, self._pending = self._pending, self._any(self._local_flag())
     if previous is not None and int(np.asarray(previous.addressable_data(0))):
       self._agreed = True
     return self._agreed
+
+  def agree_now(self) -> bool:
+    """Whether any host has been signalled, the same answer on every host (every host
+    calls it at the same point; it waits for the others)."""
+    if not self._multi_process:
+      return self.requested
+    if not self._agreed:
+      self._agreed = bool(int(np.asarray(self._any(self._local_flag()).addressable_data(0))))
+    return self._agreed
+
+  def _local_flag(self) -> jax.Array:
+    flag = np.asarray([int(self.requested)], np.int32)
+    return jax.make_array_from_callback((jax.device_count(),), self._sharding, lambda _: flag)

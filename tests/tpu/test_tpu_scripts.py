@@ -591,7 +591,8 @@ def test_resume_stops_relaunching_a_run_that_makes_no_progress(fake):
 
 def test_resume_restarts_a_partly_dead_pod_on_every_worker(fake):
   homes = fake.play_workers("pod", workers=2)
-  (homes[1] / "behaviour").write_text("exit 3")  # worker 1 dies, worker 0 keeps running
+  # Worker 1's watchdog ends it (status 4: hung); worker 0 keeps running.
+  (homes[1] / "behaviour").write_text("exit 4")
   start_run(fake, "pod", "v4-16")
   (log0, pid0, _), (log1, _, exit1) = run_files(homes[0], "pod"), run_files(homes[1], "pod")
   wait_for(exit1.exists, "worker 1's crash")
@@ -599,7 +600,7 @@ def test_resume_restarts_a_partly_dead_pod_on_every_worker(fake):
   assert alive(survivor)
   fake.states("tpu-vm", "READY")
   proc = fake.run("resume.sh", "--name", "pod", check=0)
-  assert "t1v-n-pod-w-1: miniend exited with status 3" in proc.stderr
+  assert "t1v-n-pod-w-1: miniend exited with status 4 (hung: its watchdog" in proc.stderr
   assert "t1v-n-pod-w-0" not in proc.stderr  # still running there
   # The survivor was stopped (it saved a checkpoint) and both started again.
   assert "t1v-n-pod-w-0: stopping miniend" in proc.stdout

@@ -97,6 +97,29 @@ def signal_after_first_log(procs: list[subprocess.Popen], workdir: str, target: 
   procs[target].send_signal(signum)
 
 
+def signal_when_logged(procs: list[subprocess.Popen], text: str, target: int = -1,
+                       signum: int = signal.SIGTERM, timeout: float = 300) -> str:
+  """Sends `signum` to `procs[target]` as soon as its output has a line holding `text`;
+  returns the output read so far (`wait` returns the rest)."""
+  proc, lines = procs[target], []
+  deadline = time.time() + timeout
+  while not lines or text not in lines[-1]:
+    line = proc.stdout.readline()
+    assert line, f"exited ({proc.wait()}) before logging {text!r}:\n{''.join(lines)[-4000:]}"
+    assert time.time() < deadline, f"never logged {text!r}"
+    lines.append(line)
+  proc.send_signal(signum)
+  return "".join(lines)
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+  """Ends the processes still running (a test that failed mid-way leaves none behind)."""
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.communicate()
+
+
 def write_tiny_teacher(directory: str, data_dir: str, **overrides) -> t5.T5Config:
   """A random t5-v1_1-tiny-shaped Hugging Face checkpoint with the pydoc vocabulary."""
   _, vocabulary = loop.task_vocabulary("pydoc_span_corruption", data_dir)

@@ -9,6 +9,7 @@ are uneven), and checkpoint asynchronously. They must:
 - resume exactly, also on another number of processes (2 -> 1 and 1 -> 2).
 """
 
+import glob
 import json
 import os
 import textwrap
@@ -16,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from miniend_jax.train import checkpoints, writers
+from miniend_jax.train import checkpoints, loop, partitioning, state as state_lib, writers
 from tests.train import loop_testing, multihost_testing as mh
 
 STEPS = 24
@@ -157,3 +158,50 @@ def test_checkpoint_queries_join_no_barrier(tmp_path):
       """)
   outputs = mh.wait(mh.launch(2, [], data_dir=None, python=["-c", code]), timeout=300)
   assert all(f"done {index}\n" in out for index, out in enumerate(outputs)), outputs
+
+
+def test_hosts_agree_on_the_step_to_restore_and_a_sigterm_while_loading(tmp_path, data_dir,
+                                                                          cache_dir):
+  """Process 1 cannot read the newest step: its data position there is damaged, a
+  file process 0 never reads (each host reads its own shards' positions). Both must
+  restore the older step, the newest every host read (a host falling back alone
+  mixes two steps' states, then hangs). Process 1 also gets SIGTERM while the run
+  loads (JAX's distributed runtime has its own SIGTERM handler, which used to
+  swallow it): both stop before the first step, exit 0, keep both steps on disk."""
+  workdir = str(tmp_path / "run")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  # Steps 2 and 4 with 2 data shards (one per host below), in this process: the
+  # settings of the command line below.
+  loop.train("pretrain", workdir, train_config=loop.TrainConfig(
+      num_steps=4, data_dir=data_dir, inputs_length=32, targets_length=8, batch_size=8,
+      log_every=2, data_shards=2), model=loop.ModelSetup(preset="t5-v1_1-tiny"),
+      optimizer=state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=0, eps=1e-3),
+      checkpoint=checkpoints.CheckpointConfig(save_interval_steps=2),
+      mesh=partitioning.MeshConfig(), progress=False)
+  damaged = glob.glob(os.path.join(ckpt_dir, "4", checkpoints.DATA_ITERATOR,
+                                   "shard00001-of-00002.data-*"))
+  assert damaged
+  for path in damaged:
+    with open(path, "wb") as f:
+      f.write(b"not a checkpoint")
+  procs = mh.launch(2, ["pretrain", "--workdir", workdir, "--preset", "t5-v1_1-tiny",
+                        "--num_steps", "6", *mh.TINY_FLAGS, "--gin.TrainConfig.data_shards=2",
+                        "--gin.CheckpointConfig.save_interval_steps=2"],
+                    data_dir=data_dir, cache_dir=cache_dir)
+  try:
+    head = mh.signal_when_logged(procs, "Run checked", target=1)
+    outputs = mh.wait(procs, timeout=240)
+  finally:
+    mh.kill_all(procs)
+  outputs[1] = head + outputs[1]
+  assert all("Resumed from step 2 " in out for out in outputs), outputs
+  assert "Skipping unreadable checkpoint: Checkpoint step 4" in outputs[1]
+  assert "step 4 of" in outputs[0] and "not on process(es) [1]" in outputs[0]
+  # The signal came while loading, and nothing ran after it.
+  assert outputs[1].index("SIGTERM received") < outputs[1].index("Resumed from step 2 ")
+  summary = _summary(workdir)
+  assert summary["preempted"] and summary["step"] == 2, summary
+  assert max(r["step"] for r in writers.read_jsonl(
+      os.path.join(workdir, "logs", "train_metrics.jsonl"))) == 2
+  with checkpoints.Checkpointer(ckpt_dir, read_only=True) as reader:
+    assert reader.all_steps() == [2, 4]  # the damaged step is kept, nothing new saved
