@@ -1,0 +1,103 @@
+"""Every path a user gives as gs:// works: a bucket on this machine (`tests.fake_gcs`).
+
+One process runs the real command line three times on the bucket: `miniend convert`
+of a Hugging Face teacher that lives there, `miniend distill` with its work dir,
+teacher (the converted one), vocabulary (the Hugging Face one), data and
+compilation cache there, then `miniend export --out_dir gs://...`. The test then
+reads the bucket's objects itself: nothing may land in a local "gs:" directory.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import transformers
+
+from miniend_jax.model import hf
+from miniend_jax.train import checkpoints
+from tests.fake_gcs import FakeGcs
+from tests.model import hf_testing
+from tests.train import loop_testing
+
+BUCKET = "miniend-test"
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  store = FakeGcs(BUCKET, tmp_path_factory.mktemp("fake_gcs"))
+  yield store
+  store.close()
+
+
+# cli.main for each command in turn, in one process (one start-up's imports).
+_DRIVER = """
+import json, sys
+from miniend_jax import cli
+for argv in json.loads(sys.argv[1]):
+  code = cli.main(argv)
+  if code:
+    sys.exit(f"miniend {argv[0]} exited with {code}")
+"""
+
+
+def test_convert_distill_export_on_a_bucket(tmp_path, tmp_path_factory, gcs):
+  data_dir = loop_testing.shared_data_dir(tmp_path_factory)
+  gcs.upload_tree(tmp_path_factory.getbasetemp() / "pydoc_data", "data")
+  teacher = tmp_path / "teacher"
+  hf_testing.make_hf_model(family="v1_1", vocab_size=3200).save_pretrained(teacher)
+  (teacher / "spiece.model").write_bytes(
+      open(os.path.join(data_dir, "pydoc", "vocab_3000", "spiece.model"), "rb").read())
+  gcs.upload_tree(teacher, "teacher_hf")
+
+  gs = f"gs://{BUCKET}"
+  train_flags = [f"--gin.TrainConfig.{k}={v}" for k, v in loop_testing.TINY_TRAIN.items()]
+  commands = [
+      ["convert", "--teacher", f"{gs}/teacher_hf", "--out_dir", f"{gs}/teacher"],
+      ["distill", "--workdir", f"{gs}/run", "--teacher", f"{gs}/teacher",
+       "--vocabulary", f"{gs}/teacher_hf", "--data_dir", f"{gs}/data",
+       "--student_shape", "1L-32H", "--recipe", "kd_logits", "--num_steps", "2", "--no_progress",
+       f"--gin.TrainConfig.compilation_cache_dir='{gs}/jax_cache'",
+       "--gin.CheckpointConfig.save_interval_steps=2", *train_flags],
+      ["export", "--workdir", f"{gs}/run", "--out_dir", f"{gs}/export"],
+  ]
+  proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands)], cwd=tmp_path,
+                        env=dict(os.environ, **gcs.env), capture_output=True, text=True,
+                        timeout=600)
+  open("/tmp/gcs_exp/sub.log", "w").write(proc.stdout + proc.stderr)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  assert not (tmp_path / "gs:").exists(), "a gs:// path was written as a local directory"
+
+  names = set(gcs.names())
+  assert {"teacher/0/_CHECKPOINT_METADATA", "teacher/spiece.model", "run/summary.json",
+          "run/distill_config.gin", "run/logs/train_metrics.jsonl", "export/config.json",
+          "export/model.safetensors", "export/spiece.model"} <= names, sorted(names)
+  assert any(n.startswith("run/checkpoints/2/") for n in names), sorted(names)
+  assert any(n.startswith("jax_cache/") and not n.endswith("/") for n in names), sorted(names)
+  assert not any(".tmp" in n for n in names), sorted(names)
+
+  # The export reloads with transformers and holds the checkpoint's weights.
+  export = gcs.download_tree("export", tmp_path / "export")
+  run = gcs.download_tree("run", tmp_path / "run")
+  assert json.loads((run / "summary.json").read_text())["step"] == 2
+  model = transformers.AutoModelForSeq2SeqLM.from_pretrained(export)
+  transformers.AutoTokenizer.from_pretrained(export)
+  ckpt = str(run / "checkpoints")
+  config, exported = hf.load_hf(str(export))
+  assert config == checkpoints.load_model_config(ckpt).replace(dtype=config.dtype,
+                                                               param_dtype=config.param_dtype)
+  saved = checkpoints.load_params_from_checkpoint(ckpt)
+  flat_saved = dict(_flatten(saved))
+  for name, value in _flatten(exported):
+    np.testing.assert_allclose(value, flat_saved[name], rtol=0, atol=0, err_msg=name)
+  assert model.config.d_model == 32
+
+
+def _flatten(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f"{prefix}{key}/")
+    else:
+      yield prefix + key, np.asarray(value)
