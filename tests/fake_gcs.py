@@ -74,6 +74,7 @@ class FakeGcs:
     self._store.start()
     self._store_port = self._store._api._httpd.server_address[1]  # pylint: disable=protected-access
     self._one_at_a_time = threading.Lock()
+    self.requests = []  # (request line, bytes answered) of each request, for diagnoses
     self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
     self.port = self._listener.getsockname()[1]
     self.url = f"http://127.0.0.1:{self.port}"
@@ -174,8 +175,11 @@ class FakeGcs:
     head += [k + b": " + v for k, v in headers if k.lower() not in dropped]
     with self._one_at_a_time, socket.create_connection(("127.0.0.1", self._store_port)) as store:
       store.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
+      answered = 0
       while data := store.recv(1 << 16):
         client.sendall(data)
+        answered += len(data)
+      self.requests.append((request_line.decode(errors="replace"), answered))
 
 
 def _read_head(stream) -> tuple[bytes, list[tuple[bytes, bytes]]]:

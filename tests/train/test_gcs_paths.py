@@ -53,7 +53,8 @@ def test_convert_distill_export_on_a_bucket(tmp_path, tmp_path_factory, gcs):
   gcs.upload_tree(teacher, "teacher_hf")
 
   gs = f"gs://{BUCKET}"
-  train_flags = [f"--gin.TrainConfig.{k}={v}" for k, v in loop_testing.TINY_TRAIN.items()]
+  train_flags = [f"--gin.TrainConfig.{k}={v}"
+                 for k, v in dict(loop_testing.TINY_TRAIN, eval_batches=1).items()]
   commands = [
       ["convert", "--teacher", f"{gs}/teacher_hf", "--out_dir", f"{gs}/teacher"],
       ["distill", "--workdir", f"{gs}/run", "--teacher", f"{gs}/teacher",
@@ -66,8 +67,9 @@ def test_convert_distill_export_on_a_bucket(tmp_path, tmp_path_factory, gcs):
   proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands)], cwd=tmp_path,
                         env=dict(os.environ, **gcs.env), capture_output=True, text=True,
                         timeout=600)
-  open("/tmp/gcs_exp/sub.log", "w").write(proc.stdout + proc.stderr)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  last_requests = "\n".join(line for line, _ in gcs.requests[-20:])
+  assert proc.returncode == 0, (proc.stdout[-3000:] + proc.stderr[-5000:]
+                                + "\nThe bucket's last requests:\n" + last_requests)
   assert not (tmp_path / "gs:").exists(), "a gs:// path was written as a local directory"
 
   names = set(gcs.names())
