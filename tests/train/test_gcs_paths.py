@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import transformers
 
+from miniend_jax import report, sweep
 from miniend_jax.model import hf
 from miniend_jax.train import checkpoints
 from tests.fake_gcs import FakeGcs
@@ -103,3 +104,48 @@ def _flatten(tree, prefix=""):
       yield from _flatten(value, f"{prefix}{key}/")
     else:
       yield prefix + key, np.asarray(value)
+
+
+def test_sweep_and_report_tables_of_runs_on_a_bucket(tmp_path, gcs, monkeypatch):
+  # A sweep's and a GLUE report's directories as the runs leave them, on the bucket;
+  # the tables are collected from there and written back there (in this process).
+  for name, value in gcs.env.items():
+    monkeypatch.setenv(name, value)
+  local = tmp_path / "sweep"
+  runs = {"recipe=kd_logits": 4.0, "recipe=miniend_d": 3.5}
+  local.mkdir()
+  (local / sweep.MANIFEST).write_text(json.dumps(
+      {"mode": "distill", "grid": {"train.recipe": ["'kd_logits'", "'miniend_d'"]},
+       "evaluate_tasks": ["glue_rte"],
+       "runs": [{"name": n, "bindings": {"train.recipe": repr(n.split("=")[1])}}
+                for n in runs]}))
+  for name, loss in runs.items():
+    (local / name / "logs").mkdir(parents=True)
+    (local / name / "eval").mkdir()
+    (local / name / "summary.json").write_text(json.dumps(
+        {"step": 2, "train": {"loss": loss}, "eval": {"eval/loss": loss + 0.5}}))
+    (local / name / "logs" / "train_metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "grad_norm/encoder": loss * s}) + "\n" for s in (1, 2)))
+    (local / name / "eval" / "glue_rte.json").write_text(
+        json.dumps({"glue_rte": {"accuracy": 20 * loss}}))
+  gcs.upload_tree(local, "sweep")
+
+  root = f"gs://{BUCKET}/sweep"
+  rows = sweep.collect(root)
+  assert [(r["run"], r["state"], r["eval_loss"], r["grad_norm_encoder_max"],
+           r["glue_rte/accuracy"]) for r in rows] == [
+               ("recipe=kd_logits", "done", 4.5, 8.0, 80.0),
+               ("recipe=miniend_d", "done", 4.0, 7.0, 70.0)]
+  files = sweep.write_table(root, rows)
+  assert set(files.values()) == {f"{root}/sweep_results.md", f"{root}/sweep_results.csv",
+                                 f"{root}/sweep.png"}
+  written = gcs.download_tree("sweep", tmp_path / "back")
+  assert "| recipe=miniend_d |" in (written / "sweep_results.md").read_text()
+  assert (written / "sweep_results.csv").read_text().splitlines()[0].startswith("run,")
+  assert (written / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+  # The GLUE report reads ROOT/<model>/**/eval/glue_*.json and writes its CSV there too.
+  assert report.main([root, "--csv", f"{root}/glue.csv"]) == 0
+  assert "glue.csv" in " ".join(gcs.names("sweep/"))
+  assert [r["RTE"] for r in report.collect(root)] == [80.0, 70.0]
+  assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")
