@@ -53,6 +53,9 @@ def _read_data_of_empty_uploads(handler, query):
 
 
 emulator._read_data = _read_data_of_empty_uploads  # pylint: disable=protected-access
+# The emulator writes an answer's head and body separately: with Nagle's algorithm the
+# body waits for the client's delayed ACK (40 ms a request).
+emulator.RequestHandler.disable_nagle_algorithm = True
 
 
 class FakeGcs:
@@ -141,6 +144,7 @@ class FakeGcs:
         client, _ = self._listener.accept()
       except OSError:  # closed
         return
+      client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
       threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
   def _serve(self, client: socket.socket):
@@ -174,6 +178,7 @@ class FakeGcs:
             b"Content-Length: %d" % len(body), b"Connection: close"]
     head += [k + b": " + v for k, v in headers if k.lower() not in dropped]
     with self._one_at_a_time, socket.create_connection(("127.0.0.1", self._store_port)) as store:
+      store.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
       store.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
       answered = 0
       while data := store.recv(1 << 16):
