@@ -87,8 +87,10 @@ class FakeGcs:
         "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
         "TENSORSTORE_GCS_HTTP_URL": self.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token",
         "STORAGE_EMULATOR_HOST": self.url, "NO_GCE_CHECK": "true",
-        # An error is an error at once (the default retries for minutes).
-        "GCS_RETRY_CONFIG_MAX_RETRIES": "1",
+        # TensorFlow retries as with GCS, a few times and quickly (by default it
+        # retries for minutes before it reports an error).
+        "GCS_RETRY_CONFIG_MAX_RETRIES": "4", "GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "100000",
+        "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "1000000",
     }
 
   def close(self):

@@ -5,6 +5,8 @@ of a Hugging Face teacher that lives there, `miniend distill` with its work dir,
 teacher (the converted one), vocabulary (the Hugging Face one), data and
 compilation cache there, then `miniend export --out_dir gs://...`. The test then
 reads the bucket's objects itself: nothing may land in a local "gs:" directory.
+The other tests run in this process (the bucket's variables set for the test
+only): teachers of the other layouts, a sweep's and the GLUE report's tables.
 """
 
 import json
@@ -69,12 +71,15 @@ def test_convert_distill_export_on_a_bucket(tmp_path, tmp_path_factory, gcs):
   proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands)], cwd=tmp_path,
                         env=dict(os.environ, **gcs.env), capture_output=True, text=True,
                         timeout=600)
-  # orbax's threads print "Event loop is closed" at a failed exit, over the error.
-  said = [line for line in (proc.stdout + proc.stderr).splitlines()
-          if "Event loop is closed" not in line and "_check_closed" not in line]
-  last_requests = [line for line, _ in gcs.requests[-20:]]
-  assert proc.returncode == 0, "\n".join(said[-80:] + ["The bucket's last requests:"]
-                                         + last_requests)
+  # orbax's threads print tracebacks ("Event loop is closed") at a failed exit, over
+  # the error: the whole output is kept, and its lines that name an error shown.
+  log = tmp_path / "miniend.log"
+  log.write_text(proc.stdout + proc.stderr)
+  errors = [line for line in log.read_text().splitlines()
+            if ("Error" in line or "miniend" in line) and "Event loop is closed" not in line]
+  last_requests = [line for line, _ in gcs.requests[-10:]]
+  assert proc.returncode == 0, "\n".join([f"{log}:"] + errors[-30:] + [
+      "The bucket's last requests:"] + last_requests)
   assert not (tmp_path / "gs:").exists(), "a gs:// path was written as a local directory"
 
   names = set(gcs.names())
@@ -89,7 +94,8 @@ def test_convert_distill_export_on_a_bucket(tmp_path, tmp_path_factory, gcs):
   export = gcs.download_tree("export", tmp_path / "export")
   run = gcs.download_tree("run", tmp_path / "run")
   assert json.loads((run / "summary.json").read_text())["step"] == 2
-  model = transformers.AutoModelForSeq2SeqLM.from_pretrained(export)
+  assert type(transformers.AutoModelForSeq2SeqLM.from_pretrained(export)).__name__ == (
+      "T5ForConditionalGeneration")
   transformers.AutoTokenizer.from_pretrained(export)
   ckpt = str(run / "checkpoints")
   config, exported = hf.load_hf(str(export))
@@ -98,8 +104,7 @@ def test_convert_distill_export_on_a_bucket(tmp_path, tmp_path_factory, gcs):
   saved = checkpoints.load_params_from_checkpoint(ckpt)
   flat_saved = dict(_flatten(saved))
   for name, value in _flatten(exported):
-    np.testing.assert_allclose(value, flat_saved[name], rtol=0, atol=0, err_msg=name)
-  assert model.config.d_model == 32
+    np.testing.assert_array_equal(value, flat_saved[name], err_msg=name)
 
 
 def _flatten(tree, prefix=""):
