@@ -179,14 +179,46 @@ class FakeGcs:
     head = [request_line, b"Host: 127.0.0.1:%d" % self.port,
             b"Content-Length: %d" % len(body), b"Connection: close"]
     head += [k + b": " + v for k, v in headers if k.lower() not in dropped]
-    with self._one_at_a_time, socket.create_connection(("127.0.0.1", self._store_port)) as store:
+    request = b"\r\n".join(head) + b"\r\n\r\n" + body
+    with self._one_at_a_time:
+      answer = self._media_read(request_line, request) or self._ask_store(request)
+    client.sendall(answer)
+    self.requests.append((request_line.decode(errors="replace"), len(answer)))
+
+  def _ask_store(self, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", self._store_port)) as store:
       store.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-      store.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
-      answered = 0
+      store.sendall(request)
+      answer = []
       while data := store.recv(1 << 16):
-        client.sendall(data)
-        answered += len(data)
-      self.requests.append((request_line.decode(errors="replace"), answered))
+        answer.append(data)
+    return b"".join(answer)
+
+  def _media_read(self, request_line: bytes, request: bytes) -> bytes | None:
+    """GCS's answer to a conditional JSON-API media read (tensorstore's), which the
+    emulator ignores: 304 / 412 when the generation says so. Otherwise None, and the
+    read goes to the emulator with the generation headers GCS adds (the emulator
+    leaves them out; tensorstore then fails "Malformed StorageGeneration")."""
+    method, target = request_line.split(b" ")[:2]
+    url = urllib.parse.urlsplit(target.decode())
+    query = urllib.parse.parse_qs(url.query)
+    if method != b"GET" or query.get("alt") != ["media"] or not url.path.startswith(
+        "/storage/v1/b/"):
+      return None
+    meta = self._ask_store(f"GET {url.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           "Connection: close\r\n\r\n".encode())
+    if not meta.startswith(b"HTTP/1.0 200") and not meta.startswith(b"HTTP/1.1 200"):
+      return None  # the emulator's own 404
+    resource = json.loads(meta.split(b"\r\n\r\n", 1)[1])
+    generation = resource["generation"]
+    if query.get("ifGenerationNotMatch") == [generation]:
+      return b"HTTP/1.1 304 Not Modified\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    if query.get("ifGenerationMatch", [generation]) != [generation]:
+      return b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    status, rest = self._ask_store(request).split(b"\r\n", 1)
+    return (status + b"\r\nx-goog-generation: " + generation.encode()
+            + b"\r\nx-goog-metageneration: " + resource["metageneration"].encode()
+            + b"\r\n" + rest)
 
 
 def _read_head(stream) -> tuple[bytes, list[tuple[bytes, bytes]]]:
