@@ -18,11 +18,12 @@ deviations as `spread=` to draw bands. `plot_scores` draws a row's
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from typing import Any, Mapping, Sequence
 
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -34,26 +35,25 @@ def read_metrics(path: str) -> Series:
 
   Lines repeated by a resumed run (the steps after its last checkpoint are
   trained and logged again) are de-duplicated: the last value of a step wins.
-  A missing file gives {}.
+  A missing file gives {}. `path` may be local or gs://.
   """
   values: dict[str, dict[int, float]] = {}
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:  # a line cut short by an interrupted run
-        continue
-      if "step" not in record:
-        continue
-      step = int(record["step"])
-      for key, value in record.items():
-        if key != "step" and isinstance(value, (int, float)):
-          values.setdefault(key, {})[step] = float(value)
+  for line in epath.Path(path).read_text().splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by an interrupted run
+      continue
+    if "step" not in record:
+      continue
+    step = int(record["step"])
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)):
+        values.setdefault(key, {})[step] = float(value)
   return {k: sorted(v.items()) for k, v in values.items()}
 
 
@@ -83,9 +83,12 @@ def _new_figure(ncols: int, nrows: int = 1, width: float = 5.2, height: float = 
 
 
 def _save(fig: Figure, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes `fig` as a PNG to `path` (local or gs://)."""
   fig.tight_layout()
-  fig.savefig(path, format="png")
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(path).write_bytes(png.getvalue())
   return path
 
 

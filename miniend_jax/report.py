@@ -29,6 +29,8 @@ import os
 import sys
 from typing import Mapping, Sequence
 
+from etils import epath
+
 # (column, [(eval task, [metrics averaged])] tried in order).
 COLUMNS: tuple[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = (
     ("SST-2", (("glue_sst2", ("accuracy",)),)),
@@ -43,45 +45,24 @@ COLUMNS: tuple[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = (
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS) + ("GLUE",)
 
 
-def _gfile():
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  return tf.io.gfile
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
+# Paths are local or gs:// (etils.epath).
 
 
 def _list_dirs(root: str) -> list[str]:
-  if _is_remote(root):
-    gfile = _gfile()
-    return sorted(n.rstrip("/") for n in gfile.listdir(root) if gfile.isdir(os.path.join(root, n)))
-  return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+  return sorted(p.name for p in epath.Path(root).iterdir() if p.is_dir())
 
 
 def _eval_files(model_dir: str) -> list[str]:
-  if _is_remote(model_dir):
-    gfile = _gfile()
-    out = []
-    for dirpath, _, filenames in gfile.walk(model_dir):
-      if os.path.basename(dirpath.rstrip("/")) == "eval":
-        out += [os.path.join(dirpath, f) for f in filenames if f.startswith("glue")
-                and f.endswith(".json")]
-    return sorted(out)
   out = []
-  for dirpath, _, filenames in os.walk(model_dir):
-    if os.path.basename(dirpath) == "eval":
-      out += [os.path.join(dirpath, f) for f in filenames
+  for dirpath, _, filenames in epath.Path(model_dir).walk():
+    if dirpath.name == "eval":
+      out += [os.fspath(dirpath / f) for f in filenames
               if f.startswith("glue") and f.endswith(".json")]
   return sorted(out)
 
 
 def _read(path: str) -> dict:
-  if _is_remote(path):
-    with _gfile().GFile(path, "r") as f:
-      return json.load(f)
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(epath.Path(path).read_text())
 
 
 def model_scores(model_dir: str) -> dict[str, dict[str, float]]:
@@ -162,8 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print("\nMRPC and QQP: mean of F1 and accuracy; STS-B: mean of Pearson and Spearman; "
         "GLUE: mean of the 8 columns.")
   if args.csv:
-    with open(args.csv, "w", encoding="utf-8", newline="") as f:
-      f.write(format_csv(rows))
+    epath.Path(args.csv).write_text(format_csv(rows))
   return 0
 
 

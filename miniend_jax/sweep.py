@@ -54,6 +54,8 @@ import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
+from etils import epath
+
 from miniend_jax import gin_flags
 from miniend_jax.gin_flags import gin_value
 from miniend_jax.quickstart import stats
@@ -266,8 +268,9 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
       raise SweepError(f"--baseline {unknown} is not a point of the grid {grid}.")
   points = grid_points(grid) if grid else [{}]
   names = run_names(points)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   records = [RunRecord(n, os.path.join(workdir, n), p) for n, p in zip(names, points)]
   say = (lambda text: print(f"[sweep] {text}", flush=True)) if verbose else (lambda _: None)
 
@@ -289,7 +292,7 @@ def run_sweep(workdir: str, gin_files: Sequence[str] = (),
   try:
     for i, record in enumerate(records):
       point_bindings = list(bindings) + _point_bindings(record.bindings)
-      eval_done = all(os.path.exists(os.path.join(record.directory, "eval", f"{t}.json"))
+      eval_done = all(epath.Path(record.directory, "eval", f"{t}.json").exists()
                       for t in evaluate_tasks)
       if run_finished(record.directory, record.num_steps) and eval_done:
         record.status = "skipped"
@@ -338,13 +341,12 @@ def _run_point(record: RunRecord, mode: str, evaluate_tasks: Sequence[str],
                progress: bool) -> None:
   import gin  # pylint: disable=import-outside-toplevel
   from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
-  os.makedirs(record.directory, exist_ok=True)
-  with open(os.path.join(record.directory, f"{mode}_config.gin"), "w", encoding="utf-8") as f:
-    f.write(gin.config_str())
+  epath.Path(record.directory).mkdir(parents=True, exist_ok=True)
+  epath.Path(record.directory, f"{mode}_config.gin").write_text(gin.config_str())
   if not run_finished(record.directory, record.num_steps):
     loop.train(mode, record.directory, progress=progress)
   for task in evaluate_tasks:
-    if not os.path.exists(os.path.join(record.directory, "eval", f"{task}.json")):
+    if not epath.Path(record.directory, "eval", f"{task}.json").exists():
       loop.evaluate(record.directory, task=task)
 
 
@@ -352,9 +354,9 @@ def _write_json(path: str, value) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:
     return
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
+  tmp = epath.Path(path + ".tmp")
+  tmp.write_text(json.dumps(value, indent=1))
+  tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------
@@ -379,7 +381,7 @@ def collect(workdir: str, records: Sequence[RunRecord] | None = None,
     train, evaluation = summary.get("train", {}), summary.get("eval", {})
     state = ("done" if summary and run_finished(record.directory, record.num_steps or
                                              summary.get("step"))
-             else "partial" if os.path.isdir(os.path.join(record.directory, "checkpoints"))
+             else "partial" if epath.Path(record.directory, "checkpoints").is_dir()
              else "missing")
     if record.status.startswith("failed"):
       state = record.status
@@ -479,14 +481,13 @@ def write_table(workdir: str, rows: Sequence[Mapping[str, Any]],
     files["summary_csv"] = os.path.join(workdir, "sweep_summary.csv")
   if jax.process_index() != 0:
     return files
-  with open(files["markdown"], "w", encoding="utf-8") as f:
-    f.write("# miniend sweep\n\n")
-    if summary:
-      f.write(f"Mean ± sample std over seeds; {stats.MARKS[stats.BETTER]} / "
-              f"{stats.MARKS[stats.WORSE]}: better / worse than the baseline point by more "
-              "than the sum of the two standard deviations.\n\n"
-              + format_summary(summary, grid or {}) + "\n\n## Every run\n\n")
-    f.write(format_markdown(rows) + "\n")
+  markdown = "# miniend sweep\n\n"
+  if summary:
+    markdown += (f"Mean ± sample std over seeds; {stats.MARKS[stats.BETTER]} / "
+                 f"{stats.MARKS[stats.WORSE]}: better / worse than the baseline point by more "
+                 "than the sum of the two standard deviations.\n\n"
+                 + format_summary(summary, grid or {}) + "\n\n## Every run\n\n")
+  epath.Path(files["markdown"]).write_text(markdown + format_markdown(rows) + "\n")
   write_csv(files["csv"], rows)
   if summary:
     write_csv(files["summary_csv"], summary)

@@ -223,7 +223,7 @@ class SafetensorsFile(TensorFile):
       target = out  # rows straight into the caller's buffer, no copy
     with self.path.open("rb") as f:
       f.seek(self._data_start + self._offsets[name] + start * row_bytes)
-      got = f.readinto(memoryview(target.reshape(-1).view(np.uint8)))
+      got = _read_into(f, memoryview(target.reshape(-1).view(np.uint8)))
     if got != target.nbytes:
       raise CheckpointError(f"Cannot read tensor {name} of {self.path}: the file ends early. "
                             "It is corrupt or truncated; download it again.")
@@ -242,6 +242,16 @@ class SafetensorsFile(TensorFile):
   def stored_bytes(self, name: str, box: Box) -> int:
     rows = box[0].stop - box[0].start if box else 1
     return rows * (self._row_bytes(name) if box else self.tensors[name].dtype.itemsize)
+
+
+def _read_into(f, buffer: memoryview) -> int:
+  """Fills `buffer` from `f`'s position; returns the bytes read. Files of gs:// paths
+  (tf.io.gfile's, through etils.epath) have no readinto: read, then copy."""
+  if hasattr(f, "readinto"):
+    return f.readinto(buffer)
+  data = f.read(len(buffer))
+  buffer[:len(data)] = data
+  return len(data)
 
 
 class TorchBinFile(TensorFile):

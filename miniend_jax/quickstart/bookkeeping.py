@@ -17,6 +17,8 @@ import os
 import time
 from typing import Any, Callable, Mapping
 
+from etils import epath
+
 from miniend_jax.train import run_record
 
 STAGE_FILE = "quickstart_stage.json"
@@ -54,10 +56,9 @@ def claim_settings(directory: str, settings: Mapping[str, Any], filename: str = 
 
 
 def read_json(path: str) -> dict | None:
-  """The JSON in `path`, or None when it is missing or unreadable."""
+  """The JSON in `path` (local or gs://), or None when it is missing or unreadable."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(epath.Path(path).read_text())
   except (OSError, json.JSONDecodeError):
     return None
 

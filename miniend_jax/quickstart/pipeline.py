@@ -35,6 +35,9 @@ def run(workdir: str = DEFAULT_WORKDIR, *, size: str = "cpu", settings: Settings
      "stages": [(stage, "ran" | "skipped", seconds)], "seconds": total, "settings": {...}}.
   """
   started = time.perf_counter()
+  if "://" in os.fspath(workdir):  # os.path.abspath would make it a local "gs:" directory
+    raise ValueError(f"--workdir {workdir}: the quickstart keeps its work on this machine; "
+                     "give a local directory (the training commands and sweeps take gs://).")
   if settings is None:
     settings = make_settings(size, **overrides)
   else:

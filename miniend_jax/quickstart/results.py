@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from typing import Any, Mapping, Sequence
+
+from etils import epath
 
 from miniend_jax.quickstart import stats
 from miniend_jax.quickstart.bookkeeping import read_json
@@ -149,13 +152,15 @@ def verdict_summary(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> 
 
 
 def write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  """`rows` as CSV: every key of any row a column, in first-seen order; missing / None empty."""
+  """`rows` as CSV at `path` (local or gs://): every key of any row a column, in
+  first-seen order; missing / None empty."""
   columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(path, "w", encoding="utf-8", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+  epath.Path(path).write_text(text.getvalue())
 
 
 def write_report(workdir: str, rows: Sequence[Mapping[str, Any]],
