@@ -360,12 +360,12 @@ class PlanReport:
     if roofline is None:
       return []
     lower = " (a lower bound)" if self.xla_counts_loops_once else ""
-    compiler = (f"{self.compiler_step_s:.3f} s" if self.compiler_step_s is not None else
+    compiler = (_seconds(self.compiler_step_s) if self.compiler_step_s is not None else
                 "not positive, not used" if self.xla_optimal_seconds is not None else "none")
-    return [f"roofline per chip{lower}: compute {roofline.compute_s:.3f} s "
-            f"({roofline.flops:.3e} FLOP), memory {roofline.memory_s:.3f} s "
-            f"({roofline.bytes_accessed / 1e9:,.1f} GB accessed): step {roofline.step_s:.3f} s, "
-            f"{roofline.bound}-bound, MFU {self.roofline_mfu:.0%} = "
+    return [f"roofline per chip{lower}: compute {_seconds(roofline.compute_s)} "
+            f"({roofline.flops:.3e} FLOP), memory {_seconds(roofline.memory_s)} "
+            f"({roofline.bytes_accessed / 1e9:.3g} GB accessed): step "
+            f"{_seconds(roofline.step_s)}, {roofline.bound}-bound, MFU {self.roofline_mfu:.0%}, "
             f"{self.tokens_per_step / roofline.step_s:,.0f} tokens/s",
             f"libtpu's own step estimate (optimal_seconds): {compiler}"]
 
@@ -404,6 +404,10 @@ class PlanReport:
     lines.extend(self._roofline_lines())
     lines.append(self.verdict())
     return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+  return f"{value:.3f} s" if value >= 0.1 else f"{value * 1e3:.3g} ms"
 
 
 def _gib(value: int) -> str:
