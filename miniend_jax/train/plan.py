@@ -11,9 +11,13 @@ reports what one chip needs:
 
 `plan_program` / `plan_lowered` return a `PlanReport`: per-chip argument,
 output, alias, temporary and generated-code bytes against the chip's HBM,
-XLA's FLOPs per step beside the analytic count (the MFU numerator), the
-compile time, the step time and tokens/s at 100% and 50% of peak, and for a
-run that does not fit, by how much and which settings would help.
+XLA's FLOPs and bytes accessed per step (loops counted by their trip counts,
+`xla_cost.step_cost`) beside the analytic FLOPs (the MFU numerator), the
+roofline step time per chip they imply (max(FLOPs / peak, bytes / HBM
+bandwidth), with its MFU and which side binds), libtpu's own estimate when it
+is positive, the compile time, the step time and tokens/s at 100% and 50% of
+peak, and for a run that does not fit, by how much and which settings would
+help. Chip figures come from the one hardware table (`hardware.py`).
 
 Topology names are the ones TPU VMs are created with: `v4-64`, `v5p-128`
 (v4 and v5p count TensorCores, two per chip: v4-64 has 32 chips), `v5e-256` or
