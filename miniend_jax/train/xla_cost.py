@@ -208,7 +208,8 @@ class StepCost:
     counted_once_flops, counted_once_bytes: XLA's own figures (each loop body once).
     optimal_seconds: libtpu's own step-time estimate as it reports it (it counts
       loops once too, and has been seen negative); None when absent.
-    loops: every while loop reached from the entry, outermost first.
+    loops: the while loops of the entry computation and of loop bodies (outer
+      before inner); a loop inside a conditional branch is not looked into.
   """
 
   flops: float
@@ -233,7 +234,10 @@ def _loop_extra(computations, parent: _Computation, loops: list[Loop]) -> tuple[
     if body is None:
       continue
     trips = _trip_count(computations, parent, inst)
-    flops, nbytes = _generic_cost(computations, body.name)
+    try:
+      flops, nbytes = _generic_cost(computations, body.name)
+    except RuntimeError:  # XLA cannot re-read this body (or no CPU backend): count it once
+      trips, flops, nbytes = None, 0.0, 0.0
     loops.append(Loop(body.name, trips, flops, nbytes))
     inner_flops, inner_bytes = _loop_extra(computations, body, loops)
     # The body runs `trips` times (once where unknown); the analysis counted it once.
