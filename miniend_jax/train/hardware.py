@@ -73,9 +73,9 @@ TPU_GENERATIONS: dict[str, TpuGeneration] = {
     "v5p": TpuGeneration(name="v5p", device_kinds=("TPU v5", "TPU v5p"), peak_flops=459e12,
                          hbm_bytes=95 * GiB, hbm_bandwidth=2765e9, dims=3, cores_in_name=2,
                          chip_config="megacore"),
-    # v6e (Trillium): 918 TFLOP/s, 32 GB HBM, 1640 GB/s.
+    # v6e (Trillium): 918 TFLOP/s, 32 GB HBM, 1638 GB/s.
     "v6e": TpuGeneration(name="v6e", device_kinds=("TPU v6 lite", "TPU v6e"), peak_flops=918e12,
-                         hbm_bytes=32 * GiB, hbm_bandwidth=1640e9,
+                         hbm_bytes=32 * GiB, hbm_bandwidth=1638e9,
                          aliases=("v6", "trillium"), dims=2, cores_in_name=1),
 }
 
