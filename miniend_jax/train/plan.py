@@ -30,6 +30,7 @@ Imports neither seqio nor TensorFlow.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -352,9 +353,11 @@ class PlanReport:
   def _loop_lines(self) -> list[str]:
     if not self.xla_loops:
       return []
-    counted = [f"{loop['trip_count']}x" for loop in self.xla_loops if loop["trip_count"]]
-    line = (f"XLA counts a loop body once; {len(counted)} of {len(self.xla_loops)} loops "
-            f"recounted by trip count ({', '.join(counted) or 'none'})")
+    trips = collections.Counter(loop["trip_count"] for loop in self.xla_loops
+                                if loop["trip_count"] is not None)
+    counted = ", ".join(f"{n} loop{'s' * (n > 1)} of {t}" for t, n in sorted(trips.items()))
+    line = (f"XLA counts a loop body once; {trips.total()} of {len(self.xla_loops)} loops "
+            f"recounted by trip count ({counted or 'none'})")
     if self.xla_counts_loops_once:
       line += "; the others' trip counts are unknown: XLA's figures are lower bounds"
     return [line]

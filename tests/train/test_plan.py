@@ -229,3 +229,4 @@ def test_loops_are_counted_by_trip_count():
   assert report.xla_counts_loops_once and report.xla_loops[0]["trip_count"] is None
   assert report.xla_flops == report.xla_flops_counted_once
   assert "roofline per chip (a lower bound)" in report.table()
+  assert "0 of 1 loops recounted" in report.table()
