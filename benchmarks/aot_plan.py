@@ -6,8 +6,10 @@
 Builds the exact step the run loop jits (`program.build_step_program`) on the
 topology's abstract devices, compiles it with the TPU compiler and prints the
 plan's table, then one JSON line with at least fits, bytes_per_chip,
-hbm_per_chip_bytes, compile_s, xla_flops, analytic_flops and
-step_s_at_50pct_mfu. A step that does not fit is an answer (fits false, exit 0);
+hbm_per_chip_bytes, compile_s, xla_flops, xla_bytes_accessed, analytic_flops,
+roofline_step_s, roofline_mfu, roofline_bound, compiler_step_s (libtpu's
+optimal_seconds when positive, else null) and step_s_at_50pct_mfu. A step that
+does not fit is an answer (fits false, exit 0);
 a config that cannot be built exits 2 with a `miniend: ...` message.
 
 Needs libtpu (`pip install -e '.[plan]'`). Imports neither seqio nor TensorFlow

@@ -11,9 +11,13 @@ reports what one chip needs:
 
 `plan_program` / `plan_lowered` return a `PlanReport`: per-chip argument,
 output, alias, temporary and generated-code bytes against the chip's HBM,
-XLA's FLOPs per step beside the analytic count (the MFU numerator), the
-compile time, the step time and tokens/s at 100% and 50% of peak, and for a
-run that does not fit, by how much and which settings would help.
+XLA's FLOPs and bytes accessed per step (loops counted by their trip counts,
+`xla_cost.step_cost`) beside the analytic FLOPs (the MFU numerator), the
+roofline step time per chip they imply (max(FLOPs / peak, bytes / HBM
+bandwidth), with its MFU and which side binds), libtpu's own estimate when it
+is positive, the compile time, the step time and tokens/s at 100% and 50% of
+peak, and for a run that does not fit, by how much and which settings would
+help. Chip figures come from the one hardware table (`hardware.py`).
 
 Topology names are the ones TPU VMs are created with: `v4-64`, `v5p-128`
 (v4 and v5p count TensorCores, two per chip: v4-64 has 32 chips), `v5e-256` or
@@ -26,6 +30,7 @@ Imports neither seqio nor TensorFlow.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -39,9 +44,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from miniend_jax.train import accelerators
+from miniend_jax.train import accelerators, hardware, xla_cost
 
-GiB = 1024 ** 3
+GiB = hardware.GiB
 
 # Environment libtpu reads on a TPU VM (normally from the VM's metadata). On
 # another host it warns once per variable and probes for them unless set; any
@@ -62,36 +67,9 @@ class PlanError(ValueError):
 # TPU generations and topologies.
 
 
-@dataclasses.dataclass(frozen=True)
-class TpuGeneration:
-  """One TPU generation.
-
-  Attributes:
-    name: libtpu's name ("v4", "v5e", "v5p", "v6e").
-    aliases: other prefixes users write ("v5litepod").
-    dims: torus dimensions (3 for v4 / v5p, 2 for v5e / v6e).
-    cores_in_name: how many units of the name's count one chip is (2 where the
-      name counts TensorCores: v4-64 is 32 chips).
-    hbm_bytes: HBM per chip.
-    peak_flops: dense bf16 FLOP/s per chip (data sheet).
-    chip_config: libtpu's chip config ("megacore": one JAX device per chip).
-  """
-
-  name: str
-  aliases: tuple[str, ...]
-  dims: int
-  cores_in_name: int
-  hbm_bytes: int
-  peak_flops: float
-  chip_config: str = "default"
-
-
-GENERATIONS: dict[str, TpuGeneration] = {
-    "v4": TpuGeneration("v4", (), 3, 2, 32 * GiB, 275e12, "megacore"),
-    "v5e": TpuGeneration("v5e", ("v5litepod", "v5lite"), 2, 1, 16 * GiB, 197e12),
-    "v5p": TpuGeneration("v5p", (), 3, 2, 95 * GiB, 459e12, "megacore"),
-    "v6e": TpuGeneration("v6e", ("v6", "trillium"), 2, 1, 32 * GiB, 918e12),
-}
+# The TPU rows of the one hardware table (names kept for users and tests).
+TpuGeneration = hardware.TpuGeneration
+GENERATIONS: dict[str, TpuGeneration] = hardware.TPU_GENERATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +96,10 @@ class Topology:
   @property
   def peak_flops(self) -> float:
     return self.generation.peak_flops
+
+  @property
+  def hbm_bandwidth(self) -> float:
+    return self.generation.hbm_bandwidth
 
 
 def _torus_shape(chips: int, dims: int) -> tuple[int, ...] | None:
@@ -274,6 +256,7 @@ class PlanReport:
   chips: int
   hbm_per_chip_bytes: int
   peak_flops_per_chip: float
+  hbm_bandwidth_per_chip: float  # bytes/s
   fits: bool
   bytes_per_chip: int
   compile_s: float
@@ -285,9 +268,15 @@ class PlanReport:
   alias_bytes: int | None = None
   temp_bytes: int | None = None
   generated_code_bytes: int | None = None
+  # XLA's cost analysis, each loop counted as often as it runs (`xla_cost.step_cost`).
   xla_flops: float | None = None  # per step, all chips
-  # The step has loops (scanned layers, chunked losses): XLA counts each loop body
-  # once, so `xla_flops` is a lower bound.
+  xla_bytes_accessed: float | None = None  # per step, per chip
+  xla_flops_counted_once: float | None = None  # XLA's own (loop bodies once), all chips
+  xla_bytes_counted_once: float | None = None  # the same, per chip
+  xla_optimal_seconds: float | None = None  # libtpu's estimate as reported
+  xla_loops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  # A loop whose trip count the HLO does not show is counted once: the XLA figures
+  # (and the roofline step time) are then lower bounds.
   xla_counts_loops_once: bool = False
   xla_hbm_limit_bytes: int | None = None  # the usable HBM the compiler reported
   xla_message: str | None = None
@@ -312,10 +301,39 @@ class PlanReport:
   def tokens_per_s(self, mfu: float) -> float:
     return self.tokens_per_step / self.step_s(mfu)
 
+  @property
+  def roofline(self) -> xla_cost.Roofline | None:
+    """One chip's step at its peak FLOP/s or HBM bandwidth, whichever binds, from
+    XLA's counts; None when the compiler gave none (a step that does not fit)."""
+    if self.xla_flops is None or self.xla_bytes_accessed is None:
+      return None
+    return xla_cost.Roofline(self.xla_flops / self.chips, self.xla_bytes_accessed,
+                             self.peak_flops_per_chip, self.hbm_bandwidth_per_chip)
+
+  @property
+  def roofline_mfu(self) -> float | None:
+    """The MFU the roofline step time implies: model FLOPs per chip / (step * peak)."""
+    roofline = self.roofline
+    return None if roofline is None else roofline.mfu(self.analytic_flops / self.chips)
+
+  @property
+  def compiler_step_s(self) -> float | None:
+    """libtpu's own step-time estimate, when it is positive (it has been seen
+    negative for whole training steps, and counts loop bodies once)."""
+    seconds = self.xla_optimal_seconds
+    return seconds if seconds is not None and seconds > 0 else None
+
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out["knobs"] = [dataclasses.asdict(k) for k in self.knobs]
-    out.update(headroom_bytes=self.headroom_bytes, excess_bytes=self.excess_bytes,
+    roofline = self.roofline
+    if roofline is not None:
+      out.update(roofline_step_s=roofline.step_s, roofline_compute_s=roofline.compute_s,
+                 roofline_memory_s=roofline.memory_s, roofline_bound=roofline.bound,
+                 roofline_mfu=self.roofline_mfu,
+                 roofline_tokens_per_s=self.tokens_per_step / roofline.step_s)
+    out.update(compiler_step_s=self.compiler_step_s,
+               headroom_bytes=self.headroom_bytes, excess_bytes=self.excess_bytes,
                step_s_at_100pct_mfu=self.step_s(1.0), step_s_at_50pct_mfu=self.step_s(0.5),
                tokens_per_s_at_100pct_mfu=self.tokens_per_s(1.0),
                tokens_per_s_at_50pct_mfu=self.tokens_per_s(0.5))
@@ -333,12 +351,39 @@ class PlanReport:
       text += " What would help:\n" + "\n".join(f"  - {k.binding}: {k.why}" for k in self.knobs)
     return text
 
+  def _loop_lines(self) -> list[str]:
+    if not self.xla_loops:
+      return []
+    trips = collections.Counter(loop["trip_count"] for loop in self.xla_loops
+                                if loop["trip_count"] is not None)
+    counted = ", ".join(f"{n} loop{'s' * (n > 1)} of {t}" for t, n in sorted(trips.items()))
+    line = (f"XLA counts a loop body once; {trips.total()} of {len(self.xla_loops)} loops "
+            f"recounted by trip count ({counted or 'none'})")
+    if self.xla_counts_loops_once:
+      line += "; the others' trip counts are unknown: XLA's figures are lower bounds"
+    return [line]
+
+  def _roofline_lines(self) -> list[str]:
+    roofline = self.roofline
+    if roofline is None:
+      return []
+    lower = " (a lower bound)" if self.xla_counts_loops_once else ""
+    compiler = (_seconds(self.compiler_step_s) if self.compiler_step_s is not None else
+                "not positive, not used" if self.xla_optimal_seconds is not None else "none")
+    return [f"roofline per chip{lower}: compute {_seconds(roofline.compute_s)} "
+            f"({roofline.flops:.3e} FLOP), memory {_seconds(roofline.memory_s)} "
+            f"({roofline.bytes_accessed / 1e9:.3g} GB accessed): step "
+            f"{_seconds(roofline.step_s)}, {roofline.bound}-bound, MFU {self.roofline_mfu:.0%}, "
+            f"{self.tokens_per_step / roofline.step_s:,.0f} tokens/s",
+            f"libtpu's own step estimate (optimal_seconds): {compiler}"]
+
   def table(self) -> str:
     """The report as a readable table."""
     lines = [self.title] if self.title else []
     lines.append(f"topology {self.topology} ({self.topology_name}) x {self.slices} slice(s): "
                  f"{self.chips} chips, {_gib(self.hbm_per_chip_bytes)} HBM and "
-                 f"{self.peak_flops_per_chip / 1e12:.0f} TFLOP/s (bf16) per chip")
+                 f"{self.peak_flops_per_chip / 1e12:.0f} TFLOP/s (bf16) and "
+                 f"{self.hbm_bandwidth_per_chip / 1e9:,.0f} GB/s HBM bandwidth per chip")
     if self.mesh:
       lines.append("mesh " + " ".join(f"{k}={v}" for k, v in self.mesh.items()))
     width = 44
@@ -356,17 +401,21 @@ class PlanReport:
     flops = f"analytic {self.analytic_flops:.3e}"
     if self.xla_flops is not None:
       flops = f"XLA {self.xla_flops:.3e}, " + flops
-      if self.xla_counts_loops_once:
-        flops += " (XLA counts each loop body once: a lower bound)"
       if self.analytic_flops:
         flops += f"; XLA / analytic {self.xla_flops / self.analytic_flops:.2f}"
     lines.append(f"FLOPs per step: {flops}")
+    lines.extend(self._loop_lines())
     lines.append(f"compile: lower {self.lower_s:.1f} s, compile {self.compile_s:.1f} s")
     lines.append(f"step at 100% / 50% of peak: {self.step_s(1.0):.3f} s / {self.step_s(0.5):.3f} s"
                  f" = {self.tokens_per_s(1.0):,.0f} / {self.tokens_per_s(0.5):,.0f} tokens/s "
                  f"({self.tokens_per_step:,} tokens per step)")
+    lines.extend(self._roofline_lines())
     lines.append(self.verdict())
     return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+  return f"{value:.3f} s" if value >= 0.1 else f"{value * 1e3:.3g} ms"
 
 
 def _gib(value: int) -> str:
@@ -425,7 +474,8 @@ def plan_lowered(lowered: jax.stages.Lowered, topology: Topology, *, slices: int
   chips = topology.chips * slices
   common = dict(topology=topology.name, topology_name=topology.topology_name, slices=slices,
                 chips=chips, hbm_per_chip_bytes=topology.hbm_bytes,
-                peak_flops_per_chip=topology.peak_flops, analytic_flops=float(analytic_flops),
+                peak_flops_per_chip=topology.peak_flops,
+                hbm_bandwidth_per_chip=topology.hbm_bandwidth, analytic_flops=float(analytic_flops),
                 tokens_per_step=int(tokens_per_step), lower_s=lower_s,
                 expected=dict(expected or {}))
   start = time.perf_counter()
@@ -443,11 +493,7 @@ def plan_lowered(lowered: jax.stages.Lowered, topology: Topology, *, slices: int
   used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
           - memory.alias_size_in_bytes + memory.temp_size_in_bytes
           + memory.generated_code_size_in_bytes)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = (cost or {}).get("flops")
-  # XLA's cost analysis counts a loop body once: a scan over layers is undercounted.
-  loops = "stablehlo.while" in lowered.as_text()
+  cost = xla_cost.step_cost(compiled)
   return PlanReport(
       fits=used <= topology.hbm_bytes, bytes_per_chip=int(used), compile_s=compile_s,
       argument_bytes=int(memory.argument_size_in_bytes),
@@ -455,7 +501,12 @@ def plan_lowered(lowered: jax.stages.Lowered, topology: Topology, *, slices: int
       temp_bytes=int(memory.temp_size_in_bytes),
       generated_code_bytes=int(memory.generated_code_size_in_bytes),
       # The per-chip program's count; SPMD runs it on every chip.
-      xla_flops=None if flops is None else float(flops) * chips, xla_counts_loops_once=loops,
+      xla_flops=cost.flops * chips, xla_bytes_accessed=cost.bytes_accessed,
+      xla_flops_counted_once=cost.counted_once_flops * chips,
+      xla_bytes_counted_once=cost.counted_once_bytes,
+      xla_optimal_seconds=cost.optimal_seconds,
+      xla_loops=[{"body": loop.body, "trip_count": loop.trip_count} for loop in cost.loops],
+      xla_counts_loops_once=bool(cost.uncounted_loops),
       **common)
 
 

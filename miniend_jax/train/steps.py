@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from miniend_jax.distill import losses
 from miniend_jax.distill.recipe import Recipe, recipe_loss
 from miniend_jax.model.t5 import T5, T5Config, Taps, forward_flops
-from miniend_jax.train import decoding, partitioning
+from miniend_jax.train import decoding, hardware, partitioning
 from miniend_jax.train.state import TrainState
 
 Array = jax.Array
@@ -185,32 +185,18 @@ def step_flops(student_config: T5Config, teacher_config: T5Config | None, batch:
   return 3 * forward_flops(student_config, *shape) + teacher
 
 
-PEAK_FLOPS = {  # dense bf16 FLOP/s per device (jax device_kind), from the vendors' data sheets
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # v5p reports itself as "TPU v5"
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
+# Dense bf16 FLOP/s per device (jax device_kind), from the one hardware table.
+PEAK_FLOPS = hardware.peak_flops_by_device_kind()
 
 
 def device_peak_flops(device_kind: str) -> float | None:
   """Peak FLOP/s of one device of this kind, or None when unknown (e.g. CPUs).
 
   TPU kinds match exactly ("TPU v5" is v5p, "TPU v5 lite" v5e); GPU kinds by
-  prefix ("NVIDIA H100 80GB HBM3").
+  prefix ("NVIDIA H100 80GB HBM3"); see `hardware.chip_for_device_kind`.
   """
-  if device_kind in PEAK_FLOPS:
-    return PEAK_FLOPS[device_kind]
-  for name, flops in PEAK_FLOPS.items():
-    if name.startswith("NVIDIA") and device_kind.startswith(name):
-      return flops
-  return None
+  chip = hardware.chip_for_device_kind(device_kind)
+  return None if chip is None else chip.peak_flops
 
 
 # ----------------------------------------------------------------------------

@@ -5,13 +5,16 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 pytest.importorskip("libtpu", reason="planning needs the `plan` extra (libtpu)")
 
 from miniend_jax.model import t5  # noqa: E402
-from miniend_jax.train import partitioning, plan, program, state  # noqa: E402
+from miniend_jax.train import hardware, partitioning, plan, program, state, steps  # noqa: E402
+from miniend_jax.train import xla_cost  # noqa: E402
 
 # Every per-chip shard is whole TPU tiles (minor dims of 128, second-minor of 8),
 # so XLA's layouts add no padding and the argument bytes can be computed exactly.
@@ -81,12 +84,14 @@ def test_plan_figures_come_from_the_tpu_compiler():
   # Unrolled layers and the losses' logits in one chunk (`losses.chunk_positions`
   # at this size): no loop, so the count is whole, not a flagged lower bound.
   assert 0.9 < report.xla_flops / prog.analytic_flops < 1.5
-  assert report.compile_s > 0 and not report.xla_counts_loops_once
+  assert report.compile_s > 0 and not report.xla_counts_loops_once and not report.xla_loops
+  assert report.xla_flops == report.xla_flops_counted_once and report.xla_bytes_accessed > 0
   assert report.step_s(0.5) == pytest.approx(
       prog.analytic_flops / (0.5 * 197e12 * 4))
   assert report.tokens_per_s(0.5) == pytest.approx(32 * 256 / report.step_s(0.5))
   table = report.table()
   assert "FITS" in table and "v5e:2x2" in table and "temporaries" in table
+  assert "roofline per chip: compute" in table and "819 GB/s HBM bandwidth" in table
 
 
 def test_two_slices_compile_on_a_hybrid_mesh():
@@ -135,3 +140,93 @@ def test_plan_command_answers_and_rejects_bad_configs(capsys):
   assert plan.run_from_args(args, bindings + ["TrainConfig.batch_size = 6"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("miniend: ") and "batch_size=6" in err and len(err.splitlines()) == 1
+
+
+def test_one_hardware_table_for_mfu_logging_and_plans():
+  assert plan.GENERATIONS is hardware.TPU_GENERATIONS
+  for name, smallest in (("v4", "v4-8"), ("v5e", "v5e-4"), ("v5p", "v5p-8"), ("v6e", "v6e-4")):
+    topology = plan.parse_topology(smallest)
+    # The kind libtpu's devices of that slice report is the one MFU logging looks up.
+    kind = plan.topology_devices(topology)[0].device_kind
+    assert hardware.chip_for_device_kind(kind) is topology.generation is plan.GENERATIONS[name]
+    assert steps.device_peak_flops(kind) == steps.PEAK_FLOPS[kind] == topology.peak_flops
+    assert topology.hbm_bandwidth == topology.generation.hbm_bandwidth > 0
+  assert hardware.chip_for_device_kind("NVIDIA A100-SXM4-80GB").hbm_bandwidth == 2.039e12
+  assert hardware.chip_for_device_kind("NVIDIA A100-SXM4-40GB").hbm_bandwidth == 1.555e12
+
+
+def _one_chip(*shapes):
+  mesh = Mesh(np.array(plan.topology_devices("v5e:1x1")), ("d",))
+  return [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+          for shape in shapes]
+
+
+@pytest.mark.parametrize("m,k,n,bound", [(256, 2048, 256, "memory"), (2048, 2048, 2048, "compute")])
+def test_roofline_from_the_compilers_counts(m, k, n, bound):
+  topology = plan.parse_topology("v5e:1x1")
+  lowered = jax.jit(jnp.matmul).lower(*_one_chip((m, k), (k, n)))
+  report = plan.plan_lowered(lowered, topology, analytic_flops=2 * m * k * n, tokens_per_step=m)
+  cost = lowered.compile().cost_analysis()
+  flops, nbytes = cost["flops"], cost["bytes accessed"]
+  assert flops == 2 * m * k * n and report.xla_bytes_accessed == nbytes
+  # By hand: v5e's 197 TFLOP/s and 819 GB/s per chip.
+  step = max(flops / 197e12, nbytes / 819e9)
+  assert report.roofline.step_s == pytest.approx(step) and report.roofline.bound == bound
+  assert report.roofline_mfu == pytest.approx(2 * m * k * n / (step * 197e12))
+  summary = report.to_json()
+  assert summary["roofline_step_s"] == pytest.approx(step) and summary["roofline_bound"] == bound
+  # libtpu's own estimate is sound for a matmul, reported only when positive.
+  assert report.compiler_step_s == cost["optimal_seconds"] > 0
+  negative = dataclasses.replace(report, xla_optimal_seconds=-738.0)
+  assert negative.compiler_step_s is None and negative.to_json()["compiler_step_s"] is None
+  assert "optimal_seconds): not positive, not used" in negative.table()
+
+
+def _layers(scan: bool, layers: int):
+  """A tiny deep net (tanh(x @ w_i) for each i), its layers unrolled or a lax.scan."""
+  def loss(w, x):
+    if scan:
+      x, _ = jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)
+    else:
+      for i in range(layers):
+        x = jnp.tanh(x @ w[i])
+    return x.astype(jnp.float32).sum()
+  return loss
+
+
+def test_loops_are_counted_by_trip_count():
+  layers, width = 8, 256
+  mesh = Mesh(np.array(plan.topology_devices("v5e-4")), ("d",))
+  args = (jax.ShapeDtypeStruct((layers, width, width), jnp.bfloat16,
+                               sharding=NamedSharding(mesh, PartitionSpec())),
+          jax.ShapeDtypeStruct((512, width), jnp.bfloat16,
+                               sharding=NamedSharding(mesh, PartitionSpec("d"))))
+  cost = {}
+  for scan in (False, True):
+    for grad in (False, True):
+      fn = _layers(scan, layers)
+      cost[scan, grad] = xla_cost.step_cost(jax.jit(jax.grad(fn) if grad else fn)
+                                            .lower(*args).compile())
+  # XLA counts a scan's body once: one layer of eight.
+  assert cost[True, False].counted_once_flops < 0.2 * cost[False, False].flops
+  assert [loop.trip_count for loop in cost[True, False].loops] == [layers]
+  assert [loop.trip_count for loop in cost[True, True].loops] == [layers, layers]  # fwd, bwd
+  # Recounted, the scanned forward has the unrolled one's FLOPs (its float32 sums aside);
+  # its backward within 5%.
+  assert cost[True, False].flops == pytest.approx(cost[False, False].flops, rel=1e-3)
+  assert cost[True, True].flops == pytest.approx(cost[False, True].flops, rel=0.05)
+  assert cost[True, True].bytes_accessed > 2 * cost[True, True].counted_once_bytes
+  assert not cost[False, True].loops and not cost[True, True].uncounted_loops
+
+  # A loop whose end depends on data has no trip count in the HLO: counted once, and said.
+  def until_small(x):
+    return jax.lax.while_loop(lambda h: jnp.abs(h).max() > 1, lambda h: jnp.tanh(h @ h) / 2,
+                              x).sum()
+  square = jax.ShapeDtypeStruct((width, width), jnp.bfloat16,
+                                sharding=NamedSharding(mesh, PartitionSpec()))
+  report = plan.plan_lowered(jax.jit(until_small).lower(square), plan.parse_topology("v5e-4"),
+                             analytic_flops=1.0, tokens_per_step=1)
+  assert report.xla_counts_loops_once and report.xla_loops[0]["trip_count"] is None
+  assert report.xla_flops == report.xla_flops_counted_once
+  assert "roofline per chip (a lower bound)" in report.table()
+  assert "0 of 1 loops recounted" in report.table()
