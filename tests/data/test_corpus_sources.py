@@ -4,7 +4,9 @@ and the same text as the TFDS path."""
 
 import collections
 import gzip
+import importlib.util
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +16,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from miniend_jax.data import hub_parquet, sources, tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _docs(file_index, count):
@@ -147,3 +151,23 @@ def test_hub_parquet_tasks_give_the_tfds_text(tfds_tasks, tmp_path):
     assert strings(name) == expected[name], name
   assert all(isinstance(t.source, sources.FileSource)
              for t in seqio.get_mixture_or_task("glue").tasks)
+
+
+def test_benchmark_layouts_hold_the_same_records(tmp_path):
+  # benchmarks/input_pipeline.py --sources compares layouts of one text: each must
+  # read back, through the sources `--train_files` uses, as exactly that text.
+  spec = importlib.util.spec_from_file_location(
+      "input_pipeline_bench", os.path.join(ROOT, "benchmarks", "input_pipeline.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  docs = bench.repeat_to_size(bench.c4_like_documents(
+      ["Ünïcode line\nand a second", "short", "x" * 50, "tail"], doc_chars=20), 400)
+  assert len(docs) > 10 and sum(len(d) for d in docs) >= 400
+  for layout in bench.SOURCES:
+    pattern = bench.write_layout(docs, str(tmp_path / layout), layout, num_files=3,
+                                 row_group_rows=4)
+    assert len(sources.list_files(pattern)) == 3
+    records = sources.FileSource({"train": pattern}, fields=("text", "url")).get_dataset(
+        "train", shuffle=False).as_numpy_iterator()
+    assert [(r["text"].decode(), r["url"].decode()) for r in records] == [
+        (d, f"https://example.com/doc/{i}") for i, d in enumerate(docs)], layout
