@@ -175,12 +175,17 @@ def measure_files(pattern: str, vocabulary_path: str, inputs_length: int, batch_
   first_batches_s = time.perf_counter() - start_wall
   rows = tokens = target_tokens = 0
   wall, cpu = time.perf_counter(), _cpu_seconds()
-  for batch in iterator:
+  peak_mb = lambda: _proc_status_mb("VmHWM") if peak_reset else _max_rss_mb()
+  peaks = []  # the peak so far, every 20 batches: flat memory levels off early
+  for i, batch in enumerate(iterator):
     rows += batch["encoder_input_tokens"].shape[0]
     tokens += int(np.count_nonzero(batch["encoder_input_tokens"]))
     target_tokens += int(np.count_nonzero(batch["decoder_target_tokens"]))
+    if i % 20 == 0:
+      peaks.append(peak_mb())
   wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-  pipeline_peak_mb = _proc_status_mb("VmHWM") if peak_reset else _max_rss_mb()
+  pipeline_peak_mb = peak_mb()
+  peaks.append(pipeline_peak_mb)
 
   # The files alone: the source's examples counted inside tf.data (no Python per
   # example), no tokenizing: what reading and parsing the layout costs.
@@ -209,6 +214,9 @@ def measure_files(pattern: str, vocabulary_path: str, inputs_length: int, batch_
       "first_batches_seconds": round(first_batches_s, 2),
       "baseline_rss_mb": round(baseline_mb, 1),
       "peak_rss_over_baseline_mb": round(pipeline_peak_mb - baseline_mb, 1),
+      "peak_rss_over_baseline_mb_at_quarters": [
+          round(peaks[(len(peaks) - 1) * q // 4] - baseline_mb, 1)
+          for q in (1, 2, 3, 4)],
       "peak_from": "VmHWM reset after imports" if peak_reset else "ru_maxrss",
       "import_ru_maxrss_mb": round(import_peak_mb, 1),
   }
@@ -237,6 +245,9 @@ def _summary(runs: list[dict], sizes: list[str]) -> dict:
                   "read_only_mb_per_cpu_second"):
         entry[key] = run[key]
     entry[f"peak_rss_over_baseline_mb_{run['corpus']}"] = run["peak_rss_over_baseline_mb"]
+    if run["corpus"] == sizes[-1]:
+      entry[f"peak_rss_over_baseline_mb_{run['corpus']}_at_quarters"] = run[
+          "peak_rss_over_baseline_mb_at_quarters"]
   return summary
 
 
