@@ -171,7 +171,9 @@ def measure_files(pattern: str, vocabulary_path: str, inputs_length: int, batch_
   start_wall = time.perf_counter()
   iterator = dataset.as_numpy_iterator()
   for _ in range(warmup_batches):
-    next(iterator)
+    if next(iterator, None) is None:
+      raise SystemExit(f"{pattern} gives fewer than {warmup_batches + 1} batches of "
+                       f"{batch_size}: raise --small_mb.")
   first_batches_s = time.perf_counter() - start_wall
   rows = tokens = target_tokens = 0
   wall, cpu = time.perf_counter(), _cpu_seconds()
@@ -229,7 +231,9 @@ def _measure_in_child(args, source: str, size: str, pattern: str, vocabulary_pat
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure_child",
                          json.dumps(request)], capture_output=True, text=True, check=False)
   if proc.returncode:
-    raise RuntimeError(f"{source} {size}: the child failed:\n{proc.stderr[-3000:]}")
+    last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    raise SystemExit(f"{source} {size}: the measuring child exited with {proc.returncode}: "
+                     f"{last}")
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   return {"source": source, "corpus": size, **result}
 
@@ -262,7 +266,8 @@ def compare_sources(args) -> dict:
     raise SystemExit(f"--sources: unknown {unknown}; choose from {','.join(SOURCES)}.")
   with tempfile.TemporaryDirectory() as tmp:
     work_dir = args.work_dir or tmp
-    vocabulary, data_dir = local_corpus.setup_pydoc_tasks(work_dir, vocab_size=args.vocab_size)
+    vocab_size = args.vocab_size or local_corpus.DEFAULT_VOCAB_SIZE
+    vocabulary, data_dir = local_corpus.setup_pydoc_tasks(work_dir, vocab_size=vocab_size)
     vocabulary_path = args.vocabulary or vocabulary.sentencepiece_model_file
     texts = tasks.read_jsonl_files(
         [local_corpus.corpus_file(data_dir, local_corpus.TASK_SPAN_CORRUPTION, "train")],
@@ -292,7 +297,7 @@ def compare_sources(args) -> dict:
       "num_files": args.num_files,
       "row_group_rows": args.row_group_rows,
       "corpus_mb": sizes,
-      "vocabulary": args.vocabulary or f"pydoc {args.vocab_size} pieces",
+      "vocabulary": args.vocabulary or f"pydoc {vocab_size} pieces",
       "runs": runs,
       "write_seconds": write_seconds,
       "cpu_count": os.cpu_count(),
@@ -318,7 +323,8 @@ def pydoc_task(args) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     work_dir = args.work_dir or tmp
     start = time.perf_counter()
-    local_corpus.setup_pydoc_tasks(work_dir, vocab_size=args.vocab_size)
+    local_corpus.setup_pydoc_tasks(
+        work_dir, vocab_size=args.vocab_size or local_corpus.DEFAULT_VOCAB_SIZE)
     setup_s = time.perf_counter() - start
 
     lengths = tasks.span_corruption_feature_lengths(args.inputs_length)
@@ -372,8 +378,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--warmup_batches", type=int, default=5)
   parser.add_argument("--num_batches", type=int, default=200,
                       help="timed batches of the pydoc task (not with --sources: one pass)")
-  parser.add_argument("--vocab_size", type=int, default=3000,
-                      help="pieces of the pydoc vocabulary trained on the corpus")
+  parser.add_argument("--vocab_size", type=int, default=None,
+                      help="pieces of the pydoc vocabulary trained on the corpus "
+                      "(default local_corpus.DEFAULT_VOCAB_SIZE)")
   parser.add_argument("--sources", default=None,
                       help=f"compare layouts of the same text, e.g. {','.join(SOURCES)}")
   parser.add_argument("--vocabulary", default=None,
