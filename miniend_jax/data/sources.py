@@ -41,7 +41,7 @@ import json
 import re
 import threading
 import zlib
-from typing import Mapping, Optional, Sequence, Union
+from typing import IO, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import seqio
@@ -116,12 +116,25 @@ def _bad(path: str, record, what: str, fix: str) -> BadRecordError:
 # Python readers: one chunk of records from a known position.
 
 
+def _open_binary(path: str) -> IO[bytes]:
+  """`path` opened for reading bytes, whichever epath backend serves it.
+
+  etils' TensorFlow backend (the one `gs://` gets) returns a context manager
+  rather than a file, so the file is taken from `GFile` directly there.
+  """
+  if "://" not in path:
+    return open(path, "rb")  # pylint: disable=consider-using-with
+  if path.startswith(_REMOTE_SCHEMES):
+    return epath.Path(path).open("rb")
+  return tf.io.gfile.GFile(path, "rb")
+
+
 class _TextStream:
   """A line reader over a (gzip) text file, positioned at an uncompressed byte offset."""
 
   def __init__(self, path: str, offset: int):
     self.path = path
-    self._raw = epath.Path(path).open("rb")
+    self._raw = _open_binary(path)
     self._file = gzip.GzipFile(fileobj=self._raw, mode="rb") if path.endswith(".gz") else self._raw
     if offset:
       self._file.seek(offset)  # gzip: decompresses up to it, once per restore
@@ -143,7 +156,7 @@ class _ParquetStream:
   def __init__(self, path: str, columns: Sequence[str]):
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     self.path = path
-    self._raw = epath.Path(path).open("rb")
+    self._raw = _open_binary(path)
     self._file = pq.ParquetFile(self._raw)
     names = self._file.schema_arrow.names
     missing = [c for c in columns if c not in names]
