@@ -29,9 +29,11 @@ $(VENV312)/bin/pytest: requirements-lean-py312.txt
 	$(VENV312)/bin/pip install --quiet -r requirements-lean-py312.txt
 	touch $(VENV312)/bin/pytest
 
-# 8 fake CPU devices make every mesh in the tests real.
+# 8 fake CPU devices make every mesh in the tests real. Whole files go to the
+# two workers, slowest first (the order is in tests/conftest.py).
+XDIST = -n 2 --dist loadfile --no-loadscope-reorder
 test-main: install
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest $(XDIST) -q tests
 
 # The lean core on Python 3.12 with the newest JAX and Flax we accept (no torch:
 # the oracle tests stay in test-main).
@@ -39,7 +41,7 @@ test-py312:
 	@if [ -z "$(PY312)" ]; then echo "test-py312: no working python3.12 here (set PY312=/path/to/python3.12)"; exit 1; fi
 	$(MAKE) $(VENV312)/bin/pytest
 	PYTHONPATH=$(CURDIR) XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-	  $(VENV312)/bin/python -m pytest -n 2 -q -p no:cacheprovider -m lean $(LEAN_TESTS)
+	  $(VENV312)/bin/python -m pytest $(XDIST) -q -p no:cacheprovider -m lean $(LEAN_TESTS)
 
 test: test-main test-py312
 
