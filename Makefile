@@ -16,13 +16,19 @@ LEAN_TESTS = $(shell grep -l -r '^pytestmark = pytest.mark.lean' tests)
 
 .PHONY: install test test-main test-py312 quickstart
 
+# The package alone (what the quickstart needs), then the test and plan extras
+# (torch as the oracle, libtpu, the notebook kernel) for the tests only.
 $(BIN)/miniend: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,plan]'
+	$(BIN)/pip install --quiet -c constraints.txt -e .
 	touch $(BIN)/miniend
 
-install: $(BIN)/miniend
+$(VENV)/.test-extras: $(BIN)/miniend
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,plan]'
+	touch $@
+
+install: $(VENV)/.test-extras
 
 $(VENV312)/bin/pytest: requirements-lean-py312.txt
 	$(PY312) -m venv $(VENV312)
@@ -32,7 +38,7 @@ $(VENV312)/bin/pytest: requirements-lean-py312.txt
 # 8 fake CPU devices make every mesh in the tests real. Whole files go to the
 # two workers, slowest first (the order is in tests/conftest.py).
 XDIST = -n 2 --dist loadfile --no-loadscope-reorder
-test-main: install
+test-main: $(VENV)/.test-extras
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest $(XDIST) -q tests
 
 # The lean core on Python 3.12 with the newest JAX and Flax we accept (no torch:
@@ -45,5 +51,5 @@ test-py312:
 
 test: test-main test-py312
 
-quickstart: install
+quickstart: $(BIN)/miniend
 	$(BIN)/miniend quickstart --workdir $(WORKDIR)
