@@ -24,6 +24,11 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 
 import pytest  # noqa: E402
 
+from miniend_jax.train import host_memory  # noqa: E402
+
+# As `loop.train` does: the in-process step tests reuse freed host memory too.
+host_memory.keep_freed_memory()
+
 # Files by their time on an idle 2-core machine (`pytest --durations`), slowest
 # first. `make test` hands whole files to the two xdist workers in this order
 # (--dist loadfile --no-loadscope-reorder), so a slow file never becomes the

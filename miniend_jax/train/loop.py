@@ -45,9 +45,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from miniend_jax.data import local_corpus, sources, tasks as tasks_lib, vocab as vocab_lib
 from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model import hf, student as student_lib, t5
-from miniend_jax.train import (checkpoints, inputs, partitioning, preemption, profiling, program,
-                               run_record, state as state_lib, steps, watchdog as watchdog_lib,
-                               writers)
+from miniend_jax.train import (checkpoints, host_memory, inputs, partitioning, preemption,
+                               profiling, program, run_record, state as state_lib, steps,
+                               watchdog as watchdog_lib, writers)
 from miniend_jax.train.program import MODES, ModelSetup, TrainConfig  # noqa: F401  (gin + API)
 
 
@@ -233,6 +233,7 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
     Ctrl-C).
   """
   partitioning.maybe_initialize_distributed()
+  host_memory.keep_freed_memory()
   # Signals are caught from here on, after JAX's distributed runtime (whose own SIGTERM
   # handler would swallow one sent while loading or compiling): see preemption.py.
   with preemption.StopSignals() as stop:
@@ -541,6 +542,7 @@ def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | Non
     mesh: default MeshConfig() (data parallel over all devices).
   """
   partitioning.maybe_initialize_distributed()
+  host_memory.keep_freed_memory()
   source = checkpoint_dir or os.path.join(workdir, "checkpoints")
   if not epath.Path(source).exists():
     raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
