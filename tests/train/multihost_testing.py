@@ -48,7 +48,9 @@ def launch(num_processes: int, command: list[str], *, data_dir: str | None,
   """Starts `python -m miniend_jax COMMAND...` as `num_processes` processes.
 
   `cache_dir`: a persistent compilation cache the runs share (the programs of
-  runs with the same process count are the same). `python`: other
+  runs with the same process count are the same); None keeps the one the
+  environment names (tests/conftest.py's session cache, so programs other
+  tests compiled are reused). `python`: other
   interpreter arguments instead of `-m miniend_jax` (e.g. ["-c", code]); the
   process index is then argv[1].
   """

@@ -7,20 +7,30 @@ are uneven), and checkpoint asynchronously. They must:
   same evaluation), whichever steps ran on two processes;
 - stop together, exit 0 and save the same step when SIGTERM reaches one host;
 - resume exactly, also on another number of processes (2 -> 1 and 1 -> 2).
+
+The 1-process runs are `cli.main` in this process (1 process x 8 devices, no
+distributed runtime: what a 1-process `miniend` is), so only the runs that are
+about several processes pay a subprocess start-up. Every run compiles through
+the session's compilation cache (tests/conftest.py), which the subprocesses
+inherit.
 """
 
 import glob
 import json
 import os
+import shutil
 import textwrap
 
 import numpy as np
 import pytest
 
+from miniend_jax import cli
 from miniend_jax.train import checkpoints, loop, partitioning, state as state_lib, writers
 from tests.train import loop_testing, multihost_testing as mh
 
-STEPS = 24
+# Checkpoints every SAVE_EVERY steps and evaluations every EVAL_EVERY (2 during
+# the run, 1 at its end): a resume starts mid-run and is evaluated again.
+STEPS, SAVE_EVERY, EVAL_EVERY = 12, 4, 4
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +45,18 @@ def teacher(tmp_path_factory, data_dir):
   return directory
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("compilation_cache"))
+def _run_here(command, data_dir):
+  """`miniend COMMAND` as 1 process x 8 devices: in this process."""
+  assert cli.main([*command, f"--gin.TrainConfig.data_dir='{data_dir}'"]) == 0
 
 
 def _distill(workdir, teacher, num_steps, *extra):
   # pydoc_topic: a validation split of ~150 short examples, read to its end.
   return ["distill", "--workdir", workdir, "--teacher", teacher, "--student_shape", "1L-32H",
           "--recipe", "miniend_d", "--num_steps", str(num_steps), "--task", "pydoc_topic",
-          *mh.TINY_FLAGS, "--gin.TrainConfig.eval_every=8", "--gin.TrainConfig.eval_batches=1000",
-          "--gin.CheckpointConfig.save_interval_steps=4", *extra]
+          *mh.TINY_FLAGS, f"--gin.TrainConfig.eval_every={EVAL_EVERY}",
+          "--gin.TrainConfig.eval_batches=1000",
+          f"--gin.CheckpointConfig.save_interval_steps={SAVE_EVERY}", *extra]
 
 
 def _losses(workdir):
@@ -59,26 +70,23 @@ def _summary(workdir):
     return json.load(f)
 
 
-def _stop_one_host(num_processes, workdir, teacher, data_dir, cache_dir):
-  """Starts an endless run, sends SIGTERM to its last process; returns the saved step."""
-  procs = mh.launch(num_processes, _distill(workdir, teacher, 100000,
-                                            "--gin.TrainConfig.data_shards=2"),
-                    data_dir=data_dir, cache_dir=cache_dir)
+def _stop_one_host(workdir, teacher, data_dir):
+  """Starts an endless run on 2 hosts, sends SIGTERM to the last; returns the saved step."""
+  procs = mh.launch(2, _distill(workdir, teacher, 100000, "--gin.TrainConfig.data_shards=2"),
+                    data_dir=data_dir)
   mh.signal_after_first_log(procs, workdir)
   outputs = mh.wait(procs)  # every process exits 0
   summary = _summary(workdir)
   assert summary["preempted"] and 0 < summary["step"] < STEPS, summary
   assert checkpoints.latest_step(os.path.join(workdir, "checkpoints")) == summary["step"]
-  if num_processes > 1:  # the signalled host says so; the other stopped with it, same step
-    assert "SIGTERM received" in outputs[-1] and "SIGTERM received" not in outputs[0]
+  # The signalled host says so; the other stopped with it, at the same step.
+  assert "SIGTERM received" in outputs[-1] and "SIGTERM received" not in outputs[0]
   return summary["step"]
 
 
-def test_two_processes_equal_one_and_resume_across_host_counts(tmp_path, teacher, data_dir,
-                                                                cache_dir):
-  kwargs = dict(data_dir=data_dir, cache_dir=cache_dir)
+def test_two_processes_equal_one_and_resume_across_host_counts(tmp_path, teacher, data_dir):
   reference = str(tmp_path / "one_process")
-  mh.run(1, _distill(reference, teacher, STEPS, "--gin.TrainConfig.data_shards=2"), **kwargs)
+  _run_here(_distill(reference, teacher, STEPS, "--gin.TrainConfig.data_shards=2"), data_dir)
   summary = _summary(reference)
   assert summary["step"] == STEPS and summary["eval"]["eval/tokens"] > 0
 
@@ -86,11 +94,14 @@ def test_two_processes_equal_one_and_resume_across_host_counts(tmp_path, teacher
   scores = {}
   for processes in (1, 2):
     out_dir = str(tmp_path / f"evaluate{processes}")
-    mh.run(processes, ["evaluate", "--workdir", out_dir, "--checkpoint_dir",
-                       os.path.join(reference, "checkpoints"), "--gin.evaluate.batch_size=16",
-                       "--gin.evaluate.inputs_length=32", "--gin.evaluate.targets_length=8",
-                       "--gin.evaluate.max_decode_length=4",
-                       f"--gin.evaluate.data_dir='{data_dir}'"], **kwargs)
+    command = ["evaluate", "--workdir", out_dir, "--checkpoint_dir",
+               os.path.join(reference, "checkpoints"), "--gin.evaluate.batch_size=16",
+               "--gin.evaluate.inputs_length=32", "--gin.evaluate.targets_length=8",
+               "--gin.evaluate.max_decode_length=4", f"--gin.evaluate.data_dir='{data_dir}'"]
+    if processes == 1:
+      _run_here(command, data_dir)
+    else:
+      mh.run(processes, command, data_dir=data_dir)
     with open(os.path.join(out_dir, "eval", "pydoc_topic.json")) as f:
       scores[processes] = json.load(f)
   assert scores[2] == scores[1] and "accuracy" in scores[1]["pydoc_topic"]
@@ -98,22 +109,27 @@ def test_two_processes_equal_one_and_resume_across_host_counts(tmp_path, teacher
   # A fresh start on two hosts; SIGTERM reaches one of them; resume on one host
   # (2 -> 1). data_shards is not given again: the run keeps the checkpoint's.
   two_to_one = str(tmp_path / "two_to_one")
-  _stop_one_host(2, two_to_one, teacher, data_dir, cache_dir)
-  mh.run(1, _distill(two_to_one, teacher, STEPS), **kwargs)
+  _stop_one_host(two_to_one, teacher, data_dir)
+  _run_here(_distill(two_to_one, teacher, STEPS), data_dir)
   assert _summary(two_to_one)["step"] == STEPS
   mh.assert_params_close(mh.final_params(reference), mh.final_params(two_to_one))
 
-  # And the reverse (1 -> 2), resumed from the step the single host saved.
+  # And the reverse (1 -> 2): the single host's run as it stood after its first
+  # mid-run checkpoint (the later steps removed), resumed on two hosts.
   one_to_two = str(tmp_path / "one_to_two")
-  stopped = _stop_one_host(1, one_to_two, teacher, data_dir, cache_dir)
-  outputs = mh.run(2, _distill(one_to_two, teacher, STEPS), **kwargs)
-  assert all(f"Resumed from step {stopped}" in out for out in outputs)
+  shutil.copytree(reference, one_to_two)
+  for step in range(SAVE_EVERY + 1, STEPS + 1):
+    shutil.rmtree(os.path.join(one_to_two, "checkpoints", str(step)), ignore_errors=True)
+  assert checkpoints.latest_step(os.path.join(one_to_two, "checkpoints")) == SAVE_EVERY
+  outputs = mh.run(2, _distill(one_to_two, teacher, STEPS), data_dir=data_dir)
+  assert all(f"Resumed from step {SAVE_EVERY} " in out for out in outputs)
+  assert _summary(one_to_two)["step"] == STEPS
   mh.assert_params_close(mh.final_params(reference), mh.final_params(one_to_two))
   # Two hosts evaluated to the end of their uneven shards: the one-host figures.
   assert _summary(one_to_two)["eval"] == pytest.approx(summary["eval"], rel=1e-5)
 
 
-def test_a_model_replica_across_both_processes(tmp_path, data_dir, cache_dir):
+def test_a_model_replica_across_both_processes(tmp_path, data_dir, capfd):
   """model=8: every device holds a slice of every layer, so both hosts hold the same
   batch rows and must read the same examples (one logical shard, read by both)."""
   teacher = str(tmp_path / "teacher8")
@@ -121,12 +137,17 @@ def test_a_model_replica_across_both_processes(tmp_path, data_dir, cache_dir):
   runs = {}
   for processes in (1, 2):
     workdir = str(tmp_path / f"model8_{processes}")
-    outputs = mh.run(processes, [
+    command = [
         "distill", "--workdir", workdir, "--teacher", teacher, "--student_shape", "1L-32H",
         "--gin.ModelSetup.overrides={'num_heads': 8, 'd_kv': 4}", "--num_steps", "6",
         *mh.TINY_FLAGS, "--gin.MeshConfig.data=1", "--gin.MeshConfig.model=8",
-        "--gin.ModelSetup.teacher_dtype='float32'"],
-        data_dir=data_dir, cache_dir=cache_dir)
+        "--gin.ModelSetup.teacher_dtype='float32'"]
+    if processes == 1:
+      capfd.readouterr()
+      _run_here(command, data_dir)
+      outputs = [capfd.readouterr().err]
+    else:
+      outputs = mh.run(processes, command, data_dir=data_dir)
     assert all("'model': 8" in out and "this host reads [0]" in out for out in outputs)
     runs[processes] = workdir
   # Tensor-parallel partial sums are reduced in another order across processes
@@ -160,8 +181,7 @@ def test_checkpoint_queries_join_no_barrier(tmp_path):
   assert all(f"done {index}\n" in out for index, out in enumerate(outputs)), outputs
 
 
-def test_hosts_agree_on_the_step_to_restore_and_a_sigterm_while_loading(tmp_path, data_dir,
-                                                                          cache_dir):
+def test_hosts_agree_on_the_step_to_restore_and_a_sigterm_while_loading(tmp_path, data_dir):
   """Process 1 cannot read the newest step: its data position there is damaged, a
   file process 0 never reads (each host reads its own shards' positions). Both must
   restore the older step, the newest every host read (a host falling back alone
@@ -187,7 +207,7 @@ def test_hosts_agree_on_the_step_to_restore_and_a_sigterm_while_loading(tmp_path
   procs = mh.launch(2, ["pretrain", "--workdir", workdir, "--preset", "t5-v1_1-tiny",
                         "--num_steps", "6", *mh.TINY_FLAGS, "--gin.TrainConfig.data_shards=2",
                         "--gin.CheckpointConfig.save_interval_steps=2"],
-                    data_dir=data_dir, cache_dir=cache_dir)
+                    data_dir=data_dir)
   try:
     head = mh.signal_when_logged(procs, "Run checked", target=1)
     outputs = mh.wait(procs, timeout=240)
