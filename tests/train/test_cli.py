@@ -18,7 +18,7 @@ from miniend_jax import cli
 from miniend_jax.model import hf
 from miniend_jax.model.t5 import T5
 from miniend_jax.train import checkpoints, writers
-from tests.train import loop_testing
+from tests.train import loop_testing, multihost_testing as mh
 
 TINY_FLAGS = ["--no_progress", "--gin.TrainConfig.inputs_length=32",
               "--gin.TrainConfig.targets_length=8", "--gin.TrainConfig.batch_size=8",
@@ -55,9 +55,9 @@ def test_distill_finetune_evaluate_export_from_the_command_line(tmp_path, data_d
   # in test_loop, test_multihost and the quickstart. The commands run in this
   # process (`cli.main`, as the `miniend` script calls it; test_packaging runs the
   # installed script, and the Ctrl-C test below a real process).
+  # The teacher: a random umT5-shaped Hugging Face checkpoint, as users download one.
   teacher = str(tmp_path / "teacher")
-  loop_testing.run("pretrain", teacher, data_dir, num_steps=2,
-                   overrides={"relative_bias_per_layer": True})
+  mh.write_tiny_teacher(teacher, data_dir, relative_bias_per_layer=True)
   student = str(tmp_path / "student")
   miniend_here("distill", "--workdir", student, "--teacher", teacher, "--student_shape",
                "1L-32H", "--recipe", "miniend_e", "--num_steps", "2", *TINY_FLAGS,
@@ -177,7 +177,7 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes_exactly(tmp_path, da
   assert json.load(open(os.path.join(workdir, "summary.json")))["step"] == total
   # ... exactly: equal to an uninterrupted run of the same settings.
   straight = str(tmp_path / "straight")
-  loop_testing.run("pretrain", straight, data_dir, num_steps=total)
+  loop_testing.run("pretrain", straight, data_dir, num_steps=total, save_every=total)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                loop_testing.final_params(workdir), loop_testing.final_params(straight))
   # Metrics rows logged before the interruption past the saved step are not repeated.
