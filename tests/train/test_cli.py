@@ -18,7 +18,7 @@ from miniend_jax import cli
 from miniend_jax.model import hf
 from miniend_jax.model.t5 import T5
 from miniend_jax.train import checkpoints, writers
-from tests.train import loop_testing
+from tests.train import loop_testing, multihost_testing as mh
 
 TINY_FLAGS = ["--no_progress", "--gin.TrainConfig.inputs_length=32",
               "--gin.TrainConfig.targets_length=8", "--gin.TrainConfig.batch_size=8",
@@ -31,47 +31,55 @@ def data_dir(tmp_path_factory):
   return loop_testing.shared_data_dir(tmp_path_factory)
 
 
-def miniend(*args, data_dir, check=True, **popen):
+def miniend_process(*args, data_dir):
+  """`python -m miniend_jax ARGS` as a real process (its output piped, text)."""
   command = [sys.executable, "-m", "miniend_jax", *args,
              f"--gin.TrainConfig.data_dir='{data_dir}'"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  if popen:
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-  proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-  if check:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc
+  return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
 
 
-def test_distill_finetune_evaluate_export_from_the_command_line(tmp_path, data_dir):
+def miniend_here(*args, data_dir):
+  """`miniend ARGS` in this process: the entry point the script calls, without a
+  process start-up's ~10 s of imports; asserts it exits 0."""
+  import gin  # pylint: disable=import-outside-toplevel
+  gin.clear_config()  # a fresh command, as from a shell
+  assert cli.main([*args, f"--gin.TrainConfig.data_dir='{data_dir}'"]) == 0
+
+
+def test_distill_finetune_evaluate_export_from_the_command_line(tmp_path, data_dir, capsys):
   # A umT5-shaped family (a relative-position table per layer) all the way: the
   # student and the finetuned model inherit it, decoding reads each layer's own
   # table, and the export is a UMT5ForConditionalGeneration. Plain T5 chains run
-  # in test_loop, test_multihost and the quickstart.
+  # in test_loop, test_multihost and the quickstart. The commands run in this
+  # process (`cli.main`, as the `miniend` script calls it; test_packaging runs the
+  # installed script, and the Ctrl-C test below a real process).
+  # The teacher: a random umT5-shaped Hugging Face checkpoint, as users download one.
   teacher = str(tmp_path / "teacher")
-  loop_testing.run("pretrain", teacher, data_dir, num_steps=4,
-                   overrides={"relative_bias_per_layer": True})
+  mh.write_tiny_teacher(teacher, data_dir, relative_bias_per_layer=True)
   student = str(tmp_path / "student")
-  miniend("distill", "--workdir", student, "--teacher", teacher, "--student_shape", "1L-32H",
-          "--recipe", "miniend_e", "--num_steps", "4", *TINY_FLAGS, data_dir=data_dir)
-  assert checkpoints.latest_step(os.path.join(student, "checkpoints")) == 4
-  assert json.load(open(os.path.join(student, "summary.json")))["step"] == 4
+  miniend_here("distill", "--workdir", student, "--teacher", teacher, "--student_shape",
+               "1L-32H", "--recipe", "miniend_e", "--num_steps", "2", *TINY_FLAGS,
+               data_dir=data_dir)
+  assert checkpoints.latest_step(os.path.join(student, "checkpoints")) == 2
+  assert json.load(open(os.path.join(student, "summary.json")))["step"] == 2
   assert "loss/encoder_self" in open(os.path.join(student, "logs", "train_metrics.jsonl")).read()
 
   finetuned = str(tmp_path / "finetuned")
-  miniend("finetune", "--workdir", finetuned, "--init_from", student, "--task", "pydoc_topic",
-          "--num_steps", "4", *TINY_FLAGS, data_dir=data_dir)
+  miniend_here("finetune", "--workdir", finetuned, "--init_from", student, "--task",
+               "pydoc_topic", "--num_steps", "2", *TINY_FLAGS, data_dir=data_dir)
 
-  proc = miniend("evaluate", "--workdir", finetuned, "--gin.evaluate.num_examples=8",
-                 "--gin.evaluate.inputs_length=32", "--gin.evaluate.targets_length=8",
-                 f"--gin.evaluate.data_dir='{data_dir}'", data_dir=data_dir)
+  capsys.readouterr()
+  miniend_here("evaluate", "--workdir", finetuned, "--gin.evaluate.num_examples=8",
+               "--gin.evaluate.inputs_length=32", "--gin.evaluate.targets_length=8",
+               f"--gin.evaluate.data_dir='{data_dir}'", data_dir=data_dir)
   results = json.load(open(os.path.join(finetuned, "eval", "pydoc_topic.json")))
   assert 0.0 <= results["pydoc_topic"]["accuracy"] <= 100.0
-  assert "accuracy" in proc.stdout
+  assert "accuracy" in capsys.readouterr().out
 
   exported = str(tmp_path / "hf")
-  miniend("export", "--workdir", finetuned, "--out_dir", exported, data_dir=data_dir)
+  miniend_here("export", "--workdir", finetuned, "--out_dir", exported, data_dir=data_dir)
   model = transformers.AutoModelForSeq2SeqLM.from_pretrained(exported).eval()
   assert type(model).__name__ == "UMT5ForConditionalGeneration"
   tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
@@ -108,9 +116,9 @@ def test_distill_from_a_byt5_shaped_teacher_on_its_own_bytes(tmp_path, data_dir)
   flags = [f for f in TINY_FLAGS if "_length=" not in f] + [
       f"--gin.TrainConfig.inputs_length={lengths['inputs']}",
       f"--gin.TrainConfig.targets_length={lengths['targets']}"]
-  miniend("distill", "--workdir", student, "--teacher", teacher, "--vocabulary", "teacher",
-          "--student_shape", "1L-32H", "--recipe", "kd_logits", "--num_steps", "4", *flags,
-          data_dir=data_dir)
+  miniend_here("distill", "--workdir", student, "--teacher", teacher, "--vocabulary", "teacher",
+               "--student_shape", "1L-32H", "--recipe", "kd_logits", "--num_steps", "2", *flags,
+               data_dir=data_dir)
   metadata = checkpoints.load_metadata(os.path.join(student, "checkpoints"))["run"]
   assert metadata["task"] == "pydoc_span_corruption.byt5" and metadata["vocabulary"] == "byt5"
   assert checkpoints.load_model_config(os.path.join(student, "checkpoints")).vocab_size == 384
@@ -142,7 +150,7 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes_exactly(tmp_path, da
   flags = ["pretrain", "--workdir", workdir, "--preset", "t5-v1_1-tiny", *TINY_FLAGS,
            "--gin.OptimizerConfig.learning_rate=3e-3", "--gin.OptimizerConfig.warmup_steps=2",
            "--gin.CheckpointConfig.async_save=False"]
-  proc = miniend(*flags, "--num_steps", "100000", data_dir=data_dir, popen=True)
+  proc = miniend_process(*flags, "--num_steps", "100000", data_dir=data_dir)
   metrics = os.path.join(workdir, "logs", "train_metrics.jsonl")
   deadline = time.time() + 300
   while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
@@ -162,13 +170,14 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes_exactly(tmp_path, da
   with open(metrics, "a") as f:
     for step in (stopped + 1, stopped + 2):
       f.write(json.dumps({"step": step, "loss": 123.0}) + "\n")
-  # The same command with a closer end resumes at the saved step ...
+  # The same command with a closer end resumes at the saved step (in this process:
+  # the resume is about the work directory, not the process) ...
   total = stopped + 3
-  proc = miniend(*flags, "--num_steps", str(total), data_dir=data_dir)
+  miniend_here(*flags, "--num_steps", str(total), data_dir=data_dir)
   assert json.load(open(os.path.join(workdir, "summary.json")))["step"] == total
   # ... exactly: equal to an uninterrupted run of the same settings.
   straight = str(tmp_path / "straight")
-  loop_testing.run("pretrain", straight, data_dir, num_steps=total)
+  loop_testing.run("pretrain", straight, data_dir, num_steps=total, save_every=total)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                loop_testing.final_params(workdir), loop_testing.final_params(straight))
   # Metrics rows logged before the interruption past the saved step are not repeated.

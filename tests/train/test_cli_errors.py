@@ -19,7 +19,7 @@ import pytest
 
 from miniend_jax import cli
 from miniend_jax.distill import recipe as recipe_lib
-from tests.train import loop_testing
+from tests.train import loop_testing, multihost_testing as mh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,10 +31,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-  """A 2-step pretrained teacher and a 2-step miniend_e student distilled from it."""
+  """A random t5-v1_1-tiny-shaped Hugging Face teacher (no run needed to make one) and
+  a 2-step miniend_e student distilled from it."""
   root = tmp_path_factory.mktemp("runs")
   teacher, student = str(root / "teacher"), str(root / "student")
-  loop_testing.run("pretrain", teacher, data_dir, num_steps=2)
+  mh.write_tiny_teacher(teacher, data_dir)
   loop_testing.run("distill", student, data_dir, num_steps=2, teacher=teacher,
                    student_shape="1L-32H", recipe="miniend_e")
   return {"teacher": teacher, "student": student}
@@ -122,16 +123,18 @@ def test_data_and_checkpoint_errors(tmp_path, capfd, data_dir, runs):
          "model_type='bert', not a T5", untouched=new)
   _fails(capfd, ["evaluate", "--workdir", new, "--task", "pydoc_topic"], 3,
          "no checkpoint in", untouched=new)
-  # A damaged checkpoint: the advice, and nothing deleted.
+  # A damaged checkpoint: the advice, and nothing deleted. (The student's: the same
+  # command resumes it, so the run gets as far as reading it.)
   damaged = str(tmp_path / "damaged")
-  shutil.copytree(runs["teacher"], damaged)
+  shutil.copytree(runs["student"], damaged)
   for base, _, names in os.walk(os.path.join(damaged, "checkpoints", "2", "state")):
     for name in names:
       with open(os.path.join(base, name), "wb") as f:
         f.write(b"garbage")
-  line = _fails(capfd, ["pretrain", "--workdir", damaged, "--preset", "t5-v1_1-tiny",
-                        "--num_steps", "4", *tiny, "--gin.TrainConfig.log_every=2",
-                        "--gin.TrainConfig.eval_batches=2",
+  line = _fails(capfd, ["distill", "--workdir", damaged, "--teacher", runs["teacher"],
+                        "--gin.ModelSetup.preset='t5-v1_1-tiny'", "--student_shape", "1L-32H",
+                        "--recipe", "miniend_e", "--num_steps", "4", *tiny,
+                        "--gin.TrainConfig.log_every=2", "--gin.TrainConfig.eval_batches=2",
                         "--gin.CheckpointConfig.save_interval_steps=2",
                         "--gin.OptimizerConfig.learning_rate=3e-3",
                         "--gin.OptimizerConfig.warmup_steps=2"], 3,

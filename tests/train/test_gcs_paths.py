@@ -1,24 +1,24 @@
 """Every path a user gives as gs:// works: a bucket on this machine (`tests.fake_gcs`).
 
-One process runs the real command line three times on the bucket: `miniend convert`
-of a Hugging Face teacher that lives there, `miniend distill` with its work dir,
-teacher (the converted one), vocabulary (the Hugging Face one), data and
-compilation cache there, then `miniend export --out_dir gs://...`. The test then
-reads the bucket's objects itself: nothing may land in a local "gs:" directory.
-The other tests run in this process (the bucket's variables set for the test
-only): teachers of the other layouts, a sweep's and the GLUE report's tables.
+The first test runs the real command line (`cli.main`, as the `miniend` script
+calls it) three times on the bucket: `miniend convert` of a Hugging Face teacher
+that lives there, `miniend distill` with its work dir, teacher (the converted one),
+vocabulary (the Hugging Face one), data and compilation cache there, then
+`miniend export --out_dir gs://...`. The test then reads the bucket's objects
+itself: nothing may land in a local "gs:" directory. The others read teachers of
+the other layouts, and write a sweep's and the GLUE report's tables there. All run
+in this process, the bucket's variables set for each test only.
 """
 
 import json
 import os
-import subprocess
-import sys
 
+import jax
 import numpy as np
 import pytest
 import transformers
 
-from miniend_jax import report, sweep
+from miniend_jax import cli, report, sweep
 from miniend_jax.model import hf
 from miniend_jax.quickstart import pipeline as quickstart_pipeline
 from miniend_jax.train import checkpoints
@@ -36,18 +36,8 @@ def gcs(tmp_path_factory):
   store.close()
 
 
-# cli.main for each command in turn, in one process (one start-up's imports).
-_DRIVER = """
-import json, sys
-from miniend_jax import cli
-for argv in json.loads(sys.argv[1]):
-  code = cli.main(argv)
-  if code:
-    sys.exit(f"miniend {argv[0]} exited with {code}")
-"""
-
-
-def test_convert_distill_export_on_a_bucket(tmp_path, tmp_path_factory, gcs):
+def test_convert_distill_export_on_a_bucket(tmp_path, tmp_path_factory, gcs, capfd,
+                                            monkeypatch):
   data_dir = loop_testing.shared_data_dir(tmp_path_factory)
   gcs.upload_tree(tmp_path_factory.getbasetemp() / "pydoc_data", "data")
   teacher = tmp_path / "teacher"
@@ -68,17 +58,30 @@ def test_convert_distill_export_on_a_bucket(tmp_path, tmp_path_factory, gcs):
        "--gin.CheckpointConfig.save_interval_steps=2", *train_flags],
       ["export", "--workdir", f"{gs}/run", "--out_dir", f"{gs}/export"],
   ]
-  proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands)], cwd=tmp_path,
-                        env=dict(os.environ, **gcs.env), capture_output=True, text=True,
-                        timeout=600)
-  # orbax's threads print tracebacks ("Event loop is closed") at a failed exit, over
-  # the error: the whole output is kept, and its lines that name an error shown.
-  log = tmp_path / "miniend.log"
-  log.write_text(proc.stdout + proc.stderr)
-  errors = [line for line in log.read_text().splitlines()
-            if ("Error" in line or "miniend" in line) and "Event loop is closed" not in line]
+  # In this process, from tmp_path (a gs:// path written as a local one would land in
+  # ./gs:), on the bucket's variables; JAX's compilation cache, which the distill
+  # moves to the bucket, is put back for the tests after this one.
+  for name, value in gcs.env.items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.chdir(tmp_path)
+  session_cache = jax.config.jax_compilation_cache_dir
+  capfd.readouterr()
+  codes = []
+  try:
+    for argv in commands:  # each as from a shell, until one fails
+      codes.append(cli.main(argv))
+      if codes[-1]:
+        break
+  finally:
+    jax.config.update("jax_compilation_cache_dir", session_cache)
+    from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+    compilation_cache.reset_cache()
+  out = capfd.readouterr()
+  # On a failure: the lines that name an error, and the bucket's last requests.
+  errors = [line for line in (out.out + out.err).splitlines()
+            if "Error" in line or "miniend" in line]
   last_requests = [line for line, _ in gcs.requests[-10:]]
-  assert proc.returncode == 0, "\n".join([f"{log}:"] + errors[-30:] + [
+  assert codes == [0, 0, 0], "\n".join([f"exit codes {codes}:"] + errors[-30:] + [
       "The bucket's last requests:"] + last_requests)
   assert not (tmp_path / "gs:").exists(), "a gs:// path was written as a local directory"
 

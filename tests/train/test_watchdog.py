@@ -33,7 +33,7 @@ def test_a_stalled_input_read_ends_the_run_with_the_stacks(tmp_path, tmp_path_fa
   code = textwrap.dedent(f"""
       import seqio, tensorflow as tf
       from miniend_jax.data import tasks
-      from miniend_jax.train import checkpoints, loop, watchdog
+      from miniend_jax.train import checkpoints, loop, state, watchdog
 
       def texts(split, shuffle_files, seed=None):
         def read_then_stall():
@@ -53,6 +53,8 @@ def test_a_stalled_input_read_ends_the_run_with_the_stacks(tmp_path, tmp_path_fa
           task="stalling_text", num_steps=100000, data_dir={data_dir!r}, inputs_length=32,
           targets_length=8, batch_size=8, log_every=2),
           model=loop.ModelSetup(preset="t5-v1_1-tiny"),
+          # loop_testing's optimizer: the train step other tests compile, a cache hit.
+          optimizer=state.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
           checkpoint=checkpoints.CheckpointConfig(save_interval_steps=100000),
           watchdog=watchdog.WatchdogConfig(step_time_factor=20, min_seconds=3), progress=False)
       """)
