@@ -31,25 +31,30 @@ def test_a_wheel_installed_elsewhere_runs_a_distillation_with_shipped_gin_files(
         "-w", str(wheels), ROOT])
   (wheel,) = [str(p) for p in wheels.glob("miniend_jax-*.whl")]
 
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  # Outside the clone and without PYTHONPATH, which may name one (a worktree run): its
+  # egg-info would pass for an installed copy and its package would hide the wheel's.
+  outside = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   venv = tmp_path / "venv"
-  _run([sys.executable, "-m", "venv", str(venv)])
+  # No pip of its own (ensurepip takes seconds): this environment's pip installs into it.
+  _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
   python = str(venv / "bin" / "python")
   site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
               ).stdout.strip()
   with open(os.path.join(site, "test_dependencies.pth"), "w") as f:
     f.write(sysconfig.get_paths()["purelib"] + "\n")
-  _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel])
+  _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
+        "-q", wheel], cwd=elsewhere, env=outside)
 
-  elsewhere = tmp_path / "elsewhere"
-  elsewhere.mkdir()
   where = _run([python, "-c", "import miniend_jax; print(miniend_jax.__file__)"],
-               cwd=elsewhere).stdout.strip()
+               cwd=elsewhere, env=outside).stdout.strip()
   assert where.startswith(site), where  # the wheel's copy, not this clone
 
   data_dir = loop_testing.shared_data_dir(tmp_path_factory)
   teacher = str(tmp_path / "teacher")
   multihost_testing.write_tiny_teacher(teacher, data_dir)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(outside, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = _run([str(venv / "bin" / "miniend"), "distill",
                "--gin_file", "gin_configs/runs/quickstart_distill.gin",
                "--teacher", teacher, "--student_shape", "1L-32H", "--workdir", "run",

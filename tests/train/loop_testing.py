@@ -16,12 +16,13 @@ def shared_data_dir(tmp_path_factory) -> str:
 
 
 def run(mode, workdir, data_dir, *, num_steps, save_every=2, mesh=None, recipe="miniend_d",
-        **model_kwargs):
-  """loop.train with tiny settings."""
+        train_settings=None, **model_kwargs):
+  """loop.train with tiny settings; `train_settings`: more TrainConfig fields."""
   model_kwargs.setdefault("preset", "t5-v1_1-tiny")
   return loop.train(
       mode, workdir,
-      train_config=loop.TrainConfig(num_steps=num_steps, data_dir=data_dir, **TINY_TRAIN),
+      train_config=loop.TrainConfig(num_steps=num_steps, data_dir=data_dir, **TINY_TRAIN,
+                                    **(train_settings or {})),
       model=loop.ModelSetup(**model_kwargs),
       optimizer=state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
       checkpoint=checkpoints.CheckpointConfig(save_interval_steps=save_every, async_save=False),
