@@ -7,7 +7,7 @@ tf.data tracing): tiny files of short documents read 8 records at a time
 through a 16-example shuffle buffer, so a few steps already cross chunk and
 file boundaries; only the killed run is real processes (2, killed together);
 the uninterrupted reference, the resume and the corrupt-record run are
-`cli.main` in this process. All share one persistent compilation cache.
+`cli.main` in this process. All share the session's persistent compilation cache.
 """
 
 import gzip
@@ -55,11 +55,6 @@ def corpus(tmp_path_factory):
   return str(root)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("compilation_cache"))
-
-
 def _pretrain(workdir, data_dir, train_files, validation_files, num_steps=STEPS):
   vocabulary = os.path.join(data_dir, "pydoc", "vocab_3000", "spiece.model")
   return ["pretrain", "--workdir", workdir, "--preset", "t5-v1_1-tiny",
@@ -71,27 +66,19 @@ def _pretrain(workdir, data_dir, train_files, validation_files, num_steps=STEPS)
           "--gin.span_corruption_task.chunk_records=8"]
 
 
-def _main_here(argv, data_dir, cache_dir) -> int:
-  """`miniend ARGV` in this process (as `mh.launch` runs it, on its cache), leaving
-  JAX's compilation cache setting as it was for the other tests."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
-  previous = jax.config.jax_compilation_cache_dir
-  try:
-    return cli.main([*argv, f"--gin.TrainConfig.data_dir='{data_dir}'",
-                     f"--gin.TrainConfig.compilation_cache_dir='{cache_dir}'"])
-  finally:
-    jax.config.update("jax_compilation_cache_dir", previous)
-    compilation_cache.reset_cache()
+def _main_here(argv, data_dir) -> int:
+  """`miniend ARGV` in this process (on the session's compilation cache, which the
+  processes `mh.launch` starts share)."""
+  return cli.main([*argv, f"--gin.TrainConfig.data_dir='{data_dir}'"])
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus, data_dir, cache_dir):
+def reference(tmp_path_factory, corpus, data_dir):
   """The uninterrupted run (1 process, 8 devices), the one the others are held to."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   argv = _pretrain(workdir, data_dir, f"{corpus}/c4-train.*.json.gz",
                    f"{corpus}/c4-validation.*.json.gz")
-  assert _main_here(argv, data_dir, cache_dir) == 0
+  assert _main_here(argv, data_dir) == 0
   return workdir
 
 
@@ -101,26 +88,32 @@ def _losses(workdir):
 
 
 def test_sigkill_mid_file_resumes_exactly_also_on_one_process(tmp_path, corpus, data_dir,
-                                                                cache_dir, reference, capfd):
+                                                                reference, capfd):
   # Killed as 2 processes (each reads its own file shard), resumed as 1 (reading both).
   train, validation = f"{corpus}/c4-train.*.json.gz", f"{corpus}/c4-validation.*.json.gz"
   killed = str(tmp_path / "killed")
   procs = mh.launch(2, _pretrain(killed, data_dir, train, validation, num_steps=10000),
-                    data_dir=data_dir, cache_dir=cache_dir)
-  deadline = time.time() + 300
+                    data_dir=data_dir)
+  deadline, failed = time.time() + 600, None
   try:
     while checkpoints.latest_step(os.path.join(killed, "checkpoints")) is None:
-      assert all(p.poll() is None for p in procs) and time.time() < deadline, (
-          procs[0].communicate()[0][-3000:])
+      # (Reading a process's output before it ends would wait for its 10000 steps.)
+      if not all(p.poll() is None for p in procs):
+        failed = "a process exited before the first checkpoint"
+        break
+      if time.time() > deadline:
+        failed = "no checkpoint within 600 s"
+        break
       time.sleep(0.05)
   finally:
     for p in procs:
       p.send_signal(signal.SIGKILL)
       p.wait()
+  assert not failed, f"{failed}:\n{procs[0].stdout.read()[-3000:]}"
   saved = checkpoints.latest_step(os.path.join(killed, "checkpoints"))
   assert 0 < saved < STEPS
   capfd.readouterr()
-  assert _main_here(_pretrain(killed, data_dir, train, validation), data_dir, cache_dir) == 0
+  assert _main_here(_pretrain(killed, data_dir, train, validation), data_dir) == 0
   assert f"Resumed from step {saved}" in capfd.readouterr().err
   # The same examples after the resume: the same losses and weights (up to the
   # round-off of 2 processes against 1; other examples would move them by ~lr).
@@ -131,8 +124,7 @@ def test_sigkill_mid_file_resumes_exactly_also_on_one_process(tmp_path, corpus, 
   mh.assert_params_close(mh.final_params(reference), mh.final_params(killed))
 
 
-def test_a_corrupt_record_stops_with_one_line_and_exit_3(tmp_path, corpus, data_dir, cache_dir,
-                                                         capfd):
+def test_a_corrupt_record_stops_with_one_line_and_exit_3(tmp_path, corpus, data_dir, capfd):
   # 2 files for 2 shards: shard 1 reads part-1 alone, and meets its line 601 (past the
   # start-up check of the first 8 records and the first checkpoints) ~10 steps in.
   bad = tmp_path / "bad"
@@ -146,7 +138,7 @@ def test_a_corrupt_record_stops_with_one_line_and_exit_3(tmp_path, corpus, data_
   capfd.readouterr()
   code = _main_here(_pretrain(workdir, data_dir, str(bad / "*.json.gz"),
                               f"{corpus}/c4-validation.*.json.gz", num_steps=10000),
-                    data_dir, cache_dir)
+                    data_dir)
   err = capfd.readouterr().err
   assert code == 3, err[-3000:]
   errors = [line for line in err.splitlines() if line.startswith("miniend: ")]
