@@ -1,5 +1,7 @@
 """The jitted distillation step: mesh independence, frozen teacher, NaN guard, eval."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,19 @@ TEACHER = t5.T5Config(vocab_size=128, d_model=32, d_kv=4, d_ff=64, num_layers=2,
 STUDENT = TEACHER.replace(num_layers=1, num_decoder_layers=1, d_model=16, d_kv=2, d_ff=32)
 OPTIMIZER = state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=0, total_steps=100,
                                       decay="constant")
+
+
+# Parameters are made and models run under jit: op by op, the first eager pass
+# over a T5 compiles each of its operations alone, which takes longer than the
+# whole jitted program.
+init_params = jax.jit(t5.init_params, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def logits_of(config, params, encoder_input_tokens, decoder_input_tokens):
+  """[batch, targets, vocab] logits of `config`'s model."""
+  return t5.T5(config).apply({"params": params}, encoder_input_tokens,
+                             decoder_input_tokens).logits
 
 
 def make_batch(seed=0, batch=8, input_len=12, target_len=6):
@@ -47,7 +62,7 @@ def run_steps(mesh_config, recipe_name, num_steps=3, devices=None):
   state = state_lib.create_sharded_state(init, tx, mesh, logical_specs=specs,
                                          init_args=(jax.random.key(1),))
   teacher_sharding = partitioning.logical_to_sharding(t5.param_logical_axes(TEACHER), mesh)
-  teacher_host = t5.init_params(TEACHER, jax.random.key(0))
+  teacher_host = init_params(TEACHER, jax.random.key(0))
   teacher_params = jax.device_put(teacher_host, teacher_sharding)
   step = steps.make_distill_step(STUDENT, recipe, mesh=mesh,
                                  state_sharding=state_lib.state_shardings(state),
@@ -103,7 +118,7 @@ def test_nonfinite_loss_keeps_the_last_good_state():
       lambda rng: {"model": t5.init_params(STUDENT, rng), "distill": {}}, tx, mesh,
       init_args=(jax.random.key(1),))
   before = jax.device_get(state.params)
-  teacher_params = t5.init_params(TEACHER, jax.random.key(0))
+  teacher_params = init_params(TEACHER, jax.random.key(0))
   # A NaN in the teacher makes the loss NaN.
   teacher_params["shared"]["embedding"] = teacher_params["shared"]["embedding"].at[3].set(jnp.nan)
   step = steps.make_distill_step(STUDENT, recipe, mesh=mesh,
@@ -157,10 +172,10 @@ def test_scratch_recipe_needs_no_teacher_and_lowers_the_loss():
 
 
 def test_eval_step_and_score_fn_match_a_direct_computation():
-  params = t5.init_params(STUDENT, jax.random.key(0))
+  params = init_params(STUDENT, jax.random.key(0))
   batch = {k: jnp.asarray(v) for k, v in make_batch(seed=3).items()}
-  logits = t5.T5(STUDENT).apply({"params": params}, batch["encoder_input_tokens"],
-                                batch["decoder_input_tokens"]).logits
+  logits = logits_of(STUDENT, params, batch["encoder_input_tokens"],
+                     batch["decoder_input_tokens"])
   log_p = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
   targets = np.asarray(batch["decoder_target_tokens"])
   token_log_p = np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
@@ -187,7 +202,7 @@ def test_a_bf16_teacher_gives_float32_logits_and_a_kl_close_to_a_float32_teacher
   bf16's coarse grid at the logits' scale (spacing 0.125-0.25 at 16-64)."""
   from miniend_jax.distill import losses  # pylint: disable=import-outside-toplevel
   teacher = TEACHER.replace(d_model=64, d_kv=8, d_ff=128)
-  params = t5.init_params(teacher, jax.random.key(0))
+  params = init_params(teacher, jax.random.key(0))
   # Scale the head so the logits reach T5's usual magnitudes (tens).
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 10.0
   batch = make_batch(seed=3)
@@ -197,7 +212,7 @@ def test_a_bf16_teacher_gives_float32_logits_and_a_kl_close_to_a_float32_teacher
 
   def run(config):
     cast = jax.tree.map(lambda p: p.astype(config.param_dtype), params)
-    logits = t5.T5(config).apply({"params": cast}, *inputs).logits
+    logits = logits_of(config, cast, *inputs)
     return logits, float(losses.logits_kl(logits, student_logits, mask))
 
   exact, exact_kl = run(teacher)
@@ -223,9 +238,9 @@ def test_interpolation_schedules_count_optimizer_updates_under_accumulation():
       start_value=0.0, end_value=1.0, start_step=0, end_step=10)),))
   optimizer = OPTIMIZER.replace(grad_accum_steps=4)
   tx = state_lib.make_optimizer(optimizer)
-  state = state_lib.TrainState.create({"model": t5.init_params(STUDENT, jax.random.key(1)),
+  state = state_lib.TrainState.create({"model": init_params(STUDENT, jax.random.key(1)),
                                        "distill": {}}, tx).replace(step=jnp.int32(8))
-  teacher = t5.init_params(TEACHER, jax.random.key(0))
+  teacher = init_params(TEACHER, jax.random.key(0))
   batch = jax.tree.map(jnp.asarray, make_batch())
   for accum, expected in ((4, 0.2), (1, 0.8)):
     step = steps.make_train_step_fn(STUDENT, recipe.resolve(TEACHER, STUDENT),
@@ -250,9 +265,9 @@ def test_fused_head_step_equals_the_step_on_formed_logits(tied):
                   terms=(Term("logits", temperature=2.0, interpolation=AdaptiveSchedule()),
                          Term("decoder_self"))).resolve(teacher, student)
   tx = state_lib.make_optimizer(OPTIMIZER)
-  state = state_lib.TrainState.create({"model": t5.init_params(student, jax.random.key(1)),
+  state = state_lib.TrainState.create({"model": init_params(student, jax.random.key(1)),
                                        "distill": {}}, tx)
-  teacher_params = t5.init_params(teacher, jax.random.key(0))
+  teacher_params = init_params(teacher, jax.random.key(0))
   batch = jax.tree.map(jnp.asarray, make_batch(seed=4))
   results = {}
   for fused in (True, False):
