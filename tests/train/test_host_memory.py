@@ -1,6 +1,7 @@
 """keep_freed_memory: freed blocks are reused, not faulted in again from the kernel
 (the tests run on Linux with glibc, where it must take effect)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,8 +31,11 @@ _FAULTS = textwrap.dedent("""
 
 
 def _faults_of_a_repeated_buffer(mode: str) -> int:
+  # No MALLOC_* variables (they would switch keep_freed_memory off); the repository on
+  # the path, as the lean leg runs it uninstalled.
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = subprocess.run([sys.executable, "-c", _FAULTS, mode], check=True, capture_output=True,
-                       text=True, env={"PATH": "/usr/bin:/bin"})
+                       text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": repo})
   return int(out.stdout.split()[-1])
 
 
