@@ -16,31 +16,37 @@ TINY = dict(size="cpu", teacher_preset="t5-v1_1-tiny", student_shape="1L-32H",
             finetune_steps=2, batch_size=8, inputs_length=32, targets_length=8,
             eval_examples=8)
 
-
-@pytest.fixture(scope="session")
-def _session_cache_path(tmp_path_factory) -> str:
-  base = tmp_path_factory.getbasetemp()
-  # Under xdist every worker has its own base temp directory; their parent is per session.
-  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-  path = os.path.join(str(root), "miniend_jax_cache")
-  os.makedirs(path, exist_ok=True)
-  return path
+# The notebook's test mode (MINIEND_NOTEBOOK_TEST=1): the tiny setting, one path, one task, no
+# teacher finetune.
+NOTEBOOK_TINY = {**TINY, "paths": ("miniend_d",), "tasks": ("pydoc_topic",),
+                 "finetune_teacher": False}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 
 
-@pytest.fixture
-def compilation_cache_dir(_session_cache_path):
-  """A persistent compilation cache shared by the session's tests, on for one test only."""
+@pytest.fixture(scope="module")
+def compilation_cache_dir():
+  """The session's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, set for every
+  test and subprocess by tests/conftest.py), for the module's tests, small programs too.
+
+  The quickstart's stages rebuild their jitted functions in every run, so each
+  re-run would compile even the sub-second programs (initialisers, eval steps)
+  again; caching them all makes those reads. A Jupyter kernel started with this
+  environment (and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0) shares the
+  cache. The process's previous cache settings come back after the module.
+  """
   import jax  # pylint: disable=import-outside-toplevel
   from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
-  from miniend_jax import quickstart  # pylint: disable=import-outside-toplevel
+  path = os.environ["JAX_COMPILATION_CACHE_DIR"]
   previous = (jax.config.jax_compilation_cache_dir,
               jax.config.jax_persistent_cache_min_compile_time_secs)
-  enabled = quickstart.enable_compilation_cache(_session_cache_path)
-  yield _session_cache_path
-  if enabled:  # leave the other tests of this process as they were
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-    compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()  # the cache binds to its settings at the first compile
+  yield path
+  jax.config.update("jax_compilation_cache_dir", previous[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+  compilation_cache.reset_cache()
 
 
 def assert_real_png(path: str, min_width: int = 500, min_height: int = 250) -> None:

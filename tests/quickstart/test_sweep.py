@@ -1,14 +1,10 @@
-"""`miniend sweep`: grid parsing, run names, seeds, and an interrupted sweep resumed."""
-
-import csv
-import json
-import os
+"""`miniend sweep`: grid parsing, run names, seeds, flags. The interrupted sweep resumed is in
+test_quickstart.py, where it distils from the quickstart test's teacher with its programs."""
 
 import numpy as np
 import pytest
 
-from miniend_jax import quickstart, sweep
-from tests.quickstart.conftest import assert_real_png
+from miniend_jax import sweep
 
 
 def test_parse_sweep_values_and_names():
@@ -84,97 +80,6 @@ def test_seed_axis_and_summary_on_handmade_numbers():
   assert table.splitlines()[0].startswith("| recipe | student_shape | seeds | eval_loss |")
   assert "| miniend_d | 2L-64H | 3 | 3.5 ± 0.1 ▲ |" in table
   assert sweep.summarize(rows, {"train.recipe": ["'scratch'"]}) == []  # no seed axis
-
-
-class _Interrupted(Exception):
-  pass
-
-
-def test_interrupted_sweep_reruns_only_missing_runs(tmp_path, compilation_cache_dir):
-  del compilation_cache_dir
-  from miniend_jax.train import checkpoints, loop, state as state_lib  # pylint: disable=import-outside-toplevel
-  workdir = tmp_path / "sweep"
-  teacher = str(tmp_path / "teacher")
-  loop.train("pretrain", teacher,
-             train_config=loop.TrainConfig(num_steps=2, batch_size=8, inputs_length=32,
-                                           targets_length=8, eval_batches=1, log_every=1,
-                                           data_shards=1, data_dir=str(workdir)),
-             model=loop.ModelSetup(preset="t5-v1_1-tiny"),
-             optimizer=state_lib.OptimizerConfig(learning_rate=1e-3),
-             checkpoint=checkpoints.CheckpointConfig(max_to_keep=1), progress=False)
-  gin_files = ["gin_configs/runs/quickstart_distill.gin"]
-  bindings = [f"ModelSetup.teacher = {teacher!r}", "TrainConfig.num_steps = 3",
-              "ModelSetup.student_shape = '1L-32H'", "TrainConfig.data_shards = 1",
-              "TrainConfig.batch_size = 8", "TrainConfig.inputs_length = 32",
-              "TrainConfig.targets_length = 8", "TrainConfig.eval_every = 0",
-              "TrainConfig.eval_batches = 1", "TrainConfig.log_every = 1",
-              "OptimizerConfig.warmup_steps = 1", "OptimizerConfig.total_steps = 3"]
-  grid = {"train.recipe": ["scratch", "miniend_d"]}
-  names = ["recipe=scratch__seed=0", "recipe=scratch__seed=1", "recipe=miniend_d__seed=0",
-           "recipe=miniend_d__seed=1"]
-  first = workdir / names[0]
-
-  def stop_after_first(record):
-    if record.name == names[0]:
-      raise _Interrupted()
-
-  with pytest.raises(_Interrupted):
-    sweep.run_sweep(str(workdir), gin_files, grid, bindings=bindings, seeds=2, verbose=False,
-                    after_run=stop_after_first)
-  assert json.load(open(first / "summary.json"))["step"] == 3
-  assert not any((workdir / name / "summary.json").exists() for name in names[1:])
-  assert json.load(open(first / "sweep_point.json"))["settings"]["point"] == {
-      "train.recipe": "'scratch'", "TrainConfig.seed": "0"}
-  config = (first / "distill_config.gin").read_text()
-  assert "train.recipe = 'scratch'" in config and "TrainConfig.seed = 0" in config
-  first_mtime = os.path.getmtime(first / "summary.json")
-
-  started = []
-  result = sweep.run_sweep(str(workdir), gin_files, grid, bindings=bindings, seeds=2,
-                           verbose=False, before_run=lambda record: started.append(record.name))
-  assert started == names[1:]
-  assert [r["status"] for r in result["runs"]] == ["skipped", "ran", "ran", "ran"]
-  assert os.path.getmtime(first / "summary.json") == first_mtime
-  summary = json.load(open(workdir / names[3] / "summary.json"))
-  assert summary["step"] == 3
-  assert "loss/decoder_cross" in summary["train"]  # the miniend_d recipe really ran
-
-  # One table per run (Markdown + CSV), the seeds aggregated per point, one plot.
-  with open(result["files"]["csv"], newline="") as f:
-    rows = list(csv.DictReader(f))
-  assert [(r["run"], r["recipe"], r["seed"], r["state"], r["step"]) for r in rows] == [
-      (name, name.split("=")[1].split("__")[0], name[-1], "done", "3") for name in names]
-  assert all(float(r["eval_loss"]) > 0 and float(r["grad_norm_encoder"]) > 0 for r in rows)
-  # Seeds change the data and initialisation: the two seeds of a point differ.
-  assert rows[0]["eval_loss"] != rows[1]["eval_loss"]
-  by_point = {r["recipe"]: r for r in result["summary"]}
-  for recipe, members in (("scratch", rows[:2]), ("miniend_d", rows[2:])):
-    losses = [float(r["eval_loss"]) for r in members]
-    assert by_point[recipe]["seeds"] == 2
-    assert by_point[recipe]["eval_loss"] == pytest.approx(np.mean(losses))
-    assert by_point[recipe]["eval_loss/std"] == pytest.approx(np.std(losses, ddof=1))
-  assert by_point["miniend_d"]["eval_loss/vs_baseline"] in ("better", "worse", "tie")
-  with open(result["files"]["summary_csv"], newline="") as f:
-    assert [r["recipe"] for r in csv.DictReader(f)] == ["scratch", "miniend_d"]
-  markdown = open(result["files"]["markdown"]).read()
-  assert "| scratch | 2 |" in markdown and "## Every run" in markdown
-  assert f"| {names[2]} | miniend_d | 0 | done | 3 |" in markdown
-  assert_real_png(result["files"]["plot"])
-  assert sweep.collect(str(workdir))[2]["run"] == names[2]
-
-  # Nothing is left to do.
-  again = []
-  third = sweep.run_sweep(str(workdir), gin_files, grid, bindings=bindings, seeds=2,
-                          verbose=False, before_run=lambda record: again.append(record.name))
-  assert again == [] and {r["status"] for r in third["runs"]} == {"skipped"}
-
-  # The same directory with other settings is refused before anything runs, not
-  # skipped as if its runs had been made with them.
-  with pytest.raises(quickstart.StageMismatchError, match="num_steps = 4"):
-    sweep.run_sweep(str(workdir), gin_files, grid, seeds=2, verbose=False,
-                    bindings=bindings[:1] + ["TrainConfig.num_steps = 4"] + bindings[2:],
-                    before_run=lambda record: again.append(record.name))
-  assert again == []
 
 
 def test_sweep_flags_and_max_runs(tmp_path):
