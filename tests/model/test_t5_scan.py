@@ -7,6 +7,7 @@ import pytest
 
 from miniend_jax.model import t5
 from miniend_jax.model.t5 import T5, T5Config, Taps
+from tests.model.params_testing import random_params
 
 # The lean core: runs where JAX, Flax, optax, orbax and gin are (also the Python 3.12 leg).
 pytestmark = pytest.mark.lean
@@ -53,7 +54,7 @@ def _assert_close(a, b):
 def test_scanned_equals_unrolled(family):
   cfg = _config(family)
   scanned_cfg = cfg.replace(scan_layers=True)
-  params = t5.init_params(cfg, jax.random.key(0))
+  params = random_params(cfg)
   stacked = t5.stack_layer_params(params, cfg)
   enc, dec = _tokens()
   grad = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnums=1)
@@ -69,7 +70,7 @@ def test_scanned_equals_unrolled(family):
 
 def test_remat_applies_per_layer_inside_the_scan():
   cfg = _config("v1.1", scan_layers=True, num_layers=2, num_decoder_layers=2)
-  params = t5.init_params(cfg, jax.random.key(0))
+  params = random_params(cfg)
   enc, dec = _tokens()
   taps = Taps(decoder_self=(-1,))  # the encoder scans whole, the decoder 1 + 1
   grad = jax.jit(jax.grad(lambda p, c: _loss(p, c, enc, dec, taps)[0]), static_argnums=1)
@@ -103,7 +104,7 @@ def test_stacked_layout_shapes_axes_and_counts():
 
 def test_converters_round_trip_and_reject_other_configs():
   cfg = _config("v1.0")
-  params = jax.tree.map(np.asarray, t5.init_params(cfg, jax.random.key(0)))
+  params = random_params(cfg)
   stacked = t5.stack_layer_params(params, cfg)
   assert isinstance(stacked["encoder"]["layers"]["mlp"]["wi"]["kernel"], np.ndarray)
   assert t5.stack_layer_params(stacked, cfg) is not stacked  # idempotent, still a new tree
@@ -118,7 +119,7 @@ def test_converters_round_trip_and_reject_other_configs():
 
 def test_scanned_dropout_and_decode_mode():
   cfg = _config("v1.1", scan_layers=True, dropout_rate=0.3)
-  params = t5.init_params(cfg, jax.random.key(0))
+  params = random_params(cfg)
   enc, dec = _tokens()
   model = T5(cfg)
   run = jax.jit(lambda key: model.apply({"params": params}, enc, dec, enable_dropout=True,

@@ -40,12 +40,24 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
   np.testing.assert_array_equal(np.asarray(tokens), reference)
 
 
-def _sequence_log_prob(config, params, enc_row, seq):
-  """Sum of log p(seq) by one full forward pass (teacher forcing)."""
-  dec_in = np.concatenate([[0], seq[:-1]])[None].astype(np.int32)
-  logits = T5(config).apply({"params": params}, jnp.asarray(enc_row[None]), jnp.asarray(dec_in)).logits
-  log_p = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
-  return float(sum(log_p[i, t] for i, t in enumerate(seq)))
+def _sequence_log_probs(config, params, enc, seqs):
+  """Sum of log p(seq | enc row) of each row's sequences by one teacher-forced forward pass.
+
+  enc: int [rows, input_len]; seqs: per row, a list of token lists (each ending in EOS),
+  float64 [rows, len(seqs[row])]. A sequence is padded after its end: the decoder is
+  causal, so its positions never see the padding, and only its own positions are summed.
+  """
+  width = max(len(seq) for row in seqs for seq in row)
+  tokens = np.array([[seq + [0] * (width - len(seq)) for seq in row] for row in seqs], np.int32)
+  rows, count = tokens.shape[:2]
+  dec_in = np.pad(tokens[..., :-1], ((0, 0), (0, 0), (1, 0))).reshape(rows * count, width)
+  forward = jax.jit(lambda p, e, d: jax.nn.log_softmax(
+      T5(config).apply({"params": p}, e, d).logits.astype(jnp.float32), axis=-1))
+  log_p = np.asarray(forward(params, jnp.asarray(np.repeat(enc, count, axis=0)),
+                             jnp.asarray(dec_in)), np.float64).reshape(rows, count, width, -1)
+  chosen = np.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0]
+  lengths = np.array([[len(seq) for seq in row] for row in seqs])
+  return np.where(np.arange(width) < lengths[..., None], chosen, 0.0).sum(-1)
 
 
 def test_beam_search_finds_the_exhaustive_optimum():
@@ -57,19 +69,18 @@ def test_beam_search_finds_the_exhaustive_optimum():
   enc = _inputs(5, batch=2, length=6, seed=1)
   max_len, alpha = 3, 0.6
   # Without EOS a hypothesis only counts when nothing finishes; rank finished ones.
+  candidates = [list(body) + [1] for length in range(1, max_len + 1)
+                for body in itertools.product([0, 2, 3, 4], repeat=length - 1)]
+  log_probs = _sequence_log_probs(config, params, enc, [candidates] * len(enc))
   best = []
-  for row in enc:
-    scored = []
-    for length in range(1, max_len + 1):
-      for body in itertools.product([0, 2, 3, 4], repeat=length - 1):
-        seq = list(body) + [1]
-        score = _sequence_log_prob(config, params, row, seq) / ((5 + length) / 6) ** alpha
-        scored.append((score, seq + [0] * (max_len - length)))
+  for row_log_probs in log_probs:
+    scored = [(log_p / ((5 + len(seq)) / 6) ** alpha, seq + [0] * (max_len - len(seq)))
+              for log_p, seq in zip(row_log_probs, candidates)]
     best.append(max(scored))
   # 4 non-EOS tokens (pad included: nothing forbids it) and 3 steps: 16 live beams
   # are never pruned.
-  tokens, scores = decoding.beam_search(config, params, jnp.asarray(enc), max_decode_length=max_len,
-                                        num_beams=16, alpha=alpha)
+  tokens, scores = jax.jit(lambda p, e: decoding.beam_search(
+      config, p, e, max_decode_length=max_len, num_beams=16, alpha=alpha))(params, jnp.asarray(enc))
   for row, (score, seq) in enumerate(best):
     np.testing.assert_array_equal(np.asarray(tokens[row, 0]), seq)
     np.testing.assert_allclose(float(scores[row, 0]), score, rtol=1e-5)
@@ -81,11 +92,12 @@ def test_beam_search_is_at_least_as_good_as_greedy():
   params = jax.tree.map(lambda x: x * 2.5, init_params(config, jax.random.key(3)))
   enc = jnp.asarray(_inputs(11, batch=4, length=7, seed=2))
   max_len = 6
-  greedy, greedy_log_p = decoding.greedy_decode(config, params, enc, max_decode_length=max_len)
-  one_beam, one_beam_scores = decoding.beam_search(config, params, enc, max_decode_length=max_len,
-                                                   num_beams=1, alpha=0.0)
-  beams, beam_scores = decoding.beam_search(config, params, enc, max_decode_length=max_len,
-                                            num_beams=4, alpha=0.0)
+  # One program for the three searches (op-by-op, their set-up compiles dozens).
+  greedy, greedy_log_p, one_beam, one_beam_scores, beams, beam_scores = jax.jit(lambda p, e: (
+      *decoding.greedy_decode(config, p, e, max_decode_length=max_len),
+      *decoding.beam_search(config, p, e, max_decode_length=max_len, num_beams=1, alpha=0.0),
+      *decoding.beam_search(config, p, e, max_decode_length=max_len, num_beams=4, alpha=0.0)))(
+          params, enc)
   finished = np.any(np.asarray(greedy) == 1, axis=1)
   assert finished.any()
   for row in np.flatnonzero(finished):
