@@ -16,7 +16,9 @@ then prints a line with the ratio. `first_loss` is the loss of the first step
 that they compute the same thing.
 
 The PyTorch step is Hugging Face's T5ForConditionalGeneration for teacher and
-student (same random weights as ours, exported with save_hf), q/k/v captured
+student (same random weights as ours, exported with save_hf; with `--teacher_dir`,
+as `--impl both` passes, ours writes its teacher there after its steps and
+PyTorch's reads it instead of drawing the same weights again), q/k/v captured
 with forward hooks, the recipe's terms written in torch, AdamW; the teacher is
 cast to `--teacher_dtype`, and `--dtype bfloat16` runs the student under
 torch.autocast (bf16 matmuls, float32 weights), as ours does; attention is
@@ -142,6 +144,7 @@ def run_jax(args) -> dict:
   step = step.lower(state, teacher_params, batch, rng).compile()
   memory = step.memory_analysis()
   if args.compile_only:
+    _hand_over_teacher(args, teacher, teacher_params)
     return dict(benchmark="distill_step_compiled", impl="jax", teacher=args.teacher,
                 student=args.student, recipe=args.recipe, batch=args.batch, inputs=args.inputs,
                 targets=args.targets, dtype=args.dtype, teacher_dtype=args.teacher_dtype,
@@ -162,13 +165,23 @@ def run_jax(args) -> dict:
     times.append(time.perf_counter() - start)
   device = jax.devices()[0]
   peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
-  return _result("jax", args, teacher, student_cfg, recipe, statistics.median(times), compile_s,
-                 first_loss, float(metrics["loss"]), str(device.device_kind),
-                 jax.default_backend(), jax.device_count(), attention=args.attention,
-                 head=args.head, vocab=student_cfg.vocab_size,
-                 step_temp_mb=round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
-                 attention_kernel=t5.attention_implementation(student_cfg),
-                 peak_device_mb=round(peak_bytes / 2**20, 1) if peak_bytes else None)
+  result = _result("jax", args, teacher, student_cfg, recipe, statistics.median(times),
+                   compile_s, first_loss, float(metrics["loss"]), str(device.device_kind),
+                   jax.default_backend(), jax.device_count(), attention=args.attention,
+                   head=args.head, vocab=student_cfg.vocab_size,
+                   step_temp_mb=round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
+                   attention_kernel=t5.attention_implementation(student_cfg),
+                   peak_device_mb=round(peak_bytes / 2**20, 1) if peak_bytes else None)
+  _hand_over_teacher(args, teacher, teacher_params)  # after the figures: they omit the copy
+  return result
+
+
+def _hand_over_teacher(args, teacher, teacher_params) -> None:
+  """Writes our teacher to --teacher_dir for PyTorch's side. float32 holds its values
+  exactly (bf16 included); PyTorch's side casts them back to --teacher_dtype."""
+  if args.teacher_dir and teacher_params is not None:
+    from miniend_jax.model import hf  # pylint: disable=import-outside-toplevel
+    hf.save_hf(teacher, teacher_params, args.teacher_dir, dtype="float32")
 
 
 def _torch_relation(a, b, a_t, b_t, heads, row_mask, key_mask, causal):
@@ -209,11 +222,15 @@ def run_torch(args) -> dict:
     for name, cfg, seed in (("teacher", teacher, 0), ("student", student_cfg, 1)):
       if name == "teacher" and not recipe.needs_teacher:
         continue
-      hf.save_hf(cfg, t5.init_params(cfg.replace(dtype="float32"), jax.random.key(seed)),
-                 os.path.join(d, name))
+      path = os.path.join(d, name)
+      if name == "teacher" and args.teacher_dir:
+        path = args.teacher_dir  # ours' teacher, as it ran
+      else:
+        hf.save_hf(cfg, t5.init_params(cfg.replace(dtype="float32"), jax.random.key(seed)),
+                   path)
       # PyTorch's fused attention (SDPA: flash / memory-efficient kernels on GPUs).
       models[name] = transformers.T5ForConditionalGeneration.from_pretrained(
-          os.path.join(d, name), dtype=torch.float32, attn_implementation="sdpa").to(device)
+          path, dtype=torch.float32, attn_implementation="sdpa").to(device)
   if "teacher" in models:
     models["teacher"] = models["teacher"].to(torch_dtype[args.teacher_dtype]).eval()
     models["teacher"].requires_grad_(False)
@@ -340,16 +357,22 @@ def main():
   parser.add_argument("--compile_only", action="store_true",
                       help="ours: compile the step and report XLA's memory accounting "
                       "without running it (shapes too large for this machine)")
+  parser.add_argument("--teacher_dir",
+                      help="ours writes its teacher's weights here (Hugging Face format) "
+                      "after its steps; PyTorch's reads them instead of drawing the same "
+                      "ones again (--impl both passes a temporary one to both)")
   args = parser.parse_args()
   if args.impl == "both":
     lines = {}
-    for impl in ("jax", "torch"):
-      argv = [f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
-              if k != "impl" and v is not False]
-      out = subprocess.run([sys.executable, __file__, *argv, "--impl", impl], check=True,
-                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
-      print(out, flush=True)
-      lines[impl] = json.loads(out)
+    with tempfile.TemporaryDirectory() as scratch:
+      args.teacher_dir = args.teacher_dir or os.path.join(scratch, "teacher")
+      for impl in ("jax", "torch"):
+        argv = [f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
+                if k != "impl" and v is not False and v is not None]
+        out = subprocess.run([sys.executable, __file__, *argv, "--impl", impl], check=True,
+                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        print(out, flush=True)
+        lines[impl] = json.loads(out)
     print(json.dumps({"benchmark": "distill_step_ratio", "batch": args.batch,
                       "inputs": args.inputs, "targets": args.targets,
                       "device": lines["jax"]["device"],

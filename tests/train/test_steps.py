@@ -27,6 +27,16 @@ OPTIMIZER = state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=0, total_
 init_params = jax.jit(t5.init_params, static_argnums=0)
 
 
+def placed_state(params, tx, mesh, logical_specs=None):
+  """The TrainState of `params` (fresh optimizer state) in its shardings on `mesh`:
+  what `state_lib.create_sharded_state` makes there (test_state checks that), without
+  compiling each test's own program to draw the same random parameters again."""
+  target = state_lib.abstract_train_state(lambda: params, tx, mesh,
+                                          logical_specs=logical_specs)
+  return jax.device_put(state_lib.TrainState.create(params, tx),
+                        state_lib.state_shardings(target))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def logits_of(config, params, encoder_input_tokens, decoder_input_tokens):
   """[batch, targets, vocab] logits of `config`'s model."""
@@ -51,16 +61,11 @@ def run_steps(mesh_config, recipe_name, num_steps=3, devices=None):
   mesh = partitioning.make_mesh(mesh_config, devices=devices)
   recipe = get_recipe(recipe_name).resolve(TEACHER, STUDENT)
   tx = state_lib.make_optimizer(OPTIMIZER)
-  extra_shapes = jax.eval_shape(lambda: recipe.init_extra_params(jax.random.key(0), TEACHER, STUDENT))
-
-  def init(rng):
-    return {"model": t5.init_params(STUDENT, rng),
-            "distill": recipe.init_extra_params(rng, TEACHER, STUDENT)}
-
+  params = {"model": init_params(STUDENT, jax.random.key(1)),
+            "distill": recipe.init_extra_params(jax.random.key(1), TEACHER, STUDENT)}
   specs = {"model": t5.param_logical_axes(STUDENT),
-           "distill": jax.tree.map(lambda _: jax.sharding.PartitionSpec(), extra_shapes)}
-  state = state_lib.create_sharded_state(init, tx, mesh, logical_specs=specs,
-                                         init_args=(jax.random.key(1),))
+           "distill": jax.tree.map(lambda _: jax.sharding.PartitionSpec(), params["distill"])}
+  state = placed_state(params, tx, mesh, specs)
   teacher_sharding = partitioning.logical_to_sharding(t5.param_logical_axes(TEACHER), mesh)
   teacher_host = init_params(TEACHER, jax.random.key(0))
   teacher_params = jax.device_put(teacher_host, teacher_sharding)
@@ -114,9 +119,8 @@ def test_nonfinite_loss_keeps_the_last_good_state():
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
   recipe = get_recipe("kd_logits").resolve(TEACHER, STUDENT)
   tx = state_lib.make_optimizer(OPTIMIZER)
-  state = state_lib.create_sharded_state(
-      lambda rng: {"model": t5.init_params(STUDENT, rng), "distill": {}}, tx, mesh,
-      init_args=(jax.random.key(1),))
+  state = placed_state({"model": init_params(STUDENT, jax.random.key(1)), "distill": {}}, tx,
+                       mesh)
   before = jax.device_get(state.params)
   teacher_params = init_params(TEACHER, jax.random.key(0))
   # A NaN in the teacher makes the loss NaN.
@@ -143,9 +147,8 @@ def test_an_overflowing_update_is_reported():
   recipe = get_recipe("scratch").resolve(None, STUDENT)
   tx = state_lib.make_optimizer(OPTIMIZER.__class__(learning_rate=1e38, warmup_steps=0,
                                                     total_steps=100, decay="constant"))
-  state = state_lib.create_sharded_state(
-      lambda rng: {"model": t5.init_params(STUDENT, rng), "distill": {}}, tx, mesh,
-      init_args=(jax.random.key(1),))
+  state = placed_state({"model": init_params(STUDENT, jax.random.key(1)), "distill": {}}, tx,
+                       mesh)
   step = steps.make_distill_step(STUDENT, recipe, mesh=mesh,
                                  state_sharding=state_lib.state_shardings(state))
   _, metrics = step(state, None, partitioning.host_local_to_global(make_batch(), mesh),
@@ -158,9 +161,8 @@ def test_scratch_recipe_needs_no_teacher_and_lowers_the_loss():
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
   recipe = get_recipe("scratch")
   tx = state_lib.make_optimizer(OPTIMIZER.replace(learning_rate=1e-2))
-  state = state_lib.create_sharded_state(
-      lambda rng: {"model": t5.init_params(STUDENT, rng), "distill": {}}, tx, mesh,
-      init_args=(jax.random.key(1),))
+  state = placed_state({"model": init_params(STUDENT, jax.random.key(1)), "distill": {}}, tx,
+                       mesh)
   step = steps.make_distill_step(STUDENT, recipe, mesh=mesh,
                                  state_sharding=state_lib.state_shardings(state))
   batch = partitioning.host_local_to_global(make_batch(), mesh)
@@ -180,12 +182,12 @@ def test_eval_step_and_score_fn_match_a_direct_computation():
   targets = np.asarray(batch["decoder_target_tokens"])
   token_log_p = np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
   mask = targets > 0
-  sums = steps.make_eval_step(STUDENT)(params, batch)
+  sums = jax.jit(steps.make_eval_step(STUDENT))(params, batch)
   np.testing.assert_allclose(float(sums["weight_sum"]), mask.sum())
   np.testing.assert_allclose(float(sums["loss_sum"]), -(token_log_p * mask).sum(), rtol=1e-5)
   correct = ((log_p.argmax(-1) == targets) & mask).sum()
   assert float(sums["correct_sum"]) == correct
-  scores = steps.make_score_fn(STUDENT)(params, batch)
+  scores = jax.jit(steps.make_score_fn(STUDENT))(params, batch)
   np.testing.assert_allclose(np.asarray(scores), (token_log_p * mask).sum(-1), rtol=1e-5)
 
 
@@ -201,7 +203,7 @@ def test_a_bf16_teacher_gives_float32_logits_and_a_kl_close_to_a_float32_teacher
   """The output head returns float32 even in bf16, so the KD target is not rounded to
   bf16's coarse grid at the logits' scale (spacing 0.125-0.25 at 16-64)."""
   from miniend_jax.distill import losses  # pylint: disable=import-outside-toplevel
-  teacher = TEACHER.replace(d_model=64, d_kv=8, d_ff=128)
+  teacher = TEACHER
   params = init_params(teacher, jax.random.key(0))
   # Scale the head so the logits reach T5's usual magnitudes (tens).
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 10.0
@@ -265,9 +267,11 @@ def test_fused_head_step_equals_the_step_on_formed_logits(tied):
                   terms=(Term("logits", temperature=2.0, interpolation=AdaptiveSchedule()),
                          Term("decoder_self"))).resolve(teacher, student)
   tx = state_lib.make_optimizer(OPTIMIZER)
-  state = state_lib.TrainState.create({"model": init_params(student, jax.random.key(1)),
+  # A tied model's parameters are the untied one's without the separate head.
+  own = lambda params: {k: v for k, v in params.items() if not (tied and k == "lm_head")}
+  state = state_lib.TrainState.create({"model": own(init_params(STUDENT, jax.random.key(1))),
                                        "distill": {}}, tx)
-  teacher_params = init_params(teacher, jax.random.key(0))
+  teacher_params = own(init_params(TEACHER, jax.random.key(0)))
   batch = jax.tree.map(jnp.asarray, make_batch(seed=4))
   results = {}
   for fused in (True, False):
