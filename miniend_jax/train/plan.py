@@ -613,7 +613,7 @@ def _gin_recipe(default: str = "miniend_d"):
 
 def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """(other arguments, "NAME = VALUE" bindings of the --gin.NAME=VALUE flags)."""
-  from miniend_jax import gin_flags  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import gin_flags  # pylint: disable=import-outside-toplevel
   return gin_flags.split_gin_flags(list(argv))
 
 
@@ -622,7 +622,7 @@ def build_program(args, bindings: Sequence[str]):
   from miniend_jax.train import partitioning, program, state  # pylint: disable=import-outside-toplevel
   topology = parse_topology(args.topology)
   shorthand = [f"train.recipe = {args.recipe!r}"] if getattr(args, "recipe", None) else []
-  from miniend_jax import gin_flags  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import gin_flags  # pylint: disable=import-outside-toplevel
   gin_flags.parse_gin(list(args.gin_file), list(bindings) + shorthand)
   mesh = partitioning.MeshConfig()
   if args.slices > 1 and mesh.dcn_data * mesh.dcn_fsdp == 1:

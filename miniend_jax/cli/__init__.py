@@ -33,7 +33,7 @@ import re
 import sys
 import tempfile
 
-from miniend_jax.gin_flags import GinError, parse_gin, split_gin_flags
+from miniend_jax.cli.gin_flags import GinError, parse_gin, split_gin_flags
 
 EXIT_USAGE, EXIT_DATA = 2, 3
 
@@ -141,7 +141,7 @@ def _quickstart(args, bindings) -> int:
 
 
 def _sweep(args, bindings) -> int:
-  from miniend_jax import sweep  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import sweep  # pylint: disable=import-outside-toplevel
   return sweep.run_from_args(args, bindings)
 
 
@@ -304,7 +304,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
       description="Runs every point of a grid of gin bindings (--sweep NAME=V1,V2, repeatable) "
                   "in its own directory, skips finished points, refuses directories made with "
                   "other settings, and collects the results (mean and spread over --seeds).")
-  from miniend_jax import sweep  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import sweep  # pylint: disable=import-outside-toplevel
   sweep.add_arguments(p)
   log_flags(p)
   p.set_defaults(func=_sweep)
