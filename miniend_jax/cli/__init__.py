@@ -131,7 +131,7 @@ def _convert(args, bindings) -> int:
 
 
 def _plan(args, bindings) -> int:
-  from miniend_jax.train import plan  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import plan  # pylint: disable=import-outside-toplevel
   return plan.run_from_args(args, bindings)
 
 
@@ -284,7 +284,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                   "compile time and the step time at 50% and 100% of peak. Exit 0 with an "
                   "answer (fits or not), 2 for a bad config.")
   if command == "plan":
-    from miniend_jax.train import plan  # pylint: disable=import-outside-toplevel
+    from miniend_jax.cli import plan  # pylint: disable=import-outside-toplevel
     plan.add_arguments(p)
     log_flags(p)
   p.set_defaults(func=_plan)
