@@ -24,10 +24,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-  from miniend_jax.train import plan  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import plan  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli.gin_flags import split_gin_flags  # pylint: disable=import-outside-toplevel
   parser = plan.add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
   try:
-    rest, bindings = plan.split_gin_flags(sys.argv[1:] if argv is None else argv)
+    rest, bindings = split_gin_flags(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
     report = plan.report_from_args(args, bindings)
   except plan.CONFIG_ERRORS as e:

@@ -5,12 +5,12 @@
 
 ROOT holds one directory per model, each with the finetuning runs that
 `miniend evaluate` scored (ROOT/<model>/**/eval/glue_<task>.json); see
-miniend_jax/report.py for the columns and how they are computed.
+miniend_jax/cli/report.py for the columns and how they are computed.
 """
 
 import sys
 
-from miniend_jax import report
+from miniend_jax.cli import report
 
 if __name__ == "__main__":
   sys.exit(report.main())

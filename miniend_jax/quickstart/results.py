@@ -39,7 +39,7 @@ def run_row(model: str, seed: int, run_dir: str, finetune_dirs: Mapping[str, str
   `run_dir` is the model's pretraining / distillation run, `finetune_dirs`
   {task: its finetuning run} (with eval/<task>.json inside).
   """
-  from miniend_jax import plots  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import plots  # pylint: disable=import-outside-toplevel
   summary = read_json(os.path.join(run_dir, "summary.json")) or {}
   metrics = plots.read_metrics(os.path.join(run_dir, "logs", "train_metrics.jsonl"))
   evaluation = summary.get("eval", {})
@@ -171,7 +171,7 @@ def write_report(workdir: str, rows: Sequence[Mapping[str, Any]],
   `distill_dirs` is {path: [its run directory per seed]}: the curves are
   each path's mean over its seeds, with a band of one standard deviation.
   """
-  from miniend_jax import plots  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import plots  # pylint: disable=import-outside-toplevel
   files = {name: os.path.join(workdir, f"results{suffix}")
            for name, suffix in (("markdown", ".md"), ("csv", ".csv"), ("json", ".json"),
                                 ("per_seed_csv", "_per_seed.csv"))}

@@ -9,6 +9,8 @@ reports what one chip needs:
 
     miniend plan --gin_file gin_configs/runs/paper_t5_11b_6L768H.gin --topology v4-64
 
+(the command's flags, gin settings and printing are in `cli/plan.py`).
+
 `plan_program` / `plan_lowered` return a `PlanReport`: per-chip argument,
 output, alias, temporary and generated-code bytes against the chip's HBM,
 XLA's FLOPs and bytes accessed per step (loops counted by their trip counts,
@@ -29,17 +31,14 @@ Imports neither seqio nor TensorFlow.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
-import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -580,106 +579,3 @@ def suggest_knobs(program, report: PlanReport) -> list[Knob]:
         "teacher's activations as well as its weights")))
   return [k for _, k in sorted(knobs, key=lambda item: -item[0])]
 
-
-# ----------------------------------------------------------------------------
-# Command line: `miniend plan` (and benchmarks/aot_plan.py).
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-  """The flags of `miniend plan`; --gin.NAME=VALUE bindings are separated by the caller."""
-  parser.add_argument("--gin_file", action="append", default=[],
-                      help="the run's gin file (repeatable), e.g. "
-                           "gin_configs/runs/paper_t5_11b_6L768H.gin")
-  parser.add_argument("--topology", required=True,
-                      help="TPU slice: v4-64, v5e-256 / v5litepod-256, v5p-128, v6e-64, or a "
-                           "libtpu name such as v4:2x4x4 (v4/v5p names count TensorCores, "
-                           "2 per chip)")
-  parser.add_argument("--slices", type=int, default=1,
-                      help="slices joined over DCN (MeshConfig.dcn_data * dcn_fsdp; "
-                           "default: dcn_data = slices)")
-  parser.add_argument("--mode", default="distill", choices=("distill", "pretrain", "finetune"))
-  parser.add_argument("--recipe", help="distillation recipe (= --gin.train.recipe)")
-  parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
-  return parser
-
-
-def _gin_recipe(default: str = "miniend_d"):
-  import gin  # pylint: disable=import-outside-toplevel
-  try:
-    return gin.get_bindings("train").get("recipe", default)
-  except (ValueError, KeyError):
-    return default
-
-
-def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(other arguments, "NAME = VALUE" bindings of the --gin.NAME=VALUE flags)."""
-  from miniend_jax import gin_flags  # pylint: disable=import-outside-toplevel
-  return gin_flags.split_gin_flags(list(argv))
-
-
-def build_program(args, bindings: Sequence[str]):
-  """The run's StepProgram on the topology's devices, from gin files and bindings."""
-  from miniend_jax.train import partitioning, program, state  # pylint: disable=import-outside-toplevel
-  topology = parse_topology(args.topology)
-  shorthand = [f"train.recipe = {args.recipe!r}"] if getattr(args, "recipe", None) else []
-  from miniend_jax import gin_flags  # pylint: disable=import-outside-toplevel
-  gin_flags.parse_gin(list(args.gin_file), list(bindings) + shorthand)
-  mesh = partitioning.MeshConfig()
-  if args.slices > 1 and mesh.dcn_data * mesh.dcn_fsdp == 1:
-    mesh = dataclasses.replace(mesh, dcn_data=args.slices)
-  devices = topology_devices(topology, args.slices)
-  prog = program.build_step_program(args.mode, program.TrainConfig(), program.ModelSetup(),
-                                    state.OptimizerConfig(), mesh, _gin_recipe(),
-                                    devices=devices)
-  return topology, prog
-
-
-def describe(prog) -> str:
-  """One line naming the models, the batch and the recipe of a program."""
-  from miniend_jax.model import t5  # pylint: disable=import-outside-toplevel
-  parts = []
-  if prog.teacher_config is not None:
-    tc = prog.teacher_config
-    parts.append(f"teacher {t5.count_params(tc) / 1e9:.2f}B params ({tc.num_layers}+"
-                 f"{tc.num_decoder_layers} layers, d_model {tc.d_model}, {tc.param_dtype})")
-  sc = prog.student_config
-  parts.append(f"student {t5.count_params(sc) / 1e6:.0f}M params ({sc.num_layers}+"
-               f"{sc.num_decoder_layers} layers, d_model {sc.d_model}, remat "
-               f"{sc.remat_policy}, scan_layers {sc.scan_layers})")
-  train = prog.train
-  parts.append(f"recipe {prog.recipe.name}, batch {train.batch_size} x "
-               f"({train.inputs_length} + {train.targets_length}) tokens")
-  return "; ".join(parts)
-
-
-# What a config that cannot be planned raises (GinError and PlanError are ValueErrors).
-CONFIG_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError)
-
-
-def config_error_message(error: Exception) -> str:
-  """The one-line `miniend: ...` message of a config error."""
-  message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-  return "miniend: " + " ".join(str(message).split())
-
-
-def report_from_args(args, bindings: Sequence[str]) -> PlanReport:
-  """The plan of the run the gin files and bindings describe, on `args.topology`.
-
-  Raises:
-    One of CONFIG_ERRORS for a config that cannot be planned.
-  """
-  topology, prog = build_program(args, bindings)
-  report = plan_program(prog, topology, slices=args.slices)
-  report.title = f"miniend plan {' '.join(args.gin_file)}: {describe(prog)}"
-  return report
-
-
-def run_from_args(args, bindings: Sequence[str]) -> int:
-  """`miniend plan`: prints the report; 0 for an answer (fits or not), 2 for a bad config."""
-  try:
-    report = report_from_args(args, bindings)
-  except CONFIG_ERRORS as e:
-    print(config_error_message(e), file=sys.stderr)
-    return 2
-  print(json.dumps(report.to_json()) if args.json else report.table())
-  return 0

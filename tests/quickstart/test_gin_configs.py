@@ -6,7 +6,7 @@ import os
 import gin
 import pytest
 
-from miniend_jax import gin_flags
+from miniend_jax.cli import gin_flags
 from miniend_jax.distill import recipe as recipe_lib
 from miniend_jax.model import presets
 from miniend_jax.train import checkpoints, loop, partitioning, program, state as state_lib

@@ -20,7 +20,8 @@ import nbformat
 import numpy as np
 import pytest
 
-from miniend_jax import quickstart, sweep
+from miniend_jax import quickstart
+from miniend_jax.cli import sweep
 from tests.quickstart.conftest import TINY, assert_real_png
 from tests.quickstart.conftest import NOTEBOOK, NOTEBOOK_TINY, ROOT
 

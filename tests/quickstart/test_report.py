@@ -1,4 +1,4 @@
-"""scripts/collect_glue_table.py / miniend_jax.report: the paper's GLUE table."""
+"""scripts/collect_glue_table.py / miniend_jax.cli.report: the paper's GLUE table."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from miniend_jax import report
+from miniend_jax.cli import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from miniend_jax import plots
+from miniend_jax.cli import plots
 from miniend_jax.quickstart import results, stats
 
 # Handmade per-seed numbers: three seeds of three paths.

@@ -4,7 +4,7 @@ test_quickstart.py, where it distils from the quickstart test's teacher with its
 import numpy as np
 import pytest
 
-from miniend_jax import sweep
+from miniend_jax.cli import sweep
 
 
 def test_parse_sweep_values_and_names():

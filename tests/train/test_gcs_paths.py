@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import transformers
 
-from miniend_jax import cli, report, sweep
+from miniend_jax import cli
+from miniend_jax.cli import report, sweep
 from miniend_jax.model import hf
 from miniend_jax.quickstart import pipeline as quickstart_pipeline
 from miniend_jax.train import checkpoints

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 pytest.importorskip("libtpu", reason="planning needs the `plan` extra (libtpu)")
 
+from miniend_jax.cli import plan as plan_command  # noqa: E402
 from miniend_jax.model import t5  # noqa: E402
 from miniend_jax.train import hardware, partitioning, plan, program, state, steps  # noqa: E402
 from miniend_jax.train import xla_cost  # noqa: E402
@@ -123,21 +124,21 @@ def test_a_plan_too_large_is_an_answer_with_knobs():
 
 def test_plan_command_answers_and_rejects_bad_configs(capsys):
   import argparse  # pylint: disable=import-outside-toplevel
-  parser = plan.add_arguments(argparse.ArgumentParser())
+  parser = plan_command.add_arguments(argparse.ArgumentParser())
   bindings = ["ModelSetup.teacher = 't5-v1_1-tiny'", "ModelSetup.student_shape = '1L-32H'",
               "TrainConfig.batch_size = 8", "TrainConfig.inputs_length = 64",
               "TrainConfig.targets_length = 16", "MeshConfig.data = 4"]
   args = parser.parse_args(["--topology", "v5e-4", "--json", "--recipe", "kd_logits"])
-  assert plan.run_from_args(args, bindings) == 0
+  assert plan_command.run_from_args(args, bindings) == 0
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert report["fits"] and report["chips"] == 4 and report["mesh"]["data"] == 4
   assert report["step_s_at_50pct_mfu"] > 0 and report["xla_flops"] > 0
 
   args = parser.parse_args(["--topology", "v5e-3"])
-  assert plan.run_from_args(args, bindings) == 2
+  assert plan_command.run_from_args(args, bindings) == 2
   assert capsys.readouterr().err.startswith("miniend: TPU topology 'v5e-3'")
   args = parser.parse_args(["--topology", "v5e-4"])
-  assert plan.run_from_args(args, bindings + ["TrainConfig.batch_size = 6"]) == 2
+  assert plan_command.run_from_args(args, bindings + ["TrainConfig.batch_size = 6"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("miniend: ") and "batch_size=6" in err and len(err.splitlines()) == 1
 

@@ -56,8 +56,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from etils import epath
 
-from miniend_jax import gin_flags
-from miniend_jax.gin_flags import gin_value
+from miniend_jax.cli import gin_flags
+from miniend_jax.cli.gin_flags import gin_value
 from miniend_jax.quickstart import stats
 from miniend_jax.quickstart.bookkeeping import claim_settings, read_json, run_finished
 from miniend_jax.quickstart.results import write_csv
@@ -366,7 +366,7 @@ def _write_json(path: str, value) -> None:
 def collect(workdir: str, records: Sequence[RunRecord] | None = None,
             evaluate_tasks: Sequence[str] | None = None) -> list[dict]:
   """One row per run of the sweep in `workdir` (from its manifest unless `records`)."""
-  from miniend_jax import plots  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import plots  # pylint: disable=import-outside-toplevel
   manifest = read_json(os.path.join(workdir, MANIFEST)) or {}
   if records is None:
     records = [RunRecord(r["name"], os.path.join(workdir, r["name"]), r["bindings"],
@@ -473,7 +473,7 @@ def write_table(workdir: str, rows: Sequence[Mapping[str, Any]],
   """Writes sweep_results.md / .csv, sweep_summary.csv (with seeds) and sweep.png; returns
   their paths."""
   import jax  # pylint: disable=import-outside-toplevel
-  from miniend_jax import plots  # pylint: disable=import-outside-toplevel
+  from miniend_jax.cli import plots  # pylint: disable=import-outside-toplevel
   files = {"markdown": os.path.join(workdir, "sweep_results.md"),
            "csv": os.path.join(workdir, "sweep_results.csv"),
            "plot": os.path.join(workdir, "sweep.png")}

@@ -19,9 +19,12 @@ import ast
 import os
 from typing import Sequence
 
-# Where relative gin file names (and their `include`s) are looked up.
-SEARCH_PATH = (os.getcwd, lambda: os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-               lambda: os.path.dirname(os.path.abspath(__file__)))
+# The installed package, miniend_jax/ (this file is miniend_jax/cli/gin_flags.py).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Where relative gin file names (and their `include`s) are looked up: the current
+# directory, the repository root (a clone), the package (a wheel).
+SEARCH_PATH = (os.getcwd, lambda: os.path.dirname(_PACKAGE_DIR), lambda: _PACKAGE_DIR)
 
 
 class GinError(ValueError):
