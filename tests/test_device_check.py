@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from tests.xla_testing import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 
@@ -12,7 +14,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 def _run(*args, **env):
   return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=600, env=dict(os.environ, PYTHON=sys.executable,
-                                              XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                              XLA_FLAGS=xla_flags(1),
                                               **env))
 
 

@@ -14,6 +14,7 @@ import sys
 import sysconfig
 
 from tests.train import loop_testing, multihost_testing
+from tests.xla_testing import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def test_a_wheel_installed_elsewhere_runs_a_distillation_with_shipped_gin_files(
   data_dir = loop_testing.shared_data_dir(tmp_path_factory)
   teacher = str(tmp_path / "teacher")
   multihost_testing.write_tiny_teacher(teacher, data_dir)
-  env = dict(outside, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(outside, XLA_FLAGS=xla_flags(1))
   proc = _run([str(venv / "bin" / "miniend"), "distill",
                "--gin_file", "gin_configs/runs/quickstart_distill.gin",
                "--teacher", teacher, "--student_shape", "1L-32H", "--workdir", "run",

@@ -22,6 +22,7 @@ import numpy as np
 from miniend_jax.data import vocab as vocab_lib
 from miniend_jax.model import hf, presets, t5
 from miniend_jax.train import checkpoints, loop
+from tests.xla_testing import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,7 +58,7 @@ def launch(num_processes: int, command: list[str], *, data_dir: str | None,
   port = free_port()
   procs = []
   for index in range(num_processes):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8 // num_processes),
                TF_CPP_MIN_LOG_LEVEL="2")
     if cache_dir:
       env["JAX_COMPILATION_CACHE_DIR"] = cache_dir

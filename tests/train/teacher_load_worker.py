@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 
+from tests.xla_testing import xla_flags
+
 
 def _status(field: str) -> int:
   """A /proc/self/status memory field in bytes."""
@@ -34,7 +36,7 @@ def main():
   parser.add_argument("--impl", choices=("sharded", "host"), default="sharded")
   parser.add_argument("--t5x")
   args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // args.num_processes}"
+  os.environ["XLA_FLAGS"] = xla_flags(8 // args.num_processes)
   if args.num_processes > 1:
     os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{args.port}",
                       JAX_NUM_PROCESSES=str(args.num_processes),

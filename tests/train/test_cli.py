@@ -19,6 +19,7 @@ from miniend_jax.model import hf
 from miniend_jax.model.t5 import T5
 from miniend_jax.train import checkpoints, writers
 from tests.train import loop_testing, multihost_testing as mh
+from tests.xla_testing import xla_flags
 
 TINY_FLAGS = ["--no_progress", "--gin.TrainConfig.inputs_length=32",
               "--gin.TrainConfig.targets_length=8", "--gin.TrainConfig.batch_size=8",
@@ -35,7 +36,7 @@ def miniend_process(*args, data_dir):
   """`python -m miniend_jax ARGS` as a real process (its output piped, text)."""
   command = [sys.executable, "-m", "miniend_jax", *args,
              f"--gin.TrainConfig.data_dir='{data_dir}'"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8))
   return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
 

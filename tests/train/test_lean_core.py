@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from tests.xla_testing import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _PROGRAM = r"""
@@ -37,7 +39,7 @@ runpy.run_path("benchmarks/distill_step.py", run_name="__main__")
 
 
 def test_core_and_benchmark_run_without_tensorflow_seqio_or_clu():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-c", _PROGRAM], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
