@@ -1,13 +1,8 @@
 """Distillation objectives: pure losses and configurable recipes."""
 
-from miniend_jax.distill.losses import (
-    CrossEntropy,
-    attention_kl,
-    hidden_mse,
-    logits_kl,
-    relation_kl,
-    span_corruption_loss,
-)
+from miniend_jax.distill.hidden import hidden_mse
+from miniend_jax.distill.logits import CrossEntropy, logits_kl, span_corruption_loss
+from miniend_jax.distill.relations import attention_kl, relation_kl
 from miniend_jax.distill.recipe import (
     ATTENTION_KINDS,
     HIDDEN_KINDS,
