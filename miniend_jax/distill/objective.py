@@ -1,15 +1,18 @@
-"""The objective: a resolved recipe's total loss and metrics (`recipe_loss`)."""
+"""The objective: a resolved recipe's total loss and metrics, one function per
+term kind (logits, relations, hidden states) beside the student's own span
+corruption.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from miniend_jax.distill.hidden import hidden_mse
 from miniend_jax.distill.logits import (
-    DEFAULT_CHUNK_SIZE, ProjectedLogits, logits_kl,
+    DEFAULT_CHUNK_SIZE, CrossEntropy, ProjectedLogits, logits_kl,
     span_corruption_loss)
 from miniend_jax.distill.recipe import HIDDEN_KINDS, Recipe, Term
 from miniend_jax.distill.relations import relation_kl
@@ -52,6 +55,121 @@ def _relation_operands(term: Term, pair: str, teacher_tap, student_tap):
   return (getattr(teacher_tap, first), getattr(teacher_tap, second),
           getattr(student_tap, first), getattr(student_tap, second),
           row_side, key_side)
+
+
+class _BatchMasks(NamedTuple):
+  """What the terms read from a batch.
+
+  Attributes:
+    targets: int `[batch, tgt_len]` decoder targets (0 = padding).
+    loss_weights: `[batch, tgt_len]` decoder loss weights.
+    masks: bool `[batch, len]` valid positions of "encoder" and "decoder".
+    segments: int `[batch, len]` segment ids of "encoder" and "decoder", or
+      None when the batch is not packed.
+  """
+
+  targets: Array
+  loss_weights: Array
+  masks: dict
+  segments: dict
+
+
+def _batch_masks(batch: Mapping[str, Any]) -> _BatchMasks:
+  """The targets, loss weights, masks and segments of a batch (see `recipe_loss`)."""
+  encoder_tokens = jnp.asarray(batch["encoder_input_tokens"])
+  targets = jnp.asarray(batch["decoder_target_tokens"])
+  masks = {"encoder": encoder_tokens > 0, "decoder": targets > 0}
+  segments = {"encoder": batch.get("encoder_segment_ids"),
+              "decoder": batch.get("decoder_segment_ids")}
+  loss_weights = batch.get("decoder_loss_weights")
+  if loss_weights is None:
+    loss_weights = masks["decoder"]
+  return _BatchMasks(targets, loss_weights, masks, segments)
+
+
+def _span_corruption(recipe: Recipe, teacher_out, student_out, inputs: _BatchMasks,
+                     chunk_size, metrics) -> tuple[CrossEntropy, Optional[Array]]:
+  """(the student's `CrossEntropy`, the teacher's cross-entropy or None).
+
+  The teacher's is computed only when a schedule needs it (`AdaptiveSchedule`).
+  Adds their metrics to `metrics`.
+  """
+  targets, loss_weights = inputs.targets, inputs.loss_weights
+  student_ce = span_corruption_loss(_logits(student_out), targets,
+                                    loss_weights, z_loss=recipe.z_loss,
+                                    chunk_size=chunk_size)
+  if recipe.ce_weight == 0:
+    # Reported, but no gradient: parameters only the cross-entropy would
+    # train (e.g. the output layer under relation-only recipes) stay exactly
+    # untouched.
+    student_ce = jax.tree.map(jax.lax.stop_gradient, student_ce)
+  metrics["loss/span_corruption"] = student_ce.cross_entropy
+  metrics["loss/z_loss"] = student_ce.z_loss
+
+  teacher_ce = None
+  if recipe.needs_teacher_loss:
+    teacher_ce = span_corruption_loss(
+        jax.lax.stop_gradient(_logits(teacher_out)), targets, loss_weights,
+        chunk_size=chunk_size).cross_entropy
+    metrics["teacher/span_corruption"] = teacher_ce
+  return student_ce, teacher_ce
+
+
+def _logits_term(term: Term, alpha, teacher_out, student_out, inputs: _BatchMasks,
+                 chunk_size) -> Array:
+  """A logits term: the KL of the two models' output distributions."""
+  return logits_kl(_logits(teacher_out), _logits(student_out),
+                   inputs.loss_weights, term.temperature,
+                   interpolation=alpha, chunk_size=chunk_size)
+
+
+def _hidden_term(term: Term, teacher_out, student_out, inputs: _BatchMasks,
+                 extra_params) -> Array:
+  """A hidden-state term: the MSE through the term's learned projection."""
+  side = term.kind.split("_")[0]
+  if term.label not in extra_params:
+    raise ValueError(
+        f"Term {term.label!r} needs its projection: pass extra_params="
+        "recipe.init_extra_params(...) (trained with the student).")
+  return hidden_mse(
+      _tap(teacher_out, term.kind, term.teacher_layer, "teacher"),
+      _tap(student_out, term.kind, term.student_layer, "student"),
+      extra_params[term.label]["kernel"], inputs.masks[side])
+
+
+def _relation_term(term: Term, alpha, teacher_out, student_out, inputs: _BatchMasks,
+                   metrics) -> Array:
+  """A relation term: its pairs' relation KLs, reduced as the term says.
+
+  Adds `loss/<label>/<pair>` to `metrics` when the term has several pairs.
+  """
+  masks, segments = inputs.masks, inputs.segments
+  teacher_tap = _tap(teacher_out, term.kind, term.teacher_layer, "teacher")
+  student_tap = _tap(student_out, term.kind, term.student_layer, "student")
+  value = 0.0
+  for pair in term.pairs:
+    ta, tb, sa, sb, row_side, key_side = _relation_operands(
+        term, pair, teacher_tap, student_tap)
+    use_segments = (segments[row_side] is not None
+                    and segments[key_side] is not None)
+    # Causality is a property of the decoder's own positions: it applies
+    # when both rows and keys are decoder positions (self-attention, and
+    # cross-attention's Q-Q), never across to the encoder.
+    causal = term.causal and row_side == key_side == "decoder"
+    pair_value = relation_kl(
+        ta, tb, sa, sb,
+        num_relation_heads=term.relation_heads,
+        query_mask=masks[row_side], key_mask=masks[key_side],
+        causal=causal,
+        query_segment_ids=segments[row_side] if use_segments else None,
+        key_segment_ids=segments[key_side] if use_segments else None,
+        interpolation=alpha)
+    if len(term.pairs) > 1:
+      metrics[f"loss/{term.label}/{pair}"] = pair_value
+    value = value + pair_value
+  if term.pair_reduction == "mean":
+    value = value / len(term.pairs)
+  return value
 
 
 def recipe_loss(
@@ -100,34 +218,11 @@ def recipe_loss(
   if recipe.needs_teacher and teacher_out is None:
     raise ValueError(f"Recipe {recipe.name!r} needs the teacher's outputs.")
   extra_params = extra_params or {}
-  encoder_tokens = jnp.asarray(batch["encoder_input_tokens"])
-  targets = jnp.asarray(batch["decoder_target_tokens"])
-  masks = {"encoder": encoder_tokens > 0, "decoder": targets > 0}
-  segments = {"encoder": batch.get("encoder_segment_ids"),
-              "decoder": batch.get("decoder_segment_ids")}
-  loss_weights = batch.get("decoder_loss_weights")
-  if loss_weights is None:
-    loss_weights = masks["decoder"]
-
+  inputs = _batch_masks(batch)
   metrics = {}
-  student_ce = span_corruption_loss(_logits(student_out), targets,
-                                           loss_weights, z_loss=recipe.z_loss,
-                                           chunk_size=chunk_size)
-  if recipe.ce_weight == 0:
-    # Reported, but no gradient: parameters only the cross-entropy would
-    # train (e.g. the output layer under relation-only recipes) stay exactly
-    # untouched.
-    student_ce = jax.tree.map(jax.lax.stop_gradient, student_ce)
-  metrics["loss/span_corruption"] = student_ce.cross_entropy
-  metrics["loss/z_loss"] = student_ce.z_loss
+  student_ce, teacher_ce = _span_corruption(recipe, teacher_out, student_out,
+                                            inputs, chunk_size, metrics)
   total = recipe.ce_weight * student_ce.total
-
-  teacher_ce = None
-  if recipe.needs_teacher_loss:
-    teacher_ce = span_corruption_loss(
-        jax.lax.stop_gradient(_logits(teacher_out)), targets, loss_weights,
-        chunk_size=chunk_size).cross_entropy
-    metrics["teacher/span_corruption"] = teacher_ce
 
   for term in recipe.terms:
     alpha = None
@@ -137,45 +232,13 @@ def recipe_loss(
       metrics[f"interpolation/{term.label}"] = alpha
 
     if term.kind == "logits":
-      value = logits_kl(_logits(teacher_out), _logits(student_out),
-                               loss_weights, term.temperature,
-                               interpolation=alpha, chunk_size=chunk_size)
+      value = _logits_term(term, alpha, teacher_out, student_out, inputs,
+                           chunk_size)
     elif term.kind in HIDDEN_KINDS:
-      side = term.kind.split("_")[0]
-      if term.label not in extra_params:
-        raise ValueError(
-            f"Term {term.label!r} needs its projection: pass extra_params="
-            "recipe.init_extra_params(...) (trained with the student).")
-      value = hidden_mse(
-          _tap(teacher_out, term.kind, term.teacher_layer, "teacher"),
-          _tap(student_out, term.kind, term.student_layer, "student"),
-          extra_params[term.label]["kernel"], masks[side])
+      value = _hidden_term(term, teacher_out, student_out, inputs, extra_params)
     else:
-      teacher_tap = _tap(teacher_out, term.kind, term.teacher_layer, "teacher")
-      student_tap = _tap(student_out, term.kind, term.student_layer, "student")
-      value = 0.0
-      for pair in term.pairs:
-        ta, tb, sa, sb, row_side, key_side = _relation_operands(
-            term, pair, teacher_tap, student_tap)
-        use_segments = (segments[row_side] is not None
-                        and segments[key_side] is not None)
-        # Causality is a property of the decoder's own positions: it applies
-        # when both rows and keys are decoder positions (self-attention, and
-        # cross-attention's Q-Q), never across to the encoder.
-        causal = term.causal and row_side == key_side == "decoder"
-        pair_value = relation_kl(
-            ta, tb, sa, sb,
-            num_relation_heads=term.relation_heads,
-            query_mask=masks[row_side], key_mask=masks[key_side],
-            causal=causal,
-            query_segment_ids=segments[row_side] if use_segments else None,
-            key_segment_ids=segments[key_side] if use_segments else None,
-            interpolation=alpha)
-        if len(term.pairs) > 1:
-          metrics[f"loss/{term.label}/{pair}"] = pair_value
-        value = value + pair_value
-      if term.pair_reduction == "mean":
-        value = value / len(term.pairs)
+      value = _relation_term(term, alpha, teacher_out, student_out, inputs,
+                             metrics)
     metrics[f"loss/{term.label}"] = value
     total = total + term.weight * value
 
