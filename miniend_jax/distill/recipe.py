@@ -148,7 +148,7 @@ class Term:
       encoder positions and `qk` maps decoder rows onto encoder keys, which
       the decoder sees in full.
     interpolation: optional schedule a(step) for interpolated targets
-      (relation and logits terms; see the module docstring).
+      (relation and logits terms; see `distill.schedules`).
     name: metric label; defaults to `kind`. Must be unique in a recipe.
   """
 

@@ -7,12 +7,13 @@ count under gradient accumulation); its target becomes `softmax(a *
 teacher_scores + (1 - a) * stop_gradient(student_scores))`, the scores mixed
 before the softmax (TAID-style for logits, the same on relation scores), so
 the update's direction, not only its size, changes with a (see
-`distill.common`). a = 1 is plain distillation, a = 0 trains nothing. Hidden-state
-terms take no schedule: an MSE toward `a * teacher + (1 - a) * student` only
-scales its gradient by a. The schedules are constant, linear and cosine
-ramps in the step, and `AdaptiveSchedule`, which sets a from how close the
-student already is to the teacher (see its docstring; `Recipe.resolve`
-rejects it in recipes that never train the student's output layer).
+`distill.common`). a = 1 is plain distillation, a = 0 trains nothing.
+Hidden-state terms take no schedule: an MSE toward `a * teacher + (1 - a) *
+student` only scales its gradient by a. The schedules are constant, linear
+and cosine ramps in the step, and `AdaptiveSchedule`, which sets a from how
+close the student already is to the teacher (see its docstring;
+`Recipe.resolve` rejects it in recipes that never train the student's output
+layer).
 
 Each schedule returns a float32 jnp scalar; they are plain frozen dataclasses,
 registered with gin by `distill.recipe`.
