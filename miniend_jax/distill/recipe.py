@@ -426,3 +426,7 @@ def __getattr__(name: str):
   if name in _MOVED:
     return getattr(importlib.import_module(f"miniend_jax.distill.{_MOVED[name]}"), name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_MOVED))
