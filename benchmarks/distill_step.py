@@ -72,7 +72,7 @@ def _peak_flops(device_kind: str, backend: str) -> tuple[float, str]:
 
 
 def _configs(args):
-  from miniend_jax.distill.recipe import get_recipe  # pylint: disable=import-outside-toplevel
+  from miniend_jax.distill.named import get_recipe  # pylint: disable=import-outside-toplevel
   from miniend_jax.model import presets, student  # pylint: disable=import-outside-toplevel
   teacher = presets.get_model_config(args.teacher, dropout_rate=0.0, dtype=args.teacher_dtype,
                                      attention_impl=args.attention)

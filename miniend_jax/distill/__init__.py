@@ -1,28 +1,23 @@
 """Distillation objectives: pure losses and configurable recipes."""
 
-from miniend_jax.distill.losses import (
-    CrossEntropy,
-    attention_kl,
-    hidden_mse,
-    logits_kl,
-    relation_kl,
-    span_corruption_loss,
-)
+from miniend_jax.distill.hidden import hidden_mse
+from miniend_jax.distill.logits import CrossEntropy, logits_kl, span_corruption_loss
+from miniend_jax.distill.named import RECIPES, get_recipe, recipe_from_gin
+from miniend_jax.distill.objective import recipe_loss
 from miniend_jax.distill.recipe import (
     ATTENTION_KINDS,
     HIDDEN_KINDS,
     PAIRS,
-    RECIPES,
     TERM_KINDS,
+    Recipe,
+    Term,
+)
+from miniend_jax.distill.relations import attention_kl, relation_kl
+from miniend_jax.distill.schedules import (
     AdaptiveSchedule,
     ConstantSchedule,
     CosineRamp,
     LinearRamp,
-    Recipe,
-    Term,
-    get_recipe,
-    recipe_from_gin,
-    recipe_loss,
 )
 
 __all__ = [

@@ -39,7 +39,7 @@ class Settings:
       and of each finetuned model's validation loss.
     eval_examples: validation examples decoded and scored per task (None: the
       whole validation split).
-    paths: distillation recipes, one student each (`distill.recipe.RECIPES`).
+    paths: distillation recipes, one student each (`distill.named.RECIPES`).
     tasks: downstream tasks.
     finetune_teacher: also finetune and score the teacher (the table's
       upper reference, not compared), with the first seed only.
@@ -108,7 +108,7 @@ def make_settings(size: str = "cpu", **overrides) -> Settings:
 
 def validate(s: Settings) -> None:
   """Raises ValueError naming the first setting that cannot work."""
-  from miniend_jax.distill.recipe import RECIPES  # pylint: disable=import-outside-toplevel
+  from miniend_jax.distill.named import RECIPES  # pylint: disable=import-outside-toplevel
   from miniend_jax.model import presets  # pylint: disable=import-outside-toplevel
   if not s.paths:
     raise ValueError("quickstart needs at least one path (e.g. --paths scratch,miniend_d).")

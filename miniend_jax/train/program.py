@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from miniend_jax.distill.recipe import Recipe, get_recipe
+from miniend_jax.distill.named import get_recipe
+from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model import hf, presets, student as student_lib, t5
 from miniend_jax.model.config import ATTENTION_IMPLS
 from miniend_jax.train import partitioning, state as state_lib, steps

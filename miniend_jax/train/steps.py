@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from miniend_jax.distill import losses
-from miniend_jax.distill.recipe import Recipe, recipe_loss
+from miniend_jax.distill.logits import chunk_positions, span_corruption_loss
+from miniend_jax.distill.objective import recipe_loss
+from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model.t5 import T5, T5Config, Taps, forward_flops
 from miniend_jax.train import decoding, hardware, partitioning
 from miniend_jax.train.state import TrainState
@@ -80,7 +81,7 @@ def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
       interpolation schedules count optimizer updates (state.step // this), as
       the learning-rate schedule does.
     fused_head: the losses form each model's logits from its output head a chunk
-      of positions at a time (`losses.ProjectedLogits`), so no [batch,
+      of positions at a time (`logits.ProjectedLogits`), so no [batch,
       target_len, vocab] array exists in the step; False has the models form
       their float32 logits whole first (same values; for comparison).
 
@@ -108,8 +109,8 @@ def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
                              dropout_rng=dropout_rng if student_config.dropout_rate else None,
                              project_logits=not fused_head)
       targets = batch["decoder_target_tokens"]
-      chunk = losses.chunk_positions(targets.shape[0] // partitioning.batch_shards(),
-                                     student_config.vocab_size, targets.shape[1])
+      chunk = chunk_positions(targets.shape[0] // partitioning.batch_shards(),
+                              student_config.vocab_size, targets.shape[1])
       return recipe_loss(recipe, teacher_out, student_out, batch,
                          state.step // grad_accum_steps, params.get("distill"),
                          chunk_size=chunk)
@@ -213,7 +214,7 @@ def make_eval_step(config: T5Config):
     weights = batch.get("decoder_loss_weights")
     weights = (targets > 0) if weights is None else weights
     weights = weights.astype(jnp.float32)
-    ce = losses.span_corruption_loss(logits, targets, weights, z_loss=0.0).cross_entropy
+    ce = span_corruption_loss(logits, targets, weights, z_loss=0.0).cross_entropy
     weight_sum = jnp.sum(weights)
     correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
     return {"loss_sum": ce * weight_sum, "weight_sum": weight_sum, "correct_sum": correct}
