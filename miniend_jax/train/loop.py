@@ -33,181 +33,32 @@ import json
 import logging
 import os
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import gin
 import jax
 import numpy as np
-import seqio
 from etils import epath  # local paths and gs:// alike (multi-host runs need gs://)
 from jax.sharding import NamedSharding, PartitionSpec
 
-from miniend_jax.data import local_corpus, sources, tasks as tasks_lib, vocab as vocab_lib
+from miniend_jax.data import sources, tasks as tasks_lib, vocab as vocab_lib
 from miniend_jax.distill.recipe import Recipe
-from miniend_jax.model import hf, student as student_lib, t5
+from miniend_jax.model import student as student_lib, t5
 from miniend_jax.train import (checkpoints, host_memory, inputs, partitioning, preemption,
                                profiling, program, run_record, state as state_lib, steps,
                                watchdog as watchdog_lib, writers)
 from miniend_jax.train.program import MODES, ModelSetup, TrainConfig  # noqa: F401  (gin + API)
+from miniend_jax.train.setup import (check_vocabulary, default_data_dir, load_params,
+                                     named_vocabulary, shard_datasets, task_vocabulary,
+                                     use_compilation_cache, warn_if_schedule_mismatches)
+# re-exported: users import them from here
+from miniend_jax.train.evaluate import evaluate  # noqa: F401
+from miniend_jax.train.export import convert, export  # noqa: F401
+from miniend_jax.train.setup import load_model  # noqa: F401
 
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
-
-
-# ----------------------------------------------------------------------------
-# Set-up helpers.
-
-
-def task_vocabulary(task_name: str, data_dir: str,
-                    vocabulary: seqio.Vocabulary | None = None) -> tuple[str, seqio.Vocabulary]:
-  """(task name, vocabulary) a run reads.
-
-  Builds and registers the pydoc tasks on demand. With `vocabulary`, the task
-  is re-tokenised with it (`tasks.retokenized`: `<task>.<tag>`); a name such
-  as `pydoc_summary.byt5` (what such runs record) is re-derived on demand too.
-  """
-  base = task_name
-  if task_name not in seqio.TaskRegistry.names() | seqio.MixtureRegistry.names():
-    stem, _, tag = task_name.rpartition(".")
-    if tag == vocab_lib.BYT5 and vocabulary is None:
-      base, vocabulary = stem, vocab_lib.byt5_vocabulary()
-    elif stem and vocabulary is not None and tag == tasks_lib.vocabulary_tag(vocabulary):
-      base = stem
-  if base.startswith("pydoc_"):
-    local_corpus.setup_pydoc_tasks(data_dir)
-  try:
-    provider = seqio.get_mixture_or_task(base)
-  except ValueError as e:
-    raise ValueError(
-        f"Unknown task or mixture {task_name!r}. Registered: "
-        f"{sorted(seqio.TaskRegistry.names())[:40]} (and mixtures "
-        f"{sorted(seqio.MixtureRegistry.names())}).") from e
-  if vocabulary is None:
-    return base, provider.output_features["targets"].vocabulary
-  return tasks_lib.retokenized(base, vocabulary), vocabulary
-
-
-def named_vocabulary(name: str | None, teacher: str | None) -> seqio.Vocabulary | None:
-  """The vocabulary `TrainConfig.vocabulary` names (None: the task's own).
-
-  "teacher": the teacher checkpoint's own (`vocab.checkpoint_vocabulary` of a
-  Hugging Face directory, or what a miniend checkpoint recorded); "byt5"; a
-  Hugging Face checkpoint directory; or a SentencePiece `.model` file.
-  """
-  if name is None:
-    return None
-  if name != "teacher":
-    return vocab_lib.vocabulary_from_reference(os.path.expanduser(name))
-  if not teacher:
-    raise ValueError("TrainConfig.vocabulary='teacher' needs a teacher: set ModelSetup.teacher "
-                     "(--teacher), or name the vocabulary itself.")
-  if program.is_miniend_checkpoint(teacher):
-    reference = checkpoints.load_metadata(program.checkpoint_directory(teacher)).get(
-        "run", {}).get("vocabulary")
-    if not reference:
-      raise ValueError(f"The teacher checkpoint {teacher} records no vocabulary; set "
-                       "TrainConfig.vocabulary to its spiece.model (or 'byt5').")
-    return vocab_lib.vocabulary_from_reference(reference)
-  path = os.path.expanduser(teacher)
-  if not epath.Path(path).is_dir():
-    raise ValueError(
-        f"TrainConfig.vocabulary='teacher' reads the teacher's tokenizer files, but "
-        f"{teacher!r} is not a checkpoint directory (a preset or hub id has none here). "
-        "Point --teacher at the downloaded checkpoint, or set TrainConfig.vocabulary to "
-        "its spiece.model (or 'byt5').")
-  return vocab_lib.checkpoint_vocabulary(path)
-
-
-def check_vocabulary(config: t5.T5Config, vocabulary: seqio.Vocabulary, who: str) -> None:
-  if vocabulary.vocab_size > config.vocab_size:
-    raise ValueError(
-        f"The {who} has vocab_size={config.vocab_size}, but the task's vocabulary has "
-        f"{vocabulary.vocab_size} ids (with sentinels). Use a model trained with this "
-        "vocabulary, or tokenise the task with the model's own: TrainConfig.vocabulary = "
-        "'teacher', 'byt5' or the model's spiece.model.")
-
-
-def load_model(source: str, **config_overrides) -> tuple[t5.T5Config, dict]:
-  """(config, host numpy params) from a miniend checkpoint directory, a Hugging Face
-  one (any published format) / hub id, or a T5X checkpoint. For one host's worth of
-  model; runs use `load_params`."""
-  if program.is_miniend_checkpoint(source):
-    directory = program.checkpoint_directory(source)
-    config = checkpoints.load_model_config(directory).replace(**config_overrides)
-    return config, checkpoints.load_params_from_checkpoint(directory)
-  return hf.load_hf(source, **config_overrides)
-
-
-def load_params(source: str, config: t5.T5Config, shardings) -> Any:
-  """A model's parameters straight into `shardings`, in `config.param_dtype` and
-  its layout (scanned or not, whatever the checkpoint's).
-
-  A miniend checkpoint (e.g. from `miniend convert`) is restored by orbax into
-  the shardings; a Hugging Face directory (local, gs://; safetensors, Flax
-  msgpack or PyTorch .bin), hub id or T5X checkpoint is read slice by slice
-  (`hf.load_hf_sharded`). Either way each host reads only what its devices hold.
-  """
-  if program.is_miniend_checkpoint(source):
-    target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, np.dtype(config.param_dtype), sharding=sh),
-        t5.param_shapes(config), shardings)
-    return checkpoints.load_params_from_checkpoint(program.checkpoint_directory(source),
-                                                   target_params=target)
-  return hf.load_hf_sharded(source, shardings, config=config)[1]
-
-
-def default_data_dir(data_dir: str | None) -> str:
-  """Where the embedded pydoc corpus and its vocabulary are built and cached:
-  `data_dir`, else $MINIEND_DATA_DIR, else ~/.cache/miniend_jax."""
-  return (data_dir or os.environ.get("MINIEND_DATA_DIR")
-          or os.path.join(os.path.expanduser("~"), ".cache", "miniend_jax"))
-
-
-def _warn_if_schedule_mismatches(optimizer: state_lib.OptimizerConfig, num_steps: int) -> None:
-  """One line when an explicit OptimizerConfig.total_steps is not the run's length."""
-  updates = max(num_steps // optimizer.grad_accum_steps, 1)
-  if optimizer.total_steps is not None and optimizer.total_steps != updates:
-    logging.warning(
-        "OptimizerConfig.total_steps=%d but the run makes %d optimizer updates: the "
-        "learning-rate schedule %s. Leave total_steps unset to follow --num_steps.",
-        optimizer.total_steps, updates,
-        "ends before the run" if optimizer.total_steps < updates else "never finishes its decay")
-
-
-def _use_compilation_cache(directory: str | None, workdir: str) -> None:
-  """Turns on JAX's persistent compilation cache, so a resumed run does not compile again.
-
-  `directory` (TrainConfig.compilation_cache_dir): "" leaves the cache off; None
-  keeps a cache this process already uses (JAX_COMPILATION_CACHE_DIR, the
-  quickstart's, an earlier run's), else uses `<workdir>/compilation_cache`.
-  """
-  if directory == "":
-    return
-  if directory is None:
-    if jax.config.jax_compilation_cache_dir:
-      return
-    directory = os.path.join(workdir, "compilation_cache")
-  if jax.config.jax_compilation_cache_dir != directory:
-    jax.config.update("jax_compilation_cache_dir", directory)
-    # The cache binds to its directory at the first compile; rebind.
-    from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
-    compilation_cache.reset_cache()
-
-
-def _shard_datasets(cfg: TrainConfig, task: str, layout: inputs.ShardLayout, split: str, *,
-                    train: bool):
-  """shard -> tf.data.Dataset of that logical shard's batches of `task`."""
-  lengths = {"inputs": cfg.inputs_length, "targets": cfg.targets_length}
-
-  def make(shard: int):
-    return tasks_lib.get_dataset(
-        task, lengths, split, batch_size=layout.rows_per_shard, shuffle=train,
-        seed=inputs.shard_seed(cfg.seed, shard),
-        shard_info=seqio.ShardInfo(index=shard, num_shards=layout.num_shards), pack=cfg.pack,
-        num_epochs=None if train else 1, drop_remainder=train)
-
-  return make
 
 
 @gin.configurable(denylist=["mode", "workdir"])
@@ -268,7 +119,7 @@ def _train(mode: str, workdir: str, stop: preemption.StopSignals, *, train_confi
                                     student_config=student_config,
                                     teacher_config=teacher_config)
   device_mesh, rules = prog.mesh, prog.rules
-  _warn_if_schedule_mismatches(optimizer, cfg.num_steps)
+  warn_if_schedule_mismatches(optimizer, cfg.num_steps)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   latest = checkpoints.latest_step(ckpt_dir)  # reads only: nothing is created yet
   rows_by_process = partitioning.rows_by_process(device_mesh, cfg.batch_size, rules)
@@ -289,7 +140,7 @@ def _train(mode: str, workdir: str, stop: preemption.StopSignals, *, train_confi
                                          what=f"`miniend {mode}` with these settings",
                                          write=write)
   claim(False)  # refuses a directory made by another run before touching anything
-  _use_compilation_cache(cfg.compilation_cache_dir, workdir)
+  use_compilation_cache(cfg.compilation_cache_dir, workdir)
   ckpt = checkpoints.Checkpointer(
       ckpt_dir, checkpoint, model_config=prog.student_config,
       metadata={"mode": mode, "task": task, "recipe": prog.recipe.name,
@@ -297,7 +148,7 @@ def _train(mode: str, workdir: str, stop: preemption.StopSignals, *, train_confi
                 "vocabulary": vocab_lib.vocabulary_reference(vocabulary)})
   host_rows = rows_by_process[jax.process_index()]
   owned = [s for s, p in layout.owners(rows_by_process).items() if p == jax.process_index()]
-  reader = inputs.GlobalBatchReader(_shard_datasets(cfg, task, layout, "train", train=True),
+  reader = inputs.GlobalBatchReader(shard_datasets(cfg, task, layout, "train", train=True),
                                     layout, host_rows, owned)
 
   logging.info("Run checked in %.1f s: %s on %d process(es) x %d devices, mesh %s, %d logical "
@@ -367,7 +218,7 @@ def _train(mode: str, workdir: str, stop: preemption.StopSignals, *, train_confi
     began = time.perf_counter()
     if eval_reader is None:
       eval_reader = inputs.GlobalBatchReader(
-          _shard_datasets(cfg, task, layout, cfg.eval_split, train=False), layout, host_rows,
+          shard_datasets(cfg, task, layout, cfg.eval_split, train=False), layout, host_rows,
           pad_exhausted=True)
     eval_reader.reset()
     sums = None
@@ -515,208 +366,3 @@ def _summarise(pending: list, step_number: int, writer) -> dict:
   means = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k != "nonfinite"}
   writer.write_scalars(step_number, means)
   return means
-
-
-# ----------------------------------------------------------------------------
-# Evaluate and export.
-
-
-@gin.configurable(denylist=["workdir"])
-def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | None = None,
-             split: str = "validation", inputs_length: int = 128, targets_length: int = 32,
-             batch_size: int = 8, num_examples: int | None = None, max_decode_length: int = 32,
-             num_beams: int = 1, data_dir: str | None = None,
-             mesh: partitioning.MeshConfig | None = None) -> dict:
-  """Scores a checkpoint on a seqio task with its own metrics (ROUGE, accuracy, ...).
-
-  Every process of a multi-host job calls it. Each global batch of examples is
-  sharded over the hosts and devices like training batches; predictions and
-  scores are gathered back, and the primary host computes seqio's metrics.
-
-  Args:
-    workdir: where results go (`<workdir>/eval/<task>.json`); also the default
-      checkpoint directory (`<workdir>/checkpoints`).
-    checkpoint_dir: a Checkpointer directory or a Hugging Face directory.
-    task: the seqio task (default: the task the checkpoint was trained on).
-    batch_size: the global batch of examples decoded at once.
-    mesh: default MeshConfig() (data parallel over all devices).
-  """
-  partitioning.maybe_initialize_distributed()
-  host_memory.keep_freed_memory()
-  source = checkpoint_dir or os.path.join(workdir, "checkpoints")
-  if not epath.Path(source).exists():
-    raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
-  recorded = {}
-  if program.is_miniend_checkpoint(source):
-    recorded = checkpoints.load_metadata(program.checkpoint_directory(source)).get("run", {})
-  task = task or recorded.get("task")
-  if not task:
-    raise ValueError("evaluate: pass --task (the checkpoint does not record one).")
-  # The model reads the vocabulary it was trained with (e.g. ByT5's bytes).
-  reference = recorded.get("vocabulary")
-  own = (vocab_lib.vocabulary_from_reference(reference)
-         if reference == vocab_lib.BYT5 or (reference and epath.Path(reference).exists())
-         else None)
-  task, vocabulary = task_vocabulary(task, default_data_dir(data_dir), own)
-  config = program.model_config_of(source).replace(dtype="float32", param_dtype="float32")
-  check_vocabulary(config, vocabulary, "model")
-  mesh = mesh or partitioning.MeshConfig()
-  device_mesh, rules = partitioning.make_mesh(mesh), mesh.logical_axis_rules
-  data_parallel = device_mesh.shape["data"] * device_mesh.shape["fsdp"]
-  if batch_size % data_parallel:
-    raise ValueError(f"evaluate: batch_size={batch_size} must divide evenly over the "
-                     f"data x fsdp = {data_parallel} data-parallel devices.")
-  params = load_params(source, config, partitioning.logical_to_sharding(
-      t5.param_logical_axes(config), device_mesh, rules))
-  replicated = NamedSharding(device_mesh, PartitionSpec())
-  predict = jax.jit(steps.make_predict_fn(config, max_decode_length=max_decode_length,
-                                          num_beams=num_beams), out_shardings=replicated)
-  score = jax.jit(steps.make_score_fn(config), out_shardings=replicated)
-  converter = seqio.EncDecFeatureConverter(pack=False)
-  rows = partitioning.host_batch_rows(device_mesh, batch_size, rules)
-
-  def run_model(fn, dataset):
-    """[(index, output)] over an enumerated dataset of model features (the same on
-    every host: each feeds its rows of each batch)."""
-    outputs = []
-    for indices, features in dataset.batch(batch_size).as_numpy_iterator():
-      batch = _model_batch(features, inputs_length, targets_length, batch_size)
-      local = {k: np.concatenate([v[a:b] for a, b in rows]) for k, v in batch.items()}
-      global_batch = partitioning.host_local_to_global(local, device_mesh, rules,
-                                                       global_batch_size=batch_size)
-      with partitioning.mesh_context(device_mesh, rules):
-        out = fn(params, global_batch)
-      out = np.asarray(out.addressable_data(0))[:len(indices)]  # drop the padding rows
-      outputs.extend(zip(indices.tolist(), out.tolist()))
-    return outputs
-
-  evaluator = seqio.Evaluator(
-      mixture_or_task_name=task, feature_converter=converter, eval_split=split,
-      use_cached=False, seed=0, num_examples=num_examples,
-      sequence_length={"inputs": inputs_length, "targets": targets_length}, logger_cls=())
-  all_metrics, _ = evaluator.evaluate(
-      compute_metrics=jax.process_index() == 0,
-      predict_fn=lambda ds: run_model(predict, ds),
-      score_fn=lambda ds: run_model(score, ds))
-  results = {}
-  if jax.process_index() == 0:
-    results = {name: {k: _to_float(v) for k, v in metrics.items()}
-               for name, metrics in all_metrics.result().items()}
-    out_dir = epath.Path(workdir, "eval")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{task}.json").write_text(json.dumps(results, indent=2))
-  return results
-
-
-def _model_batch(features: Mapping[str, np.ndarray], inputs_length: int, targets_length: int,
-                 batch_size: int):
-  """The evaluator's converted features padded to static [batch_size, length] (one compile)."""
-  def pad(x, length):
-    x = np.asarray(x)[:, :length]
-    return np.pad(x, ((0, batch_size - x.shape[0]), (0, length - x.shape[1]))).astype(np.int32)
-  return {"encoder_input_tokens": pad(features["encoder_input_tokens"], inputs_length),
-          "decoder_input_tokens": pad(features["decoder_input_tokens"], targets_length),
-          "decoder_target_tokens": pad(features["decoder_target_tokens"], targets_length)}
-
-
-def _to_float(value):
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    return value
-
-
-@gin.configurable(denylist=["workdir", "out_dir"])
-def export(workdir: str, out_dir: str, *, checkpoint_dir: str | None = None,
-           step: int | None = None, dtype: str | None = None, overwrite: bool = False) -> str:
-  """Writes a checkpoint's model as a Hugging Face directory (with its tokenizer).
-
-  `out_dir` must be new or empty unless `overwrite`, in which case its old
-  contents are replaced whole (no stale files stay). The export is written
-  into a temporary sibling directory and renamed into place, so a failed
-  export leaves `out_dir` as it was.
-
-  transformers 5 forces `tie_word_embeddings=True` on every T5 config (it reads
-  a stored `false` only as "do not rescale the head"), so loading any T5 v1.1
-  model with its separate output head, ours or Google's, logs that it will
-  "NOT tie" the two: the head is loaded as stored, as the parity tests check.
-  """
-  target = epath.Path(out_dir)
-  if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-    raise FileExistsError(f"--out_dir {out_dir} exists and is not empty. Pass --overwrite "
-                          "to replace its contents, or choose a new directory.")
-  source = checkpoint_dir or os.path.join(workdir, "checkpoints")
-  config = checkpoints.load_model_config(source, step)
-  params = checkpoints.load_params_from_checkpoint(source, step)
-  tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-  if tmp.exists():
-    tmp.rmtree()
-  hf.save_hf(config, params, os.fspath(tmp), dtype=dtype)
-  vocabulary = checkpoints.load_metadata(source, step).get("run", {}).get("vocabulary")
-  if vocabulary == vocab_lib.BYT5 or (vocabulary and epath.Path(vocabulary).exists()):
-    vocab_lib.save_hf_tokenizer(vocabulary, os.fspath(tmp))
-  _replace_directory(tmp, target)
-  return out_dir
-
-
-def _replace_directory(new: epath.Path, target: epath.Path) -> None:
-  """Puts the finished directory `new` at `target`, replacing what is there. A
-  local directory is swapped by renames (never half old, half new); object stores
-  have no directory rename, so there the files move one by one once all are
-  written, config.json last."""
-  if "://" not in os.fspath(target):
-    if target.exists():
-      old = target.parent / f".{target.name}.old-{os.getpid()}"
-      target.rename(old)
-      new.rename(target)
-      old.rmtree() if old.is_dir() else old.unlink()
-    else:
-      target.parent.mkdir(parents=True, exist_ok=True)
-      new.rename(target)
-    return
-  if target.exists():
-    target.rmtree() if target.is_dir() else target.unlink()
-  target.mkdir(parents=True, exist_ok=True)
-  for path in sorted(new.iterdir(), key=lambda p: p.name == hf.CONFIG_NAME):
-    path.rename(target / path.name)
-  new.rmtree()
-
-
-@gin.configurable(denylist=["source", "out_dir"])
-def convert(source: str, out_dir: str, *, dtype: str | None = None,
-            mesh: partitioning.MeshConfig | None = None, chunk_bytes: int = 2 << 20) -> str:
-  """Writes a teacher as a miniend (orbax) checkpoint.
-
-  Pods then restore the teacher in parallel, every host reading only its own
-  slices with tensorstore: convert once, to a bucket, and pass the result as
-  `--teacher`. Every process of a multi-host job calls it; the weights are
-  loaded sharded (fully sharded over all devices by default), so no host holds
-  the whole model. A hub id is converted on one process (a job of several
-  refuses it: each host would download it).
-
-  Args:
-    source: a Hugging Face directory (local or gs://; safetensors, Flax msgpack
-      or PyTorch .bin), a hub id (`ID@REVISION` allowed) or a T5X checkpoint.
-    out_dir: the checkpoint directory to create (local or gs://).
-    dtype: store the weights in this dtype (default: as stored).
-    chunk_bytes: the stored chunks' size. Whatever mesh converts, a pod's host
-      then reads little more than its own shards (one chunk per array, what a
-      single process writes by default, made every host read whole arrays).
-  Returns:
-    out_dir.
-  """
-  partitioning.maybe_initialize_distributed()
-  if checkpoints.latest_step(out_dir) is not None:
-    raise FileExistsError(f"{out_dir} already holds a checkpoint; pick a new directory.")
-  checkpoint, config = hf.open_checkpoint(source, **({"param_dtype": dtype} if dtype else {}))
-  mesh = mesh or partitioning.MeshConfig(data=1, fsdp=-1)
-  device_mesh = partitioning.make_mesh(mesh)
-  shardings = partitioning.logical_to_sharding(t5.param_logical_axes(config), device_mesh,
-                                               mesh.logical_axis_rules)
-  _, params = hf.load_hf_sharded(checkpoint, shardings, config=config)
-  with checkpoints.Checkpointer(out_dir, checkpoints.CheckpointConfig(async_save=False),
-                                model_config=config, metadata={"converted_from": source}) as ckpt:
-    ckpt.save(0, {"params": params}, force=True, chunk_bytes=chunk_bytes)
-  if jax.process_index() == 0:
-    hf.copy_tokenizer_files(checkpoint.directory, out_dir)
-  return out_dir
