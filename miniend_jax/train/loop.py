@@ -1,10 +1,10 @@
-"""The run loop behind `miniend distill | pretrain | finetune | evaluate | export | convert`.
+"""The run loop behind `miniend distill | pretrain | finetune`.
 
-One function per command, the same program on one host and on many. `train`
-first builds and checks everything that can be wrong (recipe against the two
-models, vocabulary against the task, mesh against the devices, batch against
-the mesh: `program.build_step_program`), so a wrong setting fails before
-anything loads or compiles. Then:
+The same program on one host and on many. `train` first builds and checks
+everything that can be wrong (recipe against the two models, vocabulary
+against the task, mesh against the devices, batch against the mesh:
+`program.build_step_program`), so a wrong setting fails before anything loads
+or compiles. Then:
 
 - every process starts JAX's distributed runtime when it is one of several
   (`partitioning.maybe_initialize_distributed`);
@@ -24,6 +24,14 @@ anything loads or compiles. Then:
   ended by its watchdog (`watchdog.py`, exit status 4);
 - evaluation runs the same number of steps on every host (exhausted shards
   give zero-weight rows).
+
+`train` is a sequence of named stages over a frozen `PreparedRun`:
+`prepare_run` (the checks above, the data reader, the checkpointer),
+`initialise_or_restore` (the weights and state), `record_run`, `run_steps`,
+`end_steps` (the final evaluation and save) and `finish` (the summary). What
+the loop does around its steps (interval log, evaluation and checkpoint
+cadence, stop conditions) is in `loop_concerns.py`; the run set-up in
+`setup.py`; the other commands in `evaluate.py` and `export.py`.
 """
 
 from __future__ import annotations
@@ -33,20 +41,20 @@ import json
 import logging
 import os
 import time
-from typing import Mapping
+from typing import Any
 
 import gin
 import jax
-import numpy as np
 from etils import epath  # local paths and gs:// alike (multi-host runs need gs://)
-from jax.sharding import NamedSharding, PartitionSpec
 
-from miniend_jax.data import sources, tasks as tasks_lib, vocab as vocab_lib
+from miniend_jax.data import tasks as tasks_lib, vocab as vocab_lib
 from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model import student as student_lib, t5
 from miniend_jax.train import (checkpoints, host_memory, inputs, partitioning, preemption,
-                               profiling, program, run_record, state as state_lib, steps,
+                               profiling, program, run_record, state as state_lib,
                                watchdog as watchdog_lib, writers)
+from miniend_jax.train.loop_concerns import (GoodputTimers, IntervalLog, PeriodicCheckpoints,
+                                             PeriodicEvaluation, StopConditions)
 from miniend_jax.train.program import MODES, ModelSetup, TrainConfig  # noqa: F401  (gin + API)
 from miniend_jax.train.setup import (check_vocabulary, default_data_dir, load_params,
                                      named_vocabulary, shard_datasets, task_vocabulary,
@@ -54,11 +62,8 @@ from miniend_jax.train.setup import (check_vocabulary, default_data_dir, load_pa
 # re-exported: users import them from here
 from miniend_jax.train.evaluate import evaluate  # noqa: F401
 from miniend_jax.train.export import convert, export  # noqa: F401
+from miniend_jax.train.loop_concerns import NonFiniteLossError  # noqa: F401
 from miniend_jax.train.setup import load_model  # noqa: F401
-
-
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN or infinite loss."""
 
 
 @gin.configurable(denylist=["mode", "workdir"])
@@ -87,14 +92,72 @@ def train(mode: str, workdir: str, *, train_config: TrainConfig | None = None,
   host_memory.keep_freed_memory()
   # Signals are caught from here on, after JAX's distributed runtime (whose own SIGTERM
   # handler would swallow one sent while loading or compiling): see preemption.py.
-  with preemption.StopSignals() as stop:
-    return _train(mode, workdir, stop, train_config=train_config, model=model,
-                  optimizer=optimizer, checkpoint=checkpoint, mesh=mesh, recipe=recipe,
-                  progress=progress, allow_changes=allow_changes, watchdog=watchdog)
+  with preemption.StopSignals() as signals:
+    run = prepare_run(mode, workdir, train_config=train_config, model=model,
+                      optimizer=optimizer, checkpoint=checkpoint, mesh=mesh, recipe=recipe,
+                      allow_changes=allow_changes, watchdog=watchdog)
+    state, teacher_params = initialise_or_restore(run)
+    record_run(run)
+    start_step = int(state.step)
+    writer = open_metric_writer(run, start_step)
+    concerns = LoopConcerns.create(run, writer, signals, start_step, progress)
+    with watchdog_lib.Watchdog(run.watchdog) as hung_run_check:
+      state = run_steps(run, state, teacher_params, concerns, hung_run_check)
+      final_step = end_steps(run, state, concerns)
+    return finish(run, concerns, final_step, writer)
 
 
-def _train(mode: str, workdir: str, stop: preemption.StopSignals, *, train_config, model,
-           optimizer, checkpoint, mesh, recipe, progress, allow_changes, watchdog) -> dict:
+# ----------------------------------------------------------------------------
+# Preparing the run: everything that can be wrong, before anything loads or compiles.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunClaim:
+  """The work directory's claim to a run's settings (`run_record.claim`)."""
+
+  workdir: str
+  mode: str
+  settings: dict
+  allow_changes: bool
+
+  def __call__(self, write: bool) -> dict:
+    """Refuses a directory made with other settings (unless allow_changes); with
+    `write`, records these. -> the settings changed since the directory's record."""
+    return run_record.claim(self.workdir, self.settings, allow_changes=self.allow_changes,
+                            what=f"`miniend {self.mode}` with these settings", write=write)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+  """A run checked and set up, before any weights load: its settings, its step
+  program, its data layout and reader, and its checkpointer."""
+
+  mode: str
+  workdir: str
+  train: TrainConfig
+  model: ModelSetup
+  checkpoint: checkpoints.CheckpointConfig
+  watchdog: watchdog_lib.WatchdogConfig
+  program: program.StepProgram
+  teacher_config: t5.T5Config | None  # also when the recipe needs no teacher (program's None)
+  task: str
+  layout: inputs.ShardLayout
+  host_rows: Any  # this host's rows of every global batch
+  latest_step: int | None  # the checkpoint a resumed run starts from; None: a fresh start
+  checkpointer: checkpoints.Checkpointer
+  reader: inputs.GlobalBatchReader
+  claim: RunClaim
+
+  @property
+  def log_dir(self) -> str:
+    return os.path.join(self.workdir, "logs")
+
+
+def prepare_run(mode: str, workdir: str, *, train_config, model, optimizer, checkpoint, mesh,
+                recipe, allow_changes, watchdog) -> PreparedRun:
+  """Checks the run's settings and builds what it reads and writes with; loads no
+  weights and compiles nothing, and touches the work directory only to claim it
+  when another run did not make it. Arguments as `train`'s."""
   cfg = train_config or TrainConfig()
   model = model or ModelSetup()
   optimizer = optimizer or state_lib.OptimizerConfig()
@@ -102,43 +165,23 @@ def _train(mode: str, workdir: str, stop: preemption.StopSignals, *, train_confi
   mesh = mesh or partitioning.MeshConfig()
   watchdog = watchdog or watchdog_lib.WatchdogConfig()
   began = time.perf_counter()
-
-  # -- Everything that can be wrong, before anything loads or compiles.
   if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
     raise ValueError(f"--workdir {workdir} is a file, not a directory. Pass a directory "
                      "(it is created if missing).")
-  vocabulary = named_vocabulary(cfg.vocabulary, model.teacher)
-  task, vocabulary = task_vocabulary(tasks_lib.register_data_tasks(cfg, vocabulary),
-                                     default_data_dir(cfg.data_dir), vocabulary)
-  student_config, teacher_config = program.model_configs(
-      mode, model, vocab_size=vocab_lib.padded_vocab_size(vocabulary))
-  if teacher_config is not None:
-    check_vocabulary(teacher_config, vocabulary, "teacher")
-  check_vocabulary(student_config, vocabulary, "student" if mode == "distill" else "model")
-  prog = program.build_step_program(mode, cfg, model, optimizer, mesh, recipe,
-                                    student_config=student_config,
-                                    teacher_config=teacher_config)
-  device_mesh, rules = prog.mesh, prog.rules
+  task, vocabulary, prog, teacher_config = _check_models(mode, cfg, model, optimizer, mesh,
+                                                         recipe)
   warn_if_schedule_mismatches(optimizer, cfg.num_steps)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   latest = checkpoints.latest_step(ckpt_dir)  # reads only: nothing is created yet
-  rows_by_process = partitioning.rows_by_process(device_mesh, cfg.batch_size, rules)
-  saved = (inputs.saved_layout(os.path.join(ckpt_dir, str(latest), checkpoints.DATA_ITERATOR))
-           if latest is not None else None)
-  num_shards = cfg.data_shards or (saved or {}).get("num_shards") or len(
-      {tuple(rows) for rows in rows_by_process.values()})
-  layout = inputs.ShardLayout(cfg.batch_size, num_shards)
-  if saved is not None:
-    inputs.check_layout(os.path.join(ckpt_dir, str(latest), checkpoints.DATA_ITERATOR), layout)
+  rows_by_process = partitioning.rows_by_process(prog.mesh, cfg.batch_size, prog.rules)
+  layout = _shard_layout(cfg, ckpt_dir, latest, rows_by_process)
   # The record holds the data shards in use, so leaving data_shards unset on a
   # resumed run (it then keeps the checkpoint's) is no change.
   settings = run_record.describe_run(
-      mode, train=dataclasses.replace(cfg, data_shards=num_shards), model=model,
+      mode, train=dataclasses.replace(cfg, data_shards=layout.num_shards), model=model,
       optimizer=optimizer, checkpoint=checkpoint, mesh=mesh, recipe=prog.recipe,
       vocabulary=run_record.vocabulary_id(vocabulary))
-  claim = lambda write: run_record.claim(workdir, settings, allow_changes=allow_changes,
-                                         what=f"`miniend {mode}` with these settings",
-                                         write=write)
+  claim = RunClaim(workdir, mode, settings, allow_changes)
   claim(False)  # refuses a directory made by another run before touching anything
   use_compilation_cache(cfg.compilation_cache_dir, workdir)
   ckpt = checkpoints.Checkpointer(
@@ -150,219 +193,225 @@ def _train(mode: str, workdir: str, stop: preemption.StopSignals, *, train_confi
   owned = [s for s, p in layout.owners(rows_by_process).items() if p == jax.process_index()]
   reader = inputs.GlobalBatchReader(shard_datasets(cfg, task, layout, "train", train=True),
                                     layout, host_rows, owned)
-
   logging.info("Run checked in %.1f s: %s on %d process(es) x %d devices, mesh %s, %d logical "
                "data shard(s), this host reads %s.", time.perf_counter() - began, mode,
-               jax.process_count(), jax.local_device_count(), dict(device_mesh.shape),
+               jax.process_count(), jax.local_device_count(), dict(prog.mesh.shape),
                layout.num_shards, reader.shards)
+  return PreparedRun(mode=mode, workdir=workdir, train=cfg, model=model, checkpoint=checkpoint,
+                     watchdog=watchdog, program=prog, teacher_config=teacher_config, task=task,
+                     layout=layout, host_rows=host_rows, latest_step=latest, checkpointer=ckpt,
+                     reader=reader, claim=claim)
 
-  # -- Weights: straight into their shardings.
+
+def _check_models(mode: str, cfg: TrainConfig, model: ModelSetup,
+                  optimizer: state_lib.OptimizerConfig, mesh: partitioning.MeshConfig,
+                  recipe: str | Recipe):
+  """(task, vocabulary, step program, teacher config or None): the vocabulary against the
+  task and both models, then the recipe, mesh and batch (`program.build_step_program`)."""
+  vocabulary = named_vocabulary(cfg.vocabulary, model.teacher)
+  task, vocabulary = task_vocabulary(tasks_lib.register_data_tasks(cfg, vocabulary),
+                                     default_data_dir(cfg.data_dir), vocabulary)
+  student_config, teacher_config = program.model_configs(
+      mode, model, vocab_size=vocab_lib.padded_vocab_size(vocabulary))
+  if teacher_config is not None:
+    check_vocabulary(teacher_config, vocabulary, "teacher")
+  check_vocabulary(student_config, vocabulary, "student" if mode == "distill" else "model")
+  prog = program.build_step_program(mode, cfg, model, optimizer, mesh, recipe,
+                                    student_config=student_config,
+                                    teacher_config=teacher_config)
+  return task, vocabulary, prog, teacher_config
+
+
+def _shard_layout(cfg: TrainConfig, ckpt_dir: str, latest: int | None,
+                  rows_by_process) -> inputs.ShardLayout:
+  """The logical data shards: TrainConfig.data_shards, else the resumed checkpoint's, else
+  one per host holding distinct rows; checked against the checkpoint's data position."""
+  saved = (inputs.saved_layout(os.path.join(ckpt_dir, str(latest), checkpoints.DATA_ITERATOR))
+           if latest is not None else None)
+  num_shards = cfg.data_shards or (saved or {}).get("num_shards") or len(
+      {tuple(rows) for rows in rows_by_process.values()})
+  layout = inputs.ShardLayout(cfg.batch_size, num_shards)
+  if saved is not None:
+    inputs.check_layout(os.path.join(ckpt_dir, str(latest), checkpoints.DATA_ITERATOR), layout)
+  return layout
+
+
+# ----------------------------------------------------------------------------
+# Weights: straight into their shardings.
+
+
+def initialise_or_restore(run: PreparedRun) -> tuple[state_lib.TrainState, Any]:
+  """(train state, teacher params or None): the state restored from the latest
+  checkpoint every host reads, else initialised (from `init_from`'s weights when
+  finetuning, from the teacher's layers when the student is made of them)."""
   began = time.perf_counter()
+  prog = run.program
   teacher_params = None
   if prog.teacher_config is not None:
-    teacher_params = load_params(model.teacher, prog.teacher_config, prog.teacher_shardings)
-  model_shardings = prog.state_shardings.params["model"]
-  if latest is not None:
-    try:
-      state, _ = ckpt.restore_latest_good(target_state=prog.abstract_state, data_iterator=reader)
-    except Exception:
-      ckpt.close()  # orbax's background threads would otherwise fail noisily at exit
-      raise
-    logging.info("Resumed from step %d of %s.", int(state.step), ckpt.directory)
+    teacher_params = load_params(run.model.teacher, prog.teacher_config, prog.teacher_shardings)
+  if run.latest_step is not None:
+    state = _restore(run)
   else:
-    init_args = (jax.random.key(cfg.seed),)
-    if mode == "finetune":
-      init_args += (load_params(model.init_from, prog.student_config, model_shardings),)
-    elif prog.init_from_params:  # a student initialised from the teacher's layers
-      teacher = teacher_params
-      if teacher is None:  # the recipe itself needs no teacher
-        teacher_shardings = partitioning.logical_to_sharding(
-            t5.param_logical_axes(teacher_config), device_mesh, rules)
-        teacher = load_params(model.teacher, teacher_config, teacher_shardings)
-      copy = jax.jit(lambda t: student_lib.init_student(
-          prog.student_config, jax.random.key(cfg.seed), teacher_config=teacher_config,
-          teacher_params=t), out_shardings=model_shardings)
-      init_args += (copy(teacher),)
-      del teacher
-    state = state_lib.create_sharded_state(prog.init_fn, prog.tx, device_mesh, rules,
-                                           prog.logical_specs, init_args)
-  start_step = int(state.step)
+    state = _initial_state(run, teacher_params)
   logging.info("Weights and state ready in %.1f s (step %d).", time.perf_counter() - began,
-               start_step)
-  if jax.process_index() == 0:  # the run is under way: record what made it
-    changes = claim(True)
-    if changes:
-      logging.info("Continuing %s with changed settings: %s", workdir,
-                   "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-    epath.Path(workdir, f"{mode}_config.gin").write_text(gin.config_str())
+               int(state.step))
+  return state, teacher_params
 
-  replicated = NamedSharding(device_mesh, PartitionSpec())
-  eval_step = jax.jit(steps.make_eval_step(prog.student_config), out_shardings=replicated)
-  log_dir = os.path.join(workdir, "logs")
+
+def _restore(run: PreparedRun) -> state_lib.TrainState:
+  """The latest checkpoint every host reads, and the data position saved with it."""
+  try:
+    state, _ = run.checkpointer.restore_latest_good(target_state=run.program.abstract_state,
+                                                    data_iterator=run.reader)
+  except Exception:
+    run.checkpointer.close()  # orbax's background threads would otherwise fail noisily at exit
+    raise
+  logging.info("Resumed from step %d of %s.", int(state.step), run.checkpointer.directory)
+  return state
+
+
+def _initial_state(run: PreparedRun, teacher_params) -> state_lib.TrainState:
+  prog, model, seed = run.program, run.model, run.train.seed
+  model_shardings = prog.state_shardings.params["model"]
+  init_args = (jax.random.key(seed),)
+  if run.mode == "finetune":
+    init_args += (load_params(model.init_from, prog.student_config, model_shardings),)
+  elif prog.init_from_params:  # a student initialised from the teacher's layers
+    init_args += (_student_from_teacher(run, teacher_params, model_shardings),)
+  return state_lib.create_sharded_state(prog.init_fn, prog.tx, prog.mesh, prog.rules,
+                                        prog.logical_specs, init_args)
+
+
+def _student_from_teacher(run: PreparedRun, teacher_params, model_shardings):
+  """The student's parameters copied from the teacher's layers (loaded here when the
+  recipe itself needs no teacher, and freed on return)."""
+  prog, teacher_config, seed = run.program, run.teacher_config, run.train.seed
+  teacher = teacher_params
+  if teacher is None:  # the recipe itself needs no teacher
+    teacher_shardings = partitioning.logical_to_sharding(
+        t5.param_logical_axes(teacher_config), prog.mesh, prog.rules)
+    teacher = load_params(run.model.teacher, teacher_config, teacher_shardings)
+  copy = jax.jit(lambda t: student_lib.init_student(
+      prog.student_config, jax.random.key(seed), teacher_config=teacher_config,
+      teacher_params=t), out_shardings=model_shardings)
+  return copy(teacher)
+
+
+def record_run(run: PreparedRun) -> None:
+  """The run is under way: process 0 records what made it (settings, gin config)."""
+  if jax.process_index() == 0:
+    changes = run.claim(True)
+    if changes:
+      logging.info("Continuing %s with changed settings: %s", run.workdir,
+                   "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    epath.Path(run.workdir, f"{run.mode}_config.gin").write_text(gin.config_str())
+
+
+# ----------------------------------------------------------------------------
+# The steps.
+
+
+def open_metric_writer(run: PreparedRun, start_step: int):
+  """The run's metric writer (`<workdir>/logs`), without rows of the steps after
+  `start_step` (they will be logged again)."""
   if jax.process_index() == 0:
     # Steps after the restored one (all, on a fresh start) will be logged again.
-    writers.drop_rows_after(os.path.join(log_dir, "train_metrics.jsonl"), start_step)
-  writer = writers.create_writer(log_dir)
-  peak = steps.device_peak_flops(jax.devices()[0].device_kind)
+    writers.drop_rows_after(os.path.join(run.log_dir, "train_metrics.jsonl"), start_step)
+  return writers.create_writer(run.log_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConcerns:
+  """What the step loop consults around each step (see loop_concerns.py)."""
+
+  evaluation: PeriodicEvaluation
+  saves: PeriodicCheckpoints
+  stop: StopConditions
+  log: IntervalLog
+  profiler: profiling.Profiler
+
+  @classmethod
+  def create(cls, run: PreparedRun, writer, signals: preemption.StopSignals, start_step: int,
+             progress: bool) -> "LoopConcerns":
+    """Agrees with the other hosts on a stop signal received while loading."""
+    timers = GoodputTimers()
+    evaluation = PeriodicEvaluation(run, writer, timers)
+    saves = PeriodicCheckpoints(run, timers)
+    stop = StopConditions(signals, run.train.num_steps)
+    stop.before_first_step()
+    log = IntervalLog(run, writer, timers, start_step, progress)
+    profiler = profiling.Profiler(run.train.profile_steps, os.path.join(run.log_dir, "profile"))
+    return cls(evaluation=evaluation, saves=saves, stop=stop, log=log, profiler=profiler)
+
+
+def run_steps(run: PreparedRun, state: state_lib.TrainState, teacher_params,
+              concerns: LoopConcerns, hung_run_check: watchdog_lib.Watchdog
+              ) -> state_lib.TrainState:
+  """Steps from the state's step to TrainConfig.num_steps, or until the hosts agree to
+  stop; logs, evaluates and checkpoints on their cadences. -> the last state."""
+  cfg, prog = run.train, run.program
+  stop, log, profiler = concerns.stop, concerns.log, concerns.profiler
   rng = jax.random.key(cfg.seed + 1)
-  eval_reader = None
-  timers = {"data": 0.0, "eval": 0.0, "checkpoint": 0.0}
-
-  def save(step_number: int, metrics=None) -> None:
+  start_step = int(state.step)
+  for step_number in range(start_step, stop.end(start_step)):
     began = time.perf_counter()
-    ckpt.save(step_number, state, data_iterator=reader, metrics=metrics, force=True)
-    timers["checkpoint"] += time.perf_counter() - began
+    batch = partitioning.host_local_to_global(next(run.reader), prog.mesh, prog.rules,
+                                              global_batch_size=cfg.batch_size)
+    log.timers.add("data", began)
+    profiler.before(step_number)
+    state, metrics = prog.step(state, teacher_params, batch, rng)
+    profiler.after(step_number, metrics)
+    if step_number == start_step:
+      jax.block_until_ready(metrics)
+      logging.info("First step compiled and ran in %.1f s.", time.perf_counter() - began)
+    log.add(metrics)
+    done = step_number + 1
+    stopping = stop.after_step(done)
+    # The last step is saved after the loop, with the final evaluation's metrics.
+    save_due = concerns.saves.due(done)
+    if (save_due or stopping) and done % cfg.log_every:
+      log.check_finite(done)  # never checkpoint past a bad step
+    if log.due(done):
+      log.write(done)
+    log.advance()
+    if stopping:
+      break
+    concerns.evaluation.after_step(state, done)
+    if save_due:
+      concerns.saves.save(state, done, metrics=concerns.evaluation.last or None)
+    hung_run_check.progress(done)
+  return state
 
-  def evaluate_now(step_number: int) -> dict:
-    nonlocal eval_reader
-    began = time.perf_counter()
-    if eval_reader is None:
-      eval_reader = inputs.GlobalBatchReader(
-          shard_datasets(cfg, task, layout, cfg.eval_split, train=False), layout, host_rows,
-          pad_exhausted=True)
-    eval_reader.reset()
-    sums = None
-    for _ in range(cfg.eval_batches):
-      # Every host steps until the global batch is all padding: the eval step's
-      # replicated sums are the same number on every host, so they stop together.
-      batch = partitioning.host_local_to_global(next(eval_reader), device_mesh, rules,
-                                                global_batch_size=cfg.batch_size)
-      with partitioning.mesh_context(device_mesh, rules):
-        out = jax.device_get(eval_step(state.params["model"], batch))
-      if float(out["weight_sum"]) == 0:
-        break
-      sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    timers["eval"] += time.perf_counter() - began
-    logging.info("Evaluated at step %d in %.1f s (%s tokens).", step_number,
-                 time.perf_counter() - began, None if sums is None else int(sums["weight_sum"]))
-    if sums is None:
-      return {}
-    metrics = {"eval/loss": float(sums["loss_sum"] / max(sums["weight_sum"], 1.0)),
-               "eval/token_accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0)),
-               "eval/tokens": float(sums["weight_sum"])}
-    writer.write_scalars(step_number, metrics)
-    return metrics
 
-  pending, last_train, last_eval = [], {}, {}
-  # A signal while loading: every host stops before compiling (nothing to save beyond
-  # the checkpoint it started from; a fresh start saves its step 0).
-  preempted = stop.agree_now()
-  bar = _progress(progress, start_step, cfg.num_steps)
-  interval_start, interval_steps = time.perf_counter(), 0
-  profiler = profiling.Profiler(cfg.profile_steps, os.path.join(log_dir, "profile"))
-  with watchdog_lib.Watchdog(watchdog) as hung_run_check:
-    for step_number in range(start_step, start_step if preempted else cfg.num_steps):
-      began = time.perf_counter()
-      batch = partitioning.host_local_to_global(next(reader), device_mesh, rules,
-                                                global_batch_size=cfg.batch_size)
-      timers["data"] += time.perf_counter() - began
-      profiler.before(step_number)
-      state, metrics = prog.step(state, teacher_params, batch, rng)
-      profiler.after(step_number, metrics)
-      if step_number == start_step:
-        jax.block_until_ready(metrics)
-        logging.info("First step compiled and ran in %.1f s.", time.perf_counter() - began)
-      pending.append(metrics)
-      interval_steps += 1
-      done = step_number + 1
-      stopping = stop.should_stop() and done < cfg.num_steps
-      # The last step is saved after the loop, with the final evaluation's metrics.
-      save_due = done % checkpoint.save_interval_steps == 0 and done < cfg.num_steps
-      if (save_due or stopping) and done % cfg.log_every:
-        _check_finite(jax.device_get(pending), done)  # never checkpoint past a bad step
-      if done % cfg.log_every == 0 or done == cfg.num_steps:
-        last_train = _summarise(pending, done, writer)
-        pending = []
-        rates = _rates(time.perf_counter() - interval_start, interval_steps, timers,
-                       prog.tokens_per_step, prog.analytic_flops, peak)
-        if cfg.skip_bad_records:
-          rates["data/skipped_records"] = float(sources.skipped_records())
-        writer.write_scalars(done, rates)
-        last_train.update(rates)
-        interval_start, interval_steps = time.perf_counter(), 0
-        timers = dict.fromkeys(timers, 0.0)
-        if bar is not None:
-          bar.set_postfix(loss=f"{last_train['loss']:.4f}",
-                          tok_s=f"{rates['perf/tokens_per_s']:.0f}")
-      if bar is not None:
-        bar.update(1)
-      if stopping:
-        preempted = True
-        break
-      if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
-        last_eval = evaluate_now(done)
-      if save_due:
-        save(done, metrics=last_eval or None)
-      hung_run_check.progress(done)
-    if bar is not None:
-      bar.close()
-    profiler.close()
-    final_step = int(state.step)
-    _check_finite(jax.device_get(pending), final_step)  # steps since the last check, if any
-    if not preempted and final_step == cfg.num_steps:
-      last_eval = evaluate_now(final_step) or last_eval
-    save(final_step, metrics=last_eval or None)
-    ckpt.wait_until_finished()
-  ckpt.close()
+def end_steps(run: PreparedRun, state: state_lib.TrainState, concerns: LoopConcerns) -> int:
+  """After the last step (or the agreed stop): checks the steps since the last log,
+  evaluates a run that reached its end, saves the final step with that evaluation's
+  metrics and waits for the save. -> the final step."""
+  concerns.log.close()
+  concerns.profiler.close()
+  final_step = int(state.step)
+  concerns.log.check_finite(final_step)  # steps since the last check, if any
+  if not concerns.stop.preempted and final_step == run.train.num_steps:
+    concerns.evaluation.at_end(state, final_step)
+  concerns.saves.save(state, final_step, metrics=concerns.evaluation.last or None)
+  run.checkpointer.wait_until_finished()
+  return final_step
+
+
+def finish(run: PreparedRun, concerns: LoopConcerns, final_step: int, writer) -> dict:
+  """Closes the checkpointer and the writer; the run's summary (see `train`), which
+  process 0 also writes to `<workdir>/summary.json`."""
+  run.checkpointer.close()
   writer.flush()
-  stopped_by = (stop.signal_name or "a signal to another host") if preempted else None
+  preempted, stopped_by = concerns.stop.preempted, concerns.stop.stopped_by()
   if preempted:
     logging.warning("Stopped at step %d (%s): checkpoint saved in %s; run the same command "
                     "again to resume.", final_step, stopped_by or "another host was signalled",
-                    ckpt.directory)
-  summary = {"mode": mode, "step": final_step, "preempted": preempted,
-             "stopped_by": stopped_by, "exit_code": stop.exit_code if preempted else 0,
-             "train": last_train, "eval": last_eval, "workdir": workdir}
+                    run.checkpointer.directory)
+  summary = {"mode": run.mode, "step": final_step, "preempted": preempted,
+             "stopped_by": stopped_by, "exit_code": concerns.stop.exit_code(),
+             "train": concerns.log.last, "eval": concerns.evaluation.last,
+             "workdir": run.workdir}
   if jax.process_index() == 0:
-    epath.Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2))
+    epath.Path(run.workdir, "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
-
-
-def _rates(elapsed: float, num_steps: int, timers: Mapping[str, float], tokens_per_step: int,
-           flops_per_step: float, peak: float | None) -> dict[str, float]:
-  """Throughput and goodput of the steps since the last log.
-
-  Host time not spent waiting for data, evaluating or checkpointing is the
-  steps' own time (the host waits on the device at least once per step), so
-  MFU is computed on it rather than on the wall clock.
-  """
-  overhead = sum(timers.values())
-  compute = max(elapsed - overhead, 1e-9)
-  rates = {"perf/steps_per_s": num_steps / elapsed,
-           "perf/tokens_per_s": num_steps * tokens_per_step / elapsed,
-           "perf/step_time_s": compute / num_steps,
-           "perf/goodput": compute / elapsed}
-  rates.update({f"perf/{name}_s": seconds for name, seconds in timers.items()})
-  if peak:
-    rates["perf/mfu"] = flops_per_step * num_steps / compute / (peak * jax.device_count())
-  return rates
-
-
-def _progress(enabled: bool, start: int, total: int):
-  if not enabled or jax.process_index() != 0:
-    return None
-  import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-
-def _check_finite(host_metrics: list, step_number: int) -> None:
-  """Raises NonFiniteLossError if any step since the last check was non-finite."""
-  bad = [i for i, m in enumerate(host_metrics) if int(m["nonfinite"])]
-  if bad:
-    first = step_number - len(host_metrics) + bad[0] + 1
-    m = host_metrics[bad[0]]
-    raise NonFiniteLossError(
-        f"Training became non-finite at step {first} (loss={float(m['loss'])}, "
-        f"gradient norm={float(m['grad_norm/total'])}). That update was not applied "
-        "and the last good checkpoint is kept; lower the learning "
-        "rate, raise warm-up, enable gradient clipping, or use float32 compute, then rerun "
-        "(it resumes from the last checkpoint).")
-
-
-def _summarise(pending: list, step_number: int, writer) -> dict:
-  """Means of the metrics of the steps since the last log; raises on a non-finite step."""
-  host = jax.device_get(pending)
-  _check_finite(host, step_number)
-  means = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k != "nonfinite"}
-  writer.write_scalars(step_number, means)
-  return means
