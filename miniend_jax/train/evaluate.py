@@ -21,7 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from miniend_jax.data import vocab as vocab_lib
 from miniend_jax.model import t5
-from miniend_jax.train import checkpoints, host_memory, partitioning, program, steps
+from miniend_jax.train import (checkpoint_errors, checkpoints, host_memory, partitioning,
+                               program, steps)
 from miniend_jax.train.setup import (check_vocabulary, default_data_dir, load_params,
                                      task_vocabulary)
 
@@ -50,7 +51,7 @@ def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | Non
   host_memory.keep_freed_memory()
   source = checkpoint_dir or os.path.join(workdir, "checkpoints")
   if not epath.Path(source).exists():
-    raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
+    raise checkpoint_errors.NoCheckpointError(checkpoint_errors.no_checkpoint_message(source))
   recorded = {}
   if program.is_miniend_checkpoint(source):
     recorded = checkpoints.load_metadata(program.checkpoint_directory(source)).get("run", {})

@@ -50,8 +50,8 @@ from etils import epath  # local paths and gs:// alike (multi-host runs need gs:
 from miniend_jax.data import tasks as tasks_lib, vocab as vocab_lib
 from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model import student as student_lib, t5
-from miniend_jax.train import (checkpoints, host_memory, inputs, partitioning, preemption,
-                               profiling, program, run_record, state as state_lib,
+from miniend_jax.train import (checkpoint_items, checkpoints, host_memory, inputs, partitioning,
+                               preemption, profiling, program, run_record, state as state_lib,
                                watchdog as watchdog_lib, writers)
 from miniend_jax.train.loop_concerns import (GoodputTimers, IntervalLog, PeriodicCheckpoints,
                                              PeriodicEvaluation, StopConditions)
@@ -226,13 +226,13 @@ def _shard_layout(cfg: TrainConfig, ckpt_dir: str, latest: int | None,
                   rows_by_process) -> inputs.ShardLayout:
   """The logical data shards: TrainConfig.data_shards, else the resumed checkpoint's, else
   one per host holding distinct rows; checked against the checkpoint's data position."""
-  saved = (inputs.saved_layout(os.path.join(ckpt_dir, str(latest), checkpoints.DATA_ITERATOR))
-           if latest is not None else None)
+  position = os.path.join(ckpt_dir, str(latest), checkpoint_items.DATA_ITERATOR)
+  saved = inputs.saved_layout(position) if latest is not None else None
   num_shards = cfg.data_shards or (saved or {}).get("num_shards") or len(
       {tuple(rows) for rows in rows_by_process.values()})
   layout = inputs.ShardLayout(cfg.batch_size, num_shards)
   if saved is not None:
-    inputs.check_layout(os.path.join(ckpt_dir, str(latest), checkpoints.DATA_ITERATOR), layout)
+    inputs.check_layout(position, layout)
   return layout
 
 
