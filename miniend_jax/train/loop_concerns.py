@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -27,10 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from miniend_jax.data import sources
 from miniend_jax.train import inputs, partitioning, preemption, steps
-from miniend_jax.train.setup import shard_datasets
-
-if TYPE_CHECKING:
-  from miniend_jax.train.loop import PreparedRun
+from miniend_jax.train.setup import PreparedRun, shard_datasets
 
 
 class NonFiniteLossError(FloatingPointError):

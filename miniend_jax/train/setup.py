@@ -1,6 +1,9 @@
 """Run set-up: what prepares a run before its loop, `evaluate` or `export` reads data or weights.
 
-The vocabularies a run names (the task's own, the teacher's, ByT5's, a
+`prepare_run` checks a training run's settings (everything that can be wrong,
+before anything loads or compiles) and builds the frozen `PreparedRun` that
+`loop.train`'s stages run on. The pieces it and the other commands use: the
+vocabularies a run names (the task's own, the teacher's, ByT5's, a
 SentencePiece file) and the task re-tokenised with them; the check that a
 model's embedding holds the vocabulary; model and parameter loading from a
 miniend, Hugging Face or T5X checkpoint (sharded: each host reads its slices);
@@ -11,8 +14,10 @@ schedule of another length than the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -21,9 +26,11 @@ import seqio
 from etils import epath  # local paths and gs:// alike (multi-host runs need gs://)
 
 from miniend_jax.data import local_corpus, tasks as tasks_lib, vocab as vocab_lib
+from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model import hf, t5
-from miniend_jax.train import checkpoints, inputs, program, state as state_lib
-from miniend_jax.train.program import TrainConfig
+from miniend_jax.train import (checkpoint_items, checkpoints, inputs, partitioning, program,
+                               run_record, state as state_lib, watchdog as watchdog_lib)
+from miniend_jax.train.program import ModelSetup, TrainConfig
 
 
 def task_vocabulary(task_name: str, data_dir: str,
@@ -175,3 +182,132 @@ def shard_datasets(cfg: TrainConfig, task: str, layout: inputs.ShardLayout, spli
         num_epochs=None if train else 1, drop_remainder=train)
 
   return make
+
+
+# ----------------------------------------------------------------------------
+# Preparing a run: everything that can be wrong, before anything loads or compiles.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunClaim:
+  """The work directory's claim to a run's settings (`run_record.claim`)."""
+
+  workdir: str
+  mode: str
+  settings: dict
+  allow_changes: bool
+
+  def __call__(self, write: bool) -> dict:
+    """Refuses a directory made with other settings (unless allow_changes); with
+    `write`, records these. -> the settings changed since the directory's record."""
+    return run_record.claim(self.workdir, self.settings, allow_changes=self.allow_changes,
+                            what=f"`miniend {self.mode}` with these settings", write=write)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+  """A run checked and set up, before any weights load: its settings, its step
+  program, its data layout and reader, and its checkpointer."""
+
+  mode: str
+  workdir: str
+  train: TrainConfig
+  model: ModelSetup
+  checkpoint: checkpoints.CheckpointConfig
+  watchdog: watchdog_lib.WatchdogConfig
+  program: program.StepProgram
+  teacher_config: t5.T5Config | None  # also when the recipe needs no teacher (program's None)
+  task: str
+  layout: inputs.ShardLayout
+  host_rows: Any  # this host's rows of every global batch
+  latest_step: int | None  # the checkpoint a resumed run starts from; None: a fresh start
+  checkpointer: checkpoints.Checkpointer
+  reader: inputs.GlobalBatchReader
+  claim: RunClaim
+
+  @property
+  def log_dir(self) -> str:
+    return os.path.join(self.workdir, "logs")
+
+
+def prepare_run(mode: str, workdir: str, *, train_config, model, optimizer, checkpoint, mesh,
+                recipe, allow_changes, watchdog) -> PreparedRun:
+  """Checks the run's settings and builds what it reads and writes with; loads no
+  weights and compiles nothing, and touches the work directory only to claim it
+  when another run did not make it. Arguments as `train`'s."""
+  cfg = train_config or TrainConfig()
+  model = model or ModelSetup()
+  optimizer = optimizer or state_lib.OptimizerConfig()
+  checkpoint = checkpoint or checkpoints.CheckpointConfig()
+  mesh = mesh or partitioning.MeshConfig()
+  watchdog = watchdog or watchdog_lib.WatchdogConfig()
+  began = time.perf_counter()
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+    raise ValueError(f"--workdir {workdir} is a file, not a directory. Pass a directory "
+                     "(it is created if missing).")
+  task, vocabulary, prog, teacher_config = _check_models(mode, cfg, model, optimizer, mesh,
+                                                         recipe)
+  warn_if_schedule_mismatches(optimizer, cfg.num_steps)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  latest = checkpoints.latest_step(ckpt_dir)  # reads only: nothing is created yet
+  rows_by_process = partitioning.rows_by_process(prog.mesh, cfg.batch_size, prog.rules)
+  layout = _shard_layout(cfg, ckpt_dir, latest, rows_by_process)
+  # The record holds the data shards in use, so leaving data_shards unset on a
+  # resumed run (it then keeps the checkpoint's) is no change.
+  settings = run_record.describe_run(
+      mode, train=dataclasses.replace(cfg, data_shards=layout.num_shards), model=model,
+      optimizer=optimizer, checkpoint=checkpoint, mesh=mesh, recipe=prog.recipe,
+      vocabulary=run_record.vocabulary_id(vocabulary))
+  claim = RunClaim(workdir, mode, settings, allow_changes)
+  claim(False)  # refuses a directory made by another run before touching anything
+  use_compilation_cache(cfg.compilation_cache_dir, workdir)
+  ckpt = checkpoints.Checkpointer(
+      ckpt_dir, checkpoint, model_config=prog.student_config,
+      metadata={"mode": mode, "task": task, "recipe": prog.recipe.name,
+                "teacher": model.teacher, "student_shape": model.student_shape,
+                "vocabulary": vocab_lib.vocabulary_reference(vocabulary)})
+  host_rows = rows_by_process[jax.process_index()]
+  owned = [s for s, p in layout.owners(rows_by_process).items() if p == jax.process_index()]
+  reader = inputs.GlobalBatchReader(shard_datasets(cfg, task, layout, "train", train=True),
+                                    layout, host_rows, owned)
+  logging.info("Run checked in %.1f s: %s on %d process(es) x %d devices, mesh %s, %d logical "
+               "data shard(s), this host reads %s.", time.perf_counter() - began, mode,
+               jax.process_count(), jax.local_device_count(), dict(prog.mesh.shape),
+               layout.num_shards, reader.shards)
+  return PreparedRun(mode=mode, workdir=workdir, train=cfg, model=model, checkpoint=checkpoint,
+                     watchdog=watchdog, program=prog, teacher_config=teacher_config, task=task,
+                     layout=layout, host_rows=host_rows, latest_step=latest, checkpointer=ckpt,
+                     reader=reader, claim=claim)
+
+
+def _check_models(mode: str, cfg: TrainConfig, model: ModelSetup,
+                  optimizer: state_lib.OptimizerConfig, mesh: partitioning.MeshConfig,
+                  recipe: str | Recipe):
+  """(task, vocabulary, step program, teacher config or None): the vocabulary against the
+  task and both models, then the recipe, mesh and batch (`program.build_step_program`)."""
+  vocabulary = named_vocabulary(cfg.vocabulary, model.teacher)
+  task, vocabulary = task_vocabulary(tasks_lib.register_data_tasks(cfg, vocabulary),
+                                     default_data_dir(cfg.data_dir), vocabulary)
+  student_config, teacher_config = program.model_configs(
+      mode, model, vocab_size=vocab_lib.padded_vocab_size(vocabulary))
+  if teacher_config is not None:
+    check_vocabulary(teacher_config, vocabulary, "teacher")
+  check_vocabulary(student_config, vocabulary, "student" if mode == "distill" else "model")
+  prog = program.build_step_program(mode, cfg, model, optimizer, mesh, recipe,
+                                    student_config=student_config,
+                                    teacher_config=teacher_config)
+  return task, vocabulary, prog, teacher_config
+
+
+def _shard_layout(cfg: TrainConfig, ckpt_dir: str, latest: int | None,
+                  rows_by_process) -> inputs.ShardLayout:
+  """The logical data shards: TrainConfig.data_shards, else the resumed checkpoint's, else
+  one per host holding distinct rows; checked against the checkpoint's data position."""
+  position = os.path.join(ckpt_dir, str(latest), checkpoint_items.DATA_ITERATOR)
+  saved = inputs.saved_layout(position) if latest is not None else None
+  num_shards = cfg.data_shards or (saved or {}).get("num_shards") or len(
+      {tuple(rows) for rows in rows_by_process.values()})
+  layout = inputs.ShardLayout(cfg.batch_size, num_shards)
+  if saved is not None:
+    inputs.check_layout(position, layout)
+  return layout
