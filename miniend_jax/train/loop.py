@@ -201,7 +201,9 @@ class LoopConcerns:
   @classmethod
   def create(cls, run: PreparedRun, writer, signals: preemption.StopSignals, start_step: int,
              progress: bool) -> "LoopConcerns":
-    """Agrees with the other hosts on a stop signal received while loading."""
+    """The concerns of a run whose steps start at `start_step`. Every host agrees here
+    on a stop signal received while loading (it waits for the others), before the
+    interval log's clock starts."""
     timers = GoodputTimers()
     evaluation = PeriodicEvaluation(run, writer, timers)
     saves = PeriodicCheckpoints(run, timers)
