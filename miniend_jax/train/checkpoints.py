@@ -25,11 +25,16 @@ preservation policy that keeps the last `max_to_keep` and the `keep_best`
 best by a metric. Restoring never deletes anything: a damaged step raises
 `CheckpointRestoreError` naming it, and `restore_latest_good` falls back to
 older steps.
+
+Here: `CheckpointConfig`, the `Checkpointer`, and the read-side functions that
+start from another run's checkpoint (`latest_step`, `load_metadata`,
+`load_model_config`, `load_params_from_checkpoint`). The items and their
+encodings are in `checkpoint_items.py`, the errors and the target check in
+`checkpoint_errors.py`.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import json
@@ -47,71 +52,18 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from miniend_jax.model import stacking
 from miniend_jax.model.t5 import T5Config
+from miniend_jax.train.checkpoint_errors import (CheckpointRestoreError, NoCheckpointError,
+                                                 check_matches, no_checkpoint_message,
+                                                 short_error)
+from miniend_jax.train.checkpoint_items import (DATA_ITERATOR, DATA_STATE, FORMAT, METADATA,
+                                                STATE, DataIteratorRestore, DataIteratorSave,
+                                                DataState, config_dict, decode_data_state,
+                                                encode_data_state, item_handlers,
+                                                scalar_metrics)
+# re-exported: users import them from here (as the errors and item names above)
+from miniend_jax.train.checkpoint_items import DataIteratorHandler  # noqa: F401
 
 PyTree = Any
-DataState = Mapping[str, Any] | bytes | None
-
-STATE, DATA_STATE, DATA_ITERATOR, METADATA = "state", "data_state", "data_iterator", "metadata"
-FORMAT = "miniend_jax.checkpoint/2"
-
-
-class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves and restores an input iterator that writes its own files.
-
-  The iterator has `save(directory: str)` and `restore(directory: str)`; every
-  process calls them (each writes and reads its own part, e.g. the logical
-  data shards it owns). Saving is synchronous, so the position written is the
-  one at the time of `Checkpointer.save`, even when the arrays are written
-  asynchronously afterwards.
-  """
-
-  def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    args.iterator.save(os.fspath(directory))
-
-  def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> None:
-    args.iterator.restore(os.fspath(directory))
-
-  def metadata(self, directory: epath.Path) -> None:
-    return None
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
-@dataclasses.dataclass
-class DataIteratorSave(ocp.args.CheckpointArgs):
-  iterator: Any
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
-@dataclasses.dataclass
-class DataIteratorRestore(ocp.args.CheckpointArgs):
-  iterator: Any
-
-
-_ITEM_HANDLERS = lambda: {
-    STATE: ocp.StandardCheckpointHandler(),
-    DATA_STATE: ocp.JsonCheckpointHandler(),
-    DATA_ITERATOR: DataIteratorHandler(),
-    METADATA: ocp.JsonCheckpointHandler(),
-}
-
-
-class NoCheckpointError(FileNotFoundError):
-  """The directory holds no (finished) checkpoint, or not the step asked for."""
-
-
-class CheckpointRestoreError(RuntimeError):
-  """A checkpoint step exists but cannot be read (damaged or incomplete files)."""
-
-  def __init__(self, message: str, *, step: int, directory: str):
-    super().__init__(message)
-    self.step = step
-    self.directory = directory
-
-
-def no_checkpoint_message(directory) -> str:
-  return (f"no checkpoint in {directory}; run `miniend distill` first or pass --init_from "
-          "(a checkpoint directory or a Hugging Face model).")
 
 
 @gin.configurable
@@ -150,104 +102,6 @@ class CheckpointConfig:
       raise ValueError(f"CheckpointConfig.best_mode={self.best_mode!r} must be 'min' or 'max'.")
     if not isinstance(self.keep_best, int) or self.keep_best < 1:
       raise ValueError(f"CheckpointConfig.keep_best={self.keep_best!r} must be an integer >= 1.")
-
-
-# ----------------------------------------------------------------------------
-# JSON encodings.
-
-
-def _encode_data_state(data_state: DataState) -> dict:
-  """The data iterator position as a JSON object; bytes go through base64."""
-  if data_state is None:
-    return {"kind": "none"}
-  if isinstance(data_state, (bytes, bytearray)):
-    return {"kind": "bytes", "base64": base64.b64encode(bytes(data_state)).decode("ascii")}
-  if isinstance(data_state, Mapping):
-    try:
-      value = json.loads(json.dumps(dict(data_state)))
-    except (TypeError, ValueError) as e:
-      raise TypeError(f"data_state must be JSON-serialisable (or bytes): {e}") from e
-    return {"kind": "json", "value": value}
-  raise TypeError(f"data_state must be a dict, bytes or None, got {type(data_state).__name__}.")
-
-
-def _decode_data_state(encoded: Mapping | None) -> DataState:
-  if not encoded or encoded.get("kind") == "none":
-    return None
-  if encoded["kind"] == "bytes":
-    return base64.b64decode(encoded["base64"])
-  return encoded["value"]
-
-
-def _scalar_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
-  """Metrics as plain floats (JSON-able); they may arrive as jax / numpy scalars."""
-  if metrics is None:
-    return None
-  out = {}
-  for name, value in jax.device_get(dict(metrics)).items():
-    value = np.asarray(value)
-    if value.size != 1:
-      raise ValueError(f"Checkpoint metric {name!r} must be a scalar, got shape {value.shape}.")
-    out[str(name)] = float(value.reshape(()))
-  return out
-
-
-def _config_dict(model_config: T5Config | Mapping | None) -> dict | None:
-  if model_config is None:
-    return None
-  if isinstance(model_config, T5Config):
-    return model_config.to_dict()
-  return dict(model_config)
-
-
-def _short_error(error: Exception, limit: int = 500) -> str:
-  """The first line of an error, without tensorstore's (very long) spec dump."""
-  text = str(error).split(" [tensorstore_spec=")[0].strip().splitlines()
-  text = text[0] if text else ""
-  if len(text) > limit:
-    text = text[:limit] + " ..."
-  return f"{type(error).__name__}: {text}"
-
-
-# ----------------------------------------------------------------------------
-# Tree checks.
-
-
-def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-  """{"a.b.c": shape} over the leaves of a pytree, named as orbax names them."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  # Leaves are arrays, ShapeDtypeStructs or orbax ArrayMetadata: all have .shape.
-  return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
-          for path, leaf in leaves}
-
-
-def _check_matches(saved: PyTree, target: PyTree, step: int, directory) -> None:
-  """Raises ValueError when `target` asks for arrays the checkpoint lacks or shapes differ.
-
-  This separates "you are restoring the wrong thing" (a config error; no older
-  step would help) from damaged files.
-  """
-  saved_shapes, target_shapes = _flat_shapes(saved), _flat_shapes(target)
-  missing = sorted(set(target_shapes) - set(saved_shapes))
-  unexpected = sorted(set(saved_shapes) - set(target_shapes))
-  wrong = sorted(k for k in set(target_shapes) & set(saved_shapes)
-                 if saved_shapes[k] != target_shapes[k])
-  if not (missing or unexpected or wrong):
-    return
-  head = lambda names: f"{names[:5]}{' ...' if len(names) > 5 else ''}"
-  details = []
-  if missing:
-    details.append(f"missing from the checkpoint: {head(missing)}")
-  if unexpected:
-    details.append(f"in the checkpoint but not the target: {head(unexpected)}")
-  if wrong:
-    details.append("shape differs: " + ", ".join(
-        f"{k} saved {saved_shapes[k]} vs target {target_shapes[k]}" for k in wrong[:5]))
-  raise ValueError(
-      f"Checkpoint step {step} in {directory} does not match the state to restore into "
-      f"({'; '.join(details)}). It was saved with another model config or optimizer; "
-      "build the target from the checkpoint's metadata (load_model_config) and the run's "
-      "optimizer settings.")
 
 
 # ----------------------------------------------------------------------------
@@ -291,7 +145,7 @@ class Checkpointer:
       directory = os.path.abspath(os.path.expanduser(directory))
     self.directory = epath.Path(directory)
     self.config = config
-    self._model_config = _config_dict(model_config)
+    self._model_config = config_dict(model_config)
     self._run_metadata = json.loads(json.dumps(dict(metadata or {})))
     # A reader is this process's alone: hosts of a pod query at different times
     # (one may see the directory another just created), so a reader that joined
@@ -301,7 +155,7 @@ class Checkpointer:
             primary_host=jax.process_index(), active_processes={jax.process_index()}))
                if read_only else self._options(config))
     self._manager = ocp.CheckpointManager(
-        self.directory, item_handlers=_ITEM_HANDLERS(), options=options)
+        self.directory, item_handlers=item_handlers(), options=options)
 
   @staticmethod
   def _options(config: CheckpointConfig) -> ocp.CheckpointManagerOptions:
@@ -374,7 +228,7 @@ class Checkpointer:
       return False
     if not force and not self._manager.should_save(step):
       return False
-    metrics = _scalar_metrics(metrics)
+    metrics = scalar_metrics(metrics)
     metadata = {
         "format": FORMAT,
         "step": step,
@@ -387,7 +241,7 @@ class Checkpointer:
         lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), state)
     items = {
         STATE: ocp.args.StandardSave(state, save_args=save_args),
-        DATA_STATE: ocp.args.JsonSave(_encode_data_state(data_state)),
+        DATA_STATE: ocp.args.JsonSave(encode_data_state(data_state)),
         METADATA: ocp.args.JsonSave(metadata),
     }
     if data_iterator is not None:
@@ -433,7 +287,7 @@ class Checkpointer:
     return CheckpointRestoreError(
         f"Checkpoint step {step} in {self.directory} could not be read: its files are damaged "
         f"or incomplete. To continue, {advice}move {self.step_directory(step)} out of the "
-        f"directory. Nothing was deleted. Cause: {_short_error(error)}",
+        f"directory. Nothing was deleted. Cause: {short_error(error)}",
         step=step, directory=str(self.directory))
 
   def restore(self, step: int | None = None, target_state: PyTree = None, *,
@@ -466,7 +320,7 @@ class Checkpointer:
         raise self._restore_error(step, e) from e
       if saved is None:
         raise self._restore_error(step, FileNotFoundError("the state item's metadata is missing"))
-      _check_matches(getattr(saved, "tree", saved), target_state, step, self.directory)
+      check_matches(getattr(saved, "tree", saved), target_state, step, self.directory)
     items = {STATE: ocp.args.StandardRestore(target_state), DATA_STATE: ocp.args.JsonRestore()}
     if data_iterator is not None:
       items[DATA_ITERATOR] = DataIteratorRestore(data_iterator)
@@ -475,7 +329,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       # orbax / tensorstore raise many types for unreadable files.
       raise self._restore_error(step, e) from e
-    return restored[STATE], _decode_data_state(restored[DATA_STATE])
+    return restored[STATE], decode_data_state(restored[DATA_STATE])
 
   def restore_latest_good(self, target_state: PyTree = None, *,
                           data_iterator: Any = None) -> tuple[PyTree, DataState]:
@@ -632,7 +486,7 @@ def load_params_from_checkpoint(directory, step: int | None = None, *,
     # a scanned model and the other way round: read the saved layout with the
     # matching shardings, then restack on the devices.
     target = stacking.abstract_like(target_params, saved_model)
-    _check_matches(saved_model, target, step, directory)
+    check_matches(saved_model, target, step, directory)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
 
   def nest(tree):

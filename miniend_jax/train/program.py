@@ -214,11 +214,12 @@ def is_miniend_checkpoint(source: str) -> bool:
 
 def checkpoint_directory(source: str) -> str:
   """The Checkpointer directory of a miniend checkpoint or workdir."""
-  from miniend_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
+  from miniend_jax.train import (  # pylint: disable=import-outside-toplevel
+      checkpoint_errors, checkpoints)
   for directory in (source, os.path.join(source, "checkpoints")):
     if checkpoints.latest_step(directory) is not None:
       return directory
-  raise checkpoints.NoCheckpointError(checkpoints.no_checkpoint_message(source))
+  raise checkpoint_errors.NoCheckpointError(checkpoint_errors.no_checkpoint_message(source))
 
 
 def model_config_of(source: str) -> t5.T5Config:
@@ -240,9 +241,10 @@ def model_config_of(source: str) -> t5.T5Config:
     if t5x.step_directory(path) is not None:
       return hf.read_hf_config(source)
     # Not a Hugging Face directory: a miniend checkpoint, or nothing usable.
-    from miniend_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
+    from miniend_jax.train import (  # pylint: disable=import-outside-toplevel
+        checkpoint_errors, checkpoints)
     if not is_miniend_checkpoint(source):
-      raise checkpoints.NoCheckpointError(
+      raise checkpoint_errors.NoCheckpointError(
           f"no checkpoint in {source}: "
           + tensor_files.describe(source, [p.name for p in path.iterdir()])
           + ", or a miniend checkpoint (a run's work directory, `miniend convert`'s output).")
