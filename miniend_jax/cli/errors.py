@@ -33,7 +33,7 @@ def exit_code(error: BaseException) -> int | None:
   data_errors = [FileNotFoundError, NotADirectoryError, FloatingPointError]
   # Only modules already loaded can have raised their errors.
   for module, name in (("miniend_jax.model.hf", "CheckpointError"),
-                       ("miniend_jax.train.checkpoints", "CheckpointRestoreError"),
+                       ("miniend_jax.train.checkpoint_errors", "CheckpointRestoreError"),
                        ("miniend_jax.train.partitioning", "TpuUnavailableError"),
                        ("miniend_jax.data.sources", "BadRecordError")):
     if module in sys.modules:
