@@ -15,8 +15,8 @@ SentencePiece vocabulary on it, and registers three seqio tasks:
 Typical use (the quickstart):
 
   vocabulary, data_dir = setup_pydoc_tasks("/tmp/work")
-  ds = tasks.get_dataset("pydoc_span_corruption", {"inputs": 128,
-                         "targets": 32}, batch_size=8)
+  ds = pipeline.get_dataset("pydoc_span_corruption", {"inputs": 128,
+                            "targets": 32}, batch_size=8)
 
 The text differs between Python versions, but for one installation the
 harvest, the split and the vocabulary are deterministic.
@@ -39,6 +39,7 @@ from absl import logging
 import seqio
 import tensorflow as tf
 
+from miniend_jax.data import jsonl_source
 from miniend_jax.data import metrics
 from miniend_jax.data import preprocessors
 from miniend_jax.data import tasks
@@ -365,7 +366,7 @@ def train_pydoc_vocabulary(
       )
     lines = (
         line
-        for text in tasks.read_jsonl_files([text_path], ["text"])["text"]
+        for text in jsonl_source.read_jsonl_files([text_path], ["text"])["text"]
         for line in text.split("\n")
     )
     vocab_lib.train_sentencepiece(lines, spm_path, vocab_size=vocab_size)
@@ -410,7 +411,7 @@ def register_pydoc_tasks(
       "jsonl", validate_files=False, register=False)  # the harvest wrote valid files
   summary_task = seqio.Task(
       TASK_SUMMARY,
-      source=tasks.JsonlDataSource(
+      source=jsonl_source.JsonlDataSource(
           _split_files(data_dir, TASK_SUMMARY), fields=("body", "summary")
       ),
       output_features=features,
@@ -421,7 +422,7 @@ def register_pydoc_tasks(
   )
   topic_task = seqio.Task(
       TASK_TOPIC,
-      source=tasks.JsonlDataSource(
+      source=jsonl_source.JsonlDataSource(
           _split_files(data_dir, TASK_TOPIC), fields=("text", "package")
       ),
       output_features=features,

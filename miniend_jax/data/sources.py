@@ -14,7 +14,7 @@ by a Python reader driven by a `tf.data` scan whose state is the exact place
 of the next chunk: (byte offset of the uncompressed stream, line number) for
 text formats, (row, row) for parquet. That state, the file being read and
 the records of the current chunk not yet used are tf.data iterator state, so
-`tasks.DatasetIterator.save` writes them into the checkpoint step with the
+`pipeline.DatasetIterator.save` writes them into the checkpoint step with the
 rest of the pipeline (shuffle buffer, packing, noise), and a restored run
 continues at exactly the next record. A reader keeps its open stream
 between chunks; a restore reopens the file and seeks (for gzip that

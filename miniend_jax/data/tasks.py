@@ -1,4 +1,4 @@
-"""Registered seqio tasks and mixtures, and the input pipeline entry point.
+"""Registered seqio tasks and mixtures.
 
 Tasks (registered on import with the default vocabulary, re-registered with
 another by `register_tfds_tasks(vocabulary)`):
@@ -9,38 +9,37 @@ another by `register_tfds_tasks(vocabulary)`):
   cnn_dailymail, xsum                   "summarize:" summarization, ROUGE
 
 plus `span_corruption_task(...)` for local text / JSONL / TFRecord files and
-the offline pydoc tasks of `local_corpus`.
-
-`get_dataset(...)` turns any of them into batches of the model features that
-`seqio.EncDecFeatureConverter` defines (encoder_input_tokens,
-decoder_input_tokens, decoder_target_tokens, decoder_loss_weights and, when
-packed, *_segment_ids / *_positions), each int32 [batch, length]. Every host
-reads its own shard; `DatasetIterator` saves and restores its position.
+the offline pydoc tasks of `local_corpus`. `pipeline.get_dataset(...)` turns
+any of them into batches.
 
 TFDS datasets are never downloaded at run time: a dataset that is not
 prepared in the data directory raises `TfdsDatasetNotPreparedError` saying
-what to do.
+what to do (`tfds_source`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from absl import logging
 import gin
-import numpy as np
 import seqio
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from miniend_jax.data import metrics
 from miniend_jax.data import preprocessors
 from miniend_jax.data import sources
 from miniend_jax.data import vocab as vocab_lib
+from miniend_jax.data.tfds_source import OfflineTfdsDataSource
+
+# re-exported: users import them from here
+from miniend_jax.data.jsonl_source import (  # noqa: F401
+    JsonlDataSource, parse_jsonl_record, read_jsonl_files)
+from miniend_jax.data.pipeline import DatasetIterator, get_dataset, host_shard_info  # noqa: F401
+from miniend_jax.data.tfds_source import TfdsDatasetNotPreparedError  # noqa: F401
 
 # Environment variable naming the vocabulary the TFDS tasks are registered
 # with on import (a .model file, gs:// path or HF checkpoint directory).
@@ -112,204 +111,6 @@ def output_features(
       "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
       "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
   }
-
-
-# ----------------------------------------------------------------------------
-# Data sources
-# ----------------------------------------------------------------------------
-
-
-class TfdsDatasetNotPreparedError(FileNotFoundError):
-  """A TFDS dataset a task needs is not in the TFDS data directory."""
-
-
-class OfflineTfdsDataSource(seqio.TfdsDataSource):
-  """A `seqio.TfdsDataSource` that never downloads and explains what is missing.
-
-  seqio's source calls `tfds.load(download=True)`, which on an offline
-  machine fails deep inside a download attempt. This one only reads prepared
-  data (`read_only=True`) and turns a missing dataset into a
-  `TfdsDatasetNotPreparedError` naming the dataset, the data directory and
-  the command that prepares it.
-  """
-
-  def __init__(
-      self,
-      tfds_name: str,
-      splits: Mapping[str, str],
-      tfds_data_dir: Optional[str] = None,
-  ):
-    super().__init__(
-        tfds_name=tfds_name,
-        tfds_data_dir=tfds_data_dir,
-        splits=dict(splits),
-        read_only=True,
-    )
-
-  def not_prepared_message(self, split: str, cause: Exception) -> str:
-    """Says which dataset and data_dir are missing and how to prepare them."""
-    name = self.tfds_dataset.name
-    data_dir = self.tfds_dataset.data_dir or os.environ.get(
-        "TFDS_DATA_DIR", tfds.core.constants.DATA_DIR
-    )
-    dataset = name.split("/")[0].split(":")[0]
-    message = (
-        f"TFDS dataset '{name}' (split '{split}') is not prepared in data_dir "
-        f"'{data_dir}' ({type(cause).__name__}: {cause}). miniend_jax never "
-        "downloads data at run time. Prepare it once on a machine with "
-        "internet access:\n"
-        f"  python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.builder('{name}', data_dir='{data_dir}')"
-        ".download_and_prepare()\"\n"
-        "then copy that data_dir to this machine and pass its path as "
-        "tfds_data_dir= to register_tfds_tasks() (or set TFDS_DATA_DIR)."
-    )
-    if dataset == "c4":
-      message += (
-          "\nc4/en is built from Common Crawl with Apache Beam (hundreds of "
-          "GB); see https://www.tensorflow.org/datasets/catalog/c4, or point "
-          "tfds_data_dir at an existing prepared copy."
-      )
-    else:
-      builder_cls = self.tfds_dataset.builder_cls(split)
-      manual = getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-      if manual:
-        message += (
-            f"\n'{dataset}' needs files downloaded by hand first (put them "
-            f"in the manual_dir):\n{manual.strip()}"
-        )
-    return message
-
-  def get_dataset(self, split="train", shuffle=True, seed=None,
-                  shard_info=None, **kwargs) -> tf.data.Dataset:
-    """The TFDS examples of `split` (this shard's files when `shard_info`).
-
-    Raises:
-      TfdsDatasetNotPreparedError: if the dataset is not in the data_dir.
-    """
-    try:
-      return super().get_dataset(
-          split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
-          **kwargs,
-      )
-    except (
-        AssertionError,
-        FileNotFoundError,
-        tfds.core.registered.DatasetNotFoundError,
-        tf.errors.NotFoundError,
-    ) as e:
-      raise TfdsDatasetNotPreparedError(
-          self.not_prepared_message(split, e)
-      ) from e
-
-  def num_input_examples(self, split: str) -> Optional[int]:
-    # Unknown (None) when TFDS has no metadata, e.g. before preparation or
-    # under tfds.testing.mock_data; seqio then just skips in-memory caching.
-    try:
-      return super().num_input_examples(split)
-    except Exception:  # pylint: disable=broad-except
-      return None
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    # Without metadata the file list is unknown; an empty list makes seqio
-    # shard at the example level, and get_dataset reports what is missing.
-    try:
-      return super().list_shards(split)
-    except Exception:  # pylint: disable=broad-except
-      return []
-
-
-def parse_jsonl_record(path: str, line_number: int, line: str,
-                       fields: Sequence[str]) -> dict:
-  """One JSONL line as a dict whose `fields` are strings; errors name the line."""
-  try:
-    record = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise ValueError(
-        f"{path}:{line_number} is not valid JSON ({e}); JSONL needs "
-        "one JSON object per line."
-    ) from None
-  if not isinstance(record, dict) or not all(
-      isinstance(record.get(field), str) for field in fields
-  ):
-    wanted = (f"a string {fields[0]!r} field" if len(fields) == 1
-              else "string fields " + ", ".join(map(repr, fields)))
-    raise ValueError(f"{path}:{line_number}: expected a JSON object with {wanted}.")
-  return record
-
-
-def read_jsonl_files(
-    files: Sequence[str], fields: Sequence[str]
-) -> dict[str, list[str]]:
-  """The string `fields` of every record of JSONL `files`, as columns."""
-  columns = {field: [] for field in fields}
-  for path in files:
-    with tf.io.gfile.GFile(path, "r") as f:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        record = parse_jsonl_record(path, line_number, line, fields)
-        for field in fields:
-          columns[field].append(record[field])
-  return columns
-
-
-class JsonlDataSource(seqio.DataSource):
-  """Reads string fields of JSON-lines files (one JSON object per line).
-
-  The files of a split are read into memory when the dataset is built, which
-  keeps the tf.data pipeline free of Python ops: fully deterministic and its
-  iterator checkpointable. Meant for local corpora up to a few GB; convert
-  larger ones to TFRecord (`span_corruption_task(file_format="tfrecord")`).
-  """
-
-  def __init__(
-      self,
-      split_to_filepattern: Mapping[str, Union[str, Sequence[str]]],
-      fields: Sequence[str] = ("text",),
-  ):
-    self._split_to_filepattern = dict(split_to_filepattern)
-    self._fields = tuple(fields)
-    super().__init__(splits=self._split_to_filepattern.keys())
-
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True  # by files, or by records when files are fewer than shards
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return seqio.utils.list_files(self._split_to_filepattern[split])
-
-  def get_dataset(self, split="train", shuffle=True, seed=None,
-                  shard_info=None, **unused_kwargs) -> tf.data.Dataset:
-    """Examples {field: tf.string []} of `split`, in file then line order.
-
-    Args:
-      split: a split of `split_to_filepattern`.
-      shuffle: shuffle this shard's file order (seqio shuffles the examples).
-      seed: seed of the file order.
-      shard_info: which shard: every num_shards-th file of one order shared by
-        all shards, or every num_shards-th record when there are fewer files
-        (`sources.shard_files`), so shards are disjoint whatever their seeds.
-    """
-    files = list(self.list_shards(split))
-    if not files:
-      raise FileNotFoundError(
-          f"No file matches {self._split_to_filepattern[split]!r} (split "
-          f"{split!r})."
-      )
-    indices, stride, phase = sources.shard_files(len(files), shard_info)
-    files = [files[i] for i in indices]
-    if shuffle:
-      files = [files[i] for i in np.random.RandomState(seed).permutation(
-          len(files))]
-    columns = {field: [] for field in self._fields}
-    for path in files:  # records strided within each file: independent of the order
-      for field, values in read_jsonl_files([path], self._fields).items():
-        columns[field] += values[phase::stride]
-    return tf.data.Dataset.from_tensor_slices(
-        {k: tf.constant(v, dtype=tf.string, shape=[len(v)])
-         for k, v in columns.items()}
-    )
 
 
 # ----------------------------------------------------------------------------
@@ -632,130 +433,6 @@ def register_tfds_tasks(
   )
   add_to_registry(glue_mixture)
   return [t.name for t in tasks] + [glue_mixture.name]
-
-
-# ----------------------------------------------------------------------------
-# Input pipeline
-# ----------------------------------------------------------------------------
-
-
-def host_shard_info() -> seqio.ShardInfo:
-  """This process's shard: index = jax.process_index(), of process_count()."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  return seqio.ShardInfo(
-      index=jax.process_index(), num_shards=jax.process_count()
-  )
-
-
-def get_dataset(
-    mixture_or_task_name: Union[str, seqio.Task, seqio.Mixture],
-    task_feature_lengths: Mapping[str, int],
-    split: str = "train",
-    *,
-    batch_size: Optional[int] = None,
-    shuffle: bool = True,
-    seed: Optional[int] = 0,
-    shard_info: Optional[seqio.ShardInfo] = None,
-    pack: bool = True,
-    num_epochs: Optional[int] = None,
-    drop_remainder: bool = True,
-) -> tf.data.Dataset:
-  """Batches of encoder-decoder model features for this host.
-
-  Args:
-    mixture_or_task_name: a registered task / mixture (or the object).
-    task_feature_lengths: {"inputs": L_in, "targets": L_t}.
-    split: dataset split.
-    batch_size: per-host batch size (global batch / process count); None
-      returns unbatched examples.
-    shuffle: shuffle files and examples.
-    seed: seed of shuffling and of random preprocessing (span corruption);
-      the same seed gives the same data. None: nondeterministic.
-    shard_info: which shard to read; default `host_shard_info()`, so every
-      process reads a disjoint part of the data.
-    pack: pack several examples per row (adds segment ids and positions).
-    num_epochs: passes over the data; None repeats forever (training).
-    drop_remainder: drop a last partial batch (keeps shapes static).
-
-  Returns:
-    tf.data.Dataset of dicts: encoder_input_tokens [B, L_in],
-    decoder_input_tokens / decoder_target_tokens / decoder_loss_weights
-    [B, L_t], and with `pack` encoder_segment_ids / encoder_positions
-    [B, L_in], decoder_segment_ids / decoder_positions [B, L_t]; all int32.
-  """
-  if shard_info is None:
-    shard_info = host_shard_info()
-  converter = seqio.EncDecFeatureConverter(pack=pack)
-  dataset = seqio.get_dataset(
-      mixture_or_task_name,
-      task_feature_lengths=task_feature_lengths,
-      feature_converter=converter,
-      dataset_split=split,
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      shard_info=shard_info,
-      seed=seed,
-      verbose=False,
-  )
-  if batch_size is not None:
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-  return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-class DatasetIterator:
-  """Numpy batches of a tf.data.Dataset with a savable position.
-
-  The position is tf.data's own iterator state (including shuffle and
-  prefetch buffers and random-op states), written with
-  `tf.train.Checkpoint`; restoring it into an iterator over the same pipeline
-  continues with exactly the next batch, neither repeating nor skipping.
-  Several iterators can share a directory under different names.
-  """
-
-  def __init__(self, dataset: tf.data.Dataset):
-    self._iterator = iter(dataset)
-    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    """The next batch as numpy arrays (int32 [batch, length] features)."""
-    try:
-      batch = next(self._iterator)
-    except tf.errors.OpError as e:
-      message = sources.bad_record_message(e)
-      if message is None:
-        raise
-      raise sources.BadRecordError(message) from None
-    return tf.nest.map_structure(lambda t: t.numpy(), batch)
-
-  @staticmethod
-  def state_prefix(directory: str, name: Optional[str] = None) -> str:
-    """Checkpoint prefix of a saved position called `name` under `directory`
-    (default: this process's, "input_iterator.process<index>")."""
-    if name is None:
-      import jax  # pylint: disable=g-import-not-at-top
-
-      name = f"input_iterator.process{jax.process_index()}"
-    return os.path.join(directory, name)
-
-  def save(self, directory: str, name: Optional[str] = None) -> str:
-    """Writes the current position to `directory`; returns the prefix."""
-    tf.io.gfile.makedirs(directory)
-    return self._checkpoint.write(self.state_prefix(directory, name))
-
-  def restore(self, directory: str, name: Optional[str] = None):
-    """Moves this iterator to the position saved in `directory` as `name`."""
-    prefix = self.state_prefix(directory, name)
-    if not tf.io.gfile.exists(prefix + ".index"):
-      raise FileNotFoundError(
-          f"No saved input position at {prefix} (expected {prefix}.index). "
-          "Was it saved with DatasetIterator.save under this name?"
-      )
-    self._checkpoint.read(prefix).assert_consumed()
-    return self
 
 
 # Register the TFDS tasks with the default vocabulary on import, so that gin

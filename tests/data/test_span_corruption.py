@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from miniend_jax.data import preprocessors
 from miniend_jax.data import tasks
+from tests.data.span_testing import undo_span_corruption
 
 FEATURE_LENGTHS = {"inputs": 128, "targets": 32}
 
@@ -55,7 +56,7 @@ def test_sentinels_replace_spans_by_hand(pydoc_vocab):
       tokens, mask, pydoc_vocab).numpy().tolist()
   assert inputs == [10, 11, top, 14, 15, 16, top - 1, 18, 19]
   assert targets == [top, 12, 13, top - 1, 17, top - 2]
-  assert preprocessors.undo_span_corruption(
+  assert undo_span_corruption(
       inputs, targets, pydoc_vocab) == list(range(10, 20))
 
 
@@ -90,7 +91,7 @@ def test_span_corruption_statistics_and_inversion(pydoc_vocab):
     assert inputs[-1] == eos and targets[-1] == eos
     inputs, targets = inputs[:-1], targets[:-1]
     # Merging inputs and targets back gives the original tokens exactly.
-    assert preprocessors.undo_span_corruption(
+    assert undo_span_corruption(
         inputs, targets, pydoc_vocab) == original
     # Sentinels in T5's order: <extra_id_0> (the top id), then counting down.
     input_sentinels = [t for t in inputs if t >= first_sentinel]
@@ -277,7 +278,7 @@ def test_byt5_span_corruption_on_the_teachers_bytes(pydoc_setup):
     assert max(inputs + targets) <= 258
     input_sentinels = [t for t in inputs if t >= 248]
     assert input_sentinels == [258 - i for i in range(len(input_sentinels))]
-    original = preprocessors.undo_span_corruption(inputs, targets, vocabulary)
+    original = undo_span_corruption(inputs, targets, vocabulary)
     # The text itself holds no sentinel-range byte (0xF5-0xFF never occur in UTF-8).
     assert max(original) < 248
     total += len(original)

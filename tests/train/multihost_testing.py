@@ -21,7 +21,7 @@ import numpy as np
 
 from miniend_jax.data import vocab as vocab_lib
 from miniend_jax.model import hf, presets, t5
-from miniend_jax.train import checkpoints, loop
+from miniend_jax.train import loop
 from tests.xla_testing import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -130,10 +130,6 @@ def write_tiny_teacher(directory: str, data_dir: str, **overrides) -> t5.T5Confi
       "t5-v1_1-tiny", vocab_size=vocab_lib.padded_vocab_size(vocabulary), **overrides)
   hf.save_hf(config, t5.init_params(config, jax.random.key(7)), directory)
   return config
-
-
-def final_params(workdir: str) -> dict:
-  return checkpoints.load_params_from_checkpoint(os.path.join(workdir, "checkpoints"))
 
 
 def assert_params_close(a, b, rtol=1e-4, atol=1e-5) -> None:

@@ -27,11 +27,6 @@ TINY_FLAGS = ["--no_progress", "--gin.TrainConfig.inputs_length=32",
               "--gin.CheckpointConfig.save_interval_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return loop_testing.shared_data_dir(tmp_path_factory)
-
-
 def miniend_process(*args, data_dir):
   """`python -m miniend_jax ARGS` as a real process (its output piped, text)."""
   command = [sys.executable, "-m", "miniend_jax", *args,

@@ -25,11 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return loop_testing.shared_data_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
   """A random t5-v1_1-tiny-shaped Hugging Face teacher (no run needed to make one) and
   a 2-step miniend_e student distilled from it."""

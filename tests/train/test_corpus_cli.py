@@ -26,11 +26,6 @@ STEPS = 8
 DOCUMENTS_PER_FILE = 40  # 5 chunks of 8: positions are mid-file, and runs change files
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return loop_testing.shared_data_dir(tmp_path_factory)
-
-
 def _write_json_gz(path, lines):
   path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
 
@@ -121,7 +116,7 @@ def test_sigkill_mid_file_resumes_exactly_also_on_one_process(tmp_path, corpus, 
   assert got.keys() == expected.keys() and max(got) == STEPS
   for step in got:
     assert got[step] == pytest.approx(expected[step], rel=1e-5), step
-  mh.assert_params_close(mh.final_params(reference), mh.final_params(killed))
+  mh.assert_params_close(loop_testing.final_params(reference), loop_testing.final_params(killed))
 
 
 def test_a_corrupt_record_stops_with_one_line_and_exit_3(tmp_path, corpus, data_dir, capfd):

@@ -17,11 +17,6 @@ from miniend_jax.train import checkpoints, loop, writers
 from tests.train import loop_testing
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return loop_testing.shared_data_dir(tmp_path_factory)
-
-
 def _losses(workdir):
   return [(r["step"], r["loss"]) for r in
           writers.read_jsonl(os.path.join(workdir, "logs", "train_metrics.jsonl")) if "loss" in r]

@@ -34,11 +34,6 @@ STEPS, SAVE_EVERY, EVAL_EVERY = 12, 4, 4
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return loop_testing.shared_data_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def teacher(tmp_path_factory, data_dir):
   directory = str(tmp_path_factory.mktemp("hf_teacher"))
   mh.write_tiny_teacher(directory, data_dir)
@@ -112,7 +107,8 @@ def test_two_processes_equal_one_and_resume_across_host_counts(tmp_path, teacher
   _stop_one_host(two_to_one, teacher, data_dir)
   _run_here(_distill(two_to_one, teacher, STEPS), data_dir)
   assert _summary(two_to_one)["step"] == STEPS
-  mh.assert_params_close(mh.final_params(reference), mh.final_params(two_to_one))
+  mh.assert_params_close(loop_testing.final_params(reference),
+                         loop_testing.final_params(two_to_one))
 
   # And the reverse (1 -> 2): the single host's run as it stood after its first
   # mid-run checkpoint (the later steps removed), resumed on two hosts.
@@ -124,7 +120,8 @@ def test_two_processes_equal_one_and_resume_across_host_counts(tmp_path, teacher
   outputs = mh.run(2, _distill(one_to_two, teacher, STEPS), data_dir=data_dir)
   assert all(f"Resumed from step {SAVE_EVERY} " in out for out in outputs)
   assert _summary(one_to_two)["step"] == STEPS
-  mh.assert_params_close(mh.final_params(reference), mh.final_params(one_to_two))
+  mh.assert_params_close(loop_testing.final_params(reference),
+                         loop_testing.final_params(one_to_two))
   # Two hosts evaluated to the end of their uneven shards: the one-host figures.
   assert _summary(one_to_two)["eval"] == pytest.approx(summary["eval"], rel=1e-5)
 
@@ -154,7 +151,7 @@ def test_a_model_replica_across_both_processes(tmp_path, data_dir, capfd):
   # than within one; with a bf16 teacher that is bf16 round-off in its outputs,
   # hence a float32 teacher here. Other examples would change every loss.
   np.testing.assert_allclose(_losses(runs[2]), _losses(runs[1]), rtol=1e-5)
-  mh.assert_params_close(mh.final_params(runs[1]), mh.final_params(runs[2]))
+  mh.assert_params_close(loop_testing.final_params(runs[1]), loop_testing.final_params(runs[2]))
 
 
 def test_checkpoint_queries_join_no_barrier(tmp_path):

@@ -1,0 +1,12 @@
+"""Fixtures shared by the run tests of tests/train."""
+
+import pytest
+
+from tests.train import loop_testing
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The session's pydoc corpus and vocabulary, its tasks registered again for each
+  module (other modules may register the same names with their own vocabulary)."""
+  return loop_testing.shared_data_dir(tmp_path_factory)
