@@ -15,7 +15,7 @@ into the checkpoint step being written, under a name that carries the shard
 index, so any host layout can restore it.
 
 This module wires data to meshes; it knows tf.data only through the
-`DatasetIterator` of `data/tasks.py`.
+`DatasetIterator` of `data/pipeline.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from miniend_jax.data import tasks as tasks_lib
+from miniend_jax.data import pipeline
 
 LAYOUT_FILE = "layout.json"
 
@@ -115,13 +115,13 @@ class GlobalBatchReader:
     self.owned_shards = sorted(owned_shards)
     self._pad = pad_exhausted
     self._datasets = {s: make_dataset(s) for s in self.shards}
-    self._iterators: dict[int, tasks_lib.DatasetIterator] = {}
+    self._iterators: dict[int, pipeline.DatasetIterator] = {}
     self._exhausted: set[int] = set()
     self.reset()
 
   def reset(self) -> None:
     """Starts every shard from its beginning (a new evaluation pass)."""
-    self._iterators = {s: tasks_lib.DatasetIterator(d) for s, d in self._datasets.items()}
+    self._iterators = {s: pipeline.DatasetIterator(d) for s, d in self._datasets.items()}
     self._exhausted = set()
 
   @property

@@ -25,7 +25,7 @@ import numpy as np
 import seqio
 from etils import epath  # local paths and gs:// alike (multi-host runs need gs://)
 
-from miniend_jax.data import local_corpus, tasks as tasks_lib, vocab as vocab_lib
+from miniend_jax.data import local_corpus, pipeline, tasks as tasks_lib, vocab as vocab_lib
 from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model import hf, t5
 from miniend_jax.train import (checkpoint_items, checkpoints, inputs, partitioning, program,
@@ -175,7 +175,7 @@ def shard_datasets(cfg: TrainConfig, task: str, layout: inputs.ShardLayout, spli
   lengths = {"inputs": cfg.inputs_length, "targets": cfg.targets_length}
 
   def make(shard: int):
-    return tasks_lib.get_dataset(
+    return pipeline.get_dataset(
         task, lengths, split, batch_size=layout.rows_per_shard, shuffle=train,
         seed=inputs.shard_seed(cfg.seed, shard),
         shard_info=seqio.ShardInfo(index=shard, num_shards=layout.num_shards), pack=cfg.pack,
