@@ -17,7 +17,6 @@ constraints, so `train/partitioning.py` maps them onto any mesh.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Mapping
@@ -29,7 +28,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
-from miniend_jax.model.config import REMAT_POLICIES, T5Config, count_params  # noqa: F401  (re-exported)
+# re-exported: users import them from here
+from miniend_jax.model.config import (  # noqa: F401
+    REMAT_POLICIES, T5Config, Taps, count_params, forward_flops, layer_index)
 
 Array = jax.Array
 
@@ -53,57 +54,6 @@ _REMAT_POLICIES = {
 
 
 assert tuple(_REMAT_POLICIES) == REMAT_POLICIES, "model/config.py names the same policies"
-
-
-@dataclasses.dataclass(frozen=True)
-class Taps:
-  """Which layers' attention internals and hidden states a forward pass returns.
-
-  Each field is a tuple of layer indices; negative indices count from the end
-  (-1 is the last layer). Attention taps return the query, key and value
-  projections before the head split; hidden taps return a block's output.
-  """
-
-  encoder_self: tuple[int, ...] = ()
-  decoder_self: tuple[int, ...] = ()
-  decoder_cross: tuple[int, ...] = ()
-  encoder_hidden: tuple[int, ...] = ()
-  decoder_hidden: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if isinstance(value, (int, np.integer)):
-        value = (value,)
-      object.__setattr__(self, field.name, tuple(int(i) for i in value))
-
-  def normalize(self, config: T5Config) -> "Taps":
-    """Returns the same request with non-negative, sorted, unique indices.
-
-    Raises:
-      ValueError: naming the tap and the valid range, for a layer that does not exist.
-    """
-    return dataclasses.replace(self, **{
-        field.name: tuple(sorted({
-            layer_index(config, field.name, i, f"Tap {field.name}={i}")
-            for i in getattr(self, field.name)}))
-        for field in dataclasses.fields(self)})
-
-
-def layer_index(config: T5Config, kind: str, index: int, what: str,
-                owner: str = "the model") -> int:
-  """`index` of a layer of the stack `kind` names ("encoder_*" or "decoder_*"), made
-  non-negative (negative indices count from the last layer).
-
-  Raises:
-    ValueError: starting with `what`, naming the stack's size and the valid range.
-  """
-  stack = "encoder" if kind.startswith("encoder") else "decoder"
-  num = config.num_layers if stack == "encoder" else config.num_decoder_layers
-  if not -num <= index < num:
-    raise ValueError(f"{what} asks for a layer that does not exist: {owner}'s {stack} has "
-                     f"{num} layers, so valid indices are {-num}..{num - 1}.")
-  return index % num
 
 
 @flax.struct.dataclass
@@ -925,23 +875,3 @@ def unstack_layer_params(params: Mapping, config: T5Config) -> dict:
       sub[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
     out[stack] = sub
   return out
-
-
-def forward_flops(config: T5Config, batch: int, input_len: int, target_len: int) -> float:
-  """Matmul FLOPs of one forward pass (2 per multiply-add), the usual MFU numerator.
-
-  Counts projections, feed-forward, attention scores and mixing (full square,
-  as computed) and the output head; ignores norms, softmax and elementwise ops.
-  A training step costs about 3x its forward (backward = 2x).
-  """
-  d, inner, ff = config.d_model, config.inner_dim, config.d_ff
-  ff_mats = 3 if config.is_gated else 2
-  enc_tokens, dec_tokens = batch * input_len, batch * target_len
-  encoder = config.num_layers * (
-      enc_tokens * (4 * d * inner + ff_mats * d * ff) + enc_tokens * 2 * input_len * inner)
-  decoder = config.num_decoder_layers * (
-      dec_tokens * (6 * d * inner + ff_mats * d * ff)      # self q,k,v,o; cross q,o; mlp
-      + enc_tokens * 2 * d * inner                          # cross k,v over the encoder output
-      + dec_tokens * 2 * (target_len + input_len) * inner)  # self and cross scores + mixing
-  head = dec_tokens * d * config.vocab_size
-  return 2.0 * (encoder + decoder + head)
