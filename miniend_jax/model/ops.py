@@ -1,8 +1,9 @@
 """The low-level operations of the T5 model, in JAX alone (no Flax).
 
 float32-accumulated dots (`dot_f32`, `matmul` with its own VJP), T5's relative
-position buckets, the attention kernel choice and the additive key-mask bias,
-and the remat policies that know `matmul`'s saved outputs by name. `layers.py`
+position buckets, the attention kernels (`attention_implementation` chooses,
+`attend` runs) and the additive key-mask bias, and the remat policies that know
+`matmul`'s saved outputs by name. `layers.py`
 builds the Flax modules on these; `distill/` reuses `dot_f32` without loading
 any Flax module.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +159,33 @@ def attention_implementation(config: T5Config, *, dropout: bool = False,
         f"T5Config.attention_impl={chosen!r} cannot apply attention dropout; use 'auto' "
         "(explicit for layers with dropout) or set dropout_rate=0.")
   return chosen
+
+
+def attend(query: Array, key: Array, value: Array, bias: Array, implementation: str,
+           dtype: Any, dropout: Callable[[Array], Array] = lambda weights: weights) -> Array:
+  """Multi-head attention without score scaling (T5 folds it into the query init).
+
+  query: [batch, q_len, heads, d_kv]; key, value: [batch, kv_len, heads, d_kv].
+  bias: additive float32 [batch or 1, heads or 1, q_len, kv_len] (positions and masks).
+  implementation: "explicit", "xla" or "cudnn", as `attention_implementation` chose.
+  dropout: applied to the attention probabilities; the explicit kernel only (the
+    fused ones have none, so `attention_implementation` never picks them with dropout).
+  Returns the context [batch, q_len, heads, d_kv] in `dtype`.
+  """
+  if implementation == "explicit":
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                        preferred_element_type=jnp.float32) + bias
+    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    weights = dropout(weights)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
+                         preferred_element_type=jnp.float32).astype(dtype)
+  else:
+    # The relative-position bias and the masks travel as one additive bias
+    # (cuDNN wants it in the inputs' dtype); scale 1: T5 scales by its init.
+    context = jax.nn.dot_product_attention(
+        query, key, value, bias=bias.astype(query.dtype) if implementation == "cudnn" else bias,
+        scale=1.0, implementation=implementation).astype(dtype)
+  return context
 
 
 def key_mask_bias(query_len: int, key_mask: Array, query_segments: Array | None = None,

@@ -30,8 +30,8 @@ import numpy as np
 from miniend_jax.model.config import (  # noqa: F401
     REMAT_POLICIES, T5Config, Taps, count_params, forward_flops, layer_index)
 from miniend_jax.model.ops import (  # noqa: F401
-    MASK_BIAS, REMAT_CHECKPOINT_POLICIES, attention_implementation, dot_f32, key_mask_bias,
-    matmul, relative_position_buckets)
+    MASK_BIAS, REMAT_CHECKPOINT_POLICIES, attend, attention_implementation, dot_f32,
+    key_mask_bias, matmul, relative_position_buckets)
 
 Array = jax.Array
 
@@ -183,19 +183,8 @@ class Attention(nn.Module):
 
     implementation = attention_implementation(
         cfg, dropout=not self.deterministic and cfg.dropout_rate > 0, decode=self.decode)
-    if implementation == "explicit":
-      scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                          preferred_element_type=jnp.float32) + bias
-      weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-      weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
-      context = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
-                           preferred_element_type=jnp.float32).astype(dtype)
-    else:
-      # The relative-position bias and the masks travel as one additive bias
-      # (cuDNN wants it in the inputs' dtype); scale 1: T5 scales by its init.
-      context = jax.nn.dot_product_attention(
-          query, key, value, bias=bias.astype(query.dtype) if implementation == "cudnn" else bias,
-          scale=1.0, implementation=implementation).astype(dtype)
+    dropout = lambda w: nn.Dropout(cfg.dropout_rate)(w, deterministic=self.deterministic)
+    context = attend(query, key, value, bias, implementation, dtype, dropout)
     out = Dense(heads_shape, (cfg.d_model,), ("heads", "kv", "embed"),
                 cfg.inner_dim ** -0.5, dtype, param_dtype, name="out")(context)
 
