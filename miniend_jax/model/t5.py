@@ -17,8 +17,7 @@ constraints, so `train/partitioning.py` maps them onto any mesh.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -29,24 +28,13 @@ import numpy as np
 # re-exported: users import them from here
 from miniend_jax.model.config import (  # noqa: F401
     REMAT_POLICIES, T5Config, Taps, count_params, forward_flops, layer_index)
+from miniend_jax.model.layers import (  # noqa: F401
+    Attention, AttentionTap, Dense, FeedForward, RelativePositionBias, RMSNorm)
 from miniend_jax.model.ops import (  # noqa: F401
-    MASK_BIAS, REMAT_CHECKPOINT_POLICIES, attend, attention_implementation, dot_f32,
-    key_mask_bias, matmul, relative_position_buckets)
+    MASK_BIAS, REMAT_CHECKPOINT_POLICIES, attention_implementation, dot_f32, key_mask_bias,
+    matmul, relative_position_buckets)
 
 Array = jax.Array
-
-@flax.struct.dataclass
-class AttentionTap:
-  """Projections of one attention layer, before the head split.
-
-  query: [batch, query_len, num_heads * d_kv]
-  key:   [batch, key_len, num_heads * d_kv]
-  value: [batch, key_len, num_heads * d_kv]
-  """
-
-  query: Array
-  key: Array
-  value: Array
 
 
 @flax.struct.dataclass
@@ -77,160 +65,6 @@ class T5Output:
   decoder_hidden: Mapping[int, Array] = flax.struct.field(default_factory=dict)
   head_hidden: Array | None = None
   head_kernel: Array | None = None
-
-
-# ----------------------------------------------------------------------------
-# Layers.
-
-
-def _param(module: nn.Module, name: str, init, shape, axes, dtype):
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-class Dense(nn.Module):
-  """Bias-free projection contracting the trailing `in_dims` axes of the input.
-
-  kernel: [*in_shape, *out_shape] with logical axes `kernel_axes`.
-  """
-
-  in_shape: tuple[int, ...]
-  out_shape: tuple[int, ...]
-  kernel_axes: tuple[str, ...]
-  init_std: float
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  out_dtype: Any = None  # default: dtype
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = _param(self, "kernel", nn.initializers.normal(self.init_std),
-                    self.in_shape + self.out_shape, self.kernel_axes, self.param_dtype)
-    return matmul(x.astype(self.dtype), kernel.astype(self.dtype), len(self.in_shape),
-                  self.out_dtype)
-
-
-class RMSNorm(nn.Module):
-  """T5 layer norm: scale only, no mean subtraction, computed in float32."""
-
-  epsilon: float = 1e-6
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
-                   self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return (scale.astype(jnp.float32) * x32).astype(self.dtype)
-
-
-class RelativePositionBias(nn.Module):
-  """Learned per-head bias of each relative-position bucket, shared by all layers of a stack."""
-
-  config: T5Config
-  bidirectional: bool
-
-  @nn.compact
-  def __call__(self, query_len: int, key_len: int) -> Array:
-    """Returns the bias, float32 [1, heads, query_len, key_len]."""
-    cfg = self.config
-    table = _param(self, "rel_embedding",
-                   nn.initializers.normal(cfg.d_model ** -0.5),
-                   (cfg.num_heads, cfg.relative_attention_num_buckets),
-                   ("heads", "relpos_buckets"), jnp.dtype(cfg.param_dtype))
-    buckets = relative_position_buckets(
-        query_len, key_len, bidirectional=self.bidirectional,
-        num_buckets=cfg.relative_attention_num_buckets,
-        max_distance=cfg.relative_attention_max_distance)
-    return jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=1)[None]
-
-
-class Attention(nn.Module):
-  """Multi-head attention without score scaling (T5 folds it into the query init)."""
-
-  config: T5Config
-  deterministic: bool = True
-  return_tap: bool = False
-  # Incremental decoding: keys and values of past positions live in the "cache"
-  # collection ([batch, max_len, heads, d_kv]); each call appends one position.
-  decode: bool = False
-
-  @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array):
-    """Attends `inputs_q` [batch, q_len, d_model] over `inputs_kv` [batch, kv_len, d_model].
-
-    bias: additive float32 [batch or 1, heads, q_len, kv_len] (positions and masks);
-      in decode mode [batch or 1, heads, 1, max_len].
-    Returns (output [batch, q_len, d_model], AttentionTap or None).
-    """
-    cfg = self.config
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    heads_shape = (cfg.num_heads, cfg.d_kv)
-
-    def projection(name, std):
-      return Dense((cfg.d_model,), heads_shape, ("embed", "heads", "kv"), std,
-                   dtype, param_dtype, name=name)
-
-    query = projection("query", (cfg.d_model * cfg.d_kv) ** -0.5)(inputs_q)
-    key = projection("key", cfg.d_model ** -0.5)(inputs_kv)
-    value = projection("value", cfg.d_model ** -0.5)(inputs_kv)
-    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
-    key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
-    value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
-    if self.decode:
-      key, value = self._update_cache(key, value)
-
-    implementation = attention_implementation(
-        cfg, dropout=not self.deterministic and cfg.dropout_rate > 0, decode=self.decode)
-    dropout = lambda w: nn.Dropout(cfg.dropout_rate)(w, deterministic=self.deterministic)
-    context = attend(query, key, value, bias, implementation, dtype, dropout)
-    out = Dense(heads_shape, (cfg.d_model,), ("heads", "kv", "embed"),
-                cfg.inner_dim ** -0.5, dtype, param_dtype, name="out")(context)
-
-    tap = None
-    if self.return_tap:
-      join = lambda t: t.reshape(t.shape[:2] + (cfg.inner_dim,))
-      tap = AttentionTap(join(query), join(key), join(value))
-    return out, tap
-
-  def _update_cache(self, key: Array, value: Array) -> tuple[Array, Array]:
-    """Writes this step's key/value [batch, 1, heads, d_kv] at the cache index and
-    returns the whole cache [batch, max_len, heads, d_kv]. The first (initialising)
-    call, made with the full max_len, only allocates the cache."""
-    initialised = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    if not initialised:
-      return key, value
-    position = (0, index.value, 0, 0)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, position)
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, position)
-    index.value = index.value + 1
-    return cached_key.value, cached_value.value
-
-
-class FeedForward(nn.Module):
-  """T5 MLP: wi -> activation (gated for v1.1) -> dropout -> wo."""
-
-  config: T5Config
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.config
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    wi = functools.partial(Dense, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"),
-                           cfg.d_model ** -0.5, dtype, param_dtype)
-    if cfg.is_gated:
-      h = cfg.activation(wi(name="wi_0")(x)) * wi(name="wi_1")(x)
-    else:
-      h = cfg.activation(wi(name="wi")(x))
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-    return Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), cfg.d_ff ** -0.5,
-                 dtype, param_dtype, name="wo")(h)
 
 
 def _norm(cfg: T5Config, name: str) -> RMSNorm:
