@@ -23,7 +23,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # re-exported: users import them from here
 from miniend_jax.model.config import (  # noqa: F401
@@ -153,7 +152,8 @@ def _maybe_remat(block_cls, cfg: T5Config):
 
 # Logical name of the leading axis of stacked layer parameters (`scan_layers`).
 LAYERS_AXIS = "layers"
-_STACKED = "layers"
+# The parameter of a stack that holds its layers when `scan_layers` stacks them.
+STACKED_LAYERS = "layers"
 
 
 def _stacked_layers(module: nn.Module, make_block, num_layers: int, tapped: set[int],
@@ -188,7 +188,7 @@ def _stacked_layers(module: nn.Module, make_block, num_layers: int, tapped: set[
         if isinstance(b, nn.meta.AxisMetadata) else b,
         boxed, is_leaf=lambda b: isinstance(b, nn.meta.AxisMetadata))
 
-  stacked = module.param(_STACKED, init_stack)
+  stacked = module.param(STACKED_LAYERS, init_stack)
   base_rng = None if deterministic else module.make_rng("dropout")
 
   def layer_fn(i: int, in_scan: bool):
@@ -467,80 +467,14 @@ def dummy_inputs(batch: int = 1, input_len: int = 8, target_len: int = 8):
   return (jnp.full((batch, input_len), 2, jnp.int32), jnp.full((batch, target_len), 2, jnp.int32))
 
 
-def init_params(config: T5Config, rng: Array) -> dict:
-  """Randomly initialised parameters (unboxed arrays, `param_dtype`)."""
-  boxed = T5(config).init(rng, *dummy_inputs())["params"]
-  return nn.meta.unbox(boxed)
+# re-exported: users import these from here. Their home, model/params.py, builds on this
+# module, so they load on first use (PEP 562) instead of importing each other in a cycle.
+_PARAMS_NAMES = ("init_params", "param_logical_axes", "param_shapes", "stack_layer_params",
+                 "unstack_layer_params")
 
 
-def param_logical_axes(config: T5Config) -> dict:
-  """Logical axis names of every parameter: a pytree of `jax.sharding.PartitionSpec`
-  with logical names, shaped like the parameters. Computes no values."""
-  boxed = jax.eval_shape(lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"])
-  return nn.get_partition_spec(boxed)
-
-
-def param_shapes(config: T5Config) -> dict:
-  """`jax.ShapeDtypeStruct` of every parameter, without allocating them."""
-  return nn.meta.unbox(jax.eval_shape(
-      lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"]))
-
-
-def _layer_stacks(config: T5Config) -> tuple[tuple[str, int], ...]:
-  return (("encoder", config.num_layers), ("decoder", config.num_decoder_layers))
-
-
-def _stack_leaves(leaves):
-  xp = jnp if any(isinstance(x, jax.Array) for x in leaves) else np
-  return xp.stack([xp.asarray(x) for x in leaves])
-
-
-def stack_layer_params(params: Mapping, config: T5Config) -> dict:
-  """Unrolled parameters (`layers_0` .. `layers_{n-1}` per stack, the Hugging Face
-  import's and checkpoints' layout) -> the `scan_layers` layout (one `layers`
-  subtree per stack, each leaf with a leading [n] axis).
-
-  Pure: returns a new tree (numpy leaves stay numpy, jax arrays stay jax arrays);
-  a stack already stacked is returned as it is.
-
-  Raises:
-    ValueError: naming a stack whose layers do not match `config`.
-  """
-  out = dict(params)
-  for stack, num in _layer_stacks(config):
-    sub = dict(params[stack])
-    if _STACKED in sub:
-      continue
-    names = [f"layers_{i}" for i in range(num)]
-    missing = [n for n in names if n not in sub]
-    extra = sorted(k for k in sub if k.startswith("layers_") and k not in names)
-    if missing or extra:
-      raise ValueError(f"stack_layer_params: the {stack} should have layers_0..layers_{num - 1} "
-                       f"for this config; missing {missing}, unexpected {extra}.")
-    layers = [sub.pop(n) for n in names]
-    sub[_STACKED] = jax.tree.map(lambda *leaves: _stack_leaves(leaves), *layers)
-    out[stack] = sub
-  return out
-
-
-def unstack_layer_params(params: Mapping, config: T5Config) -> dict:
-  """The inverse of `stack_layer_params`: the `scan_layers` layout -> `layers_i`
-  subtrees. Pure; a stack already unrolled is returned as it is.
-
-  Raises:
-    ValueError: when a stacked leaf's leading axis is not the stack's layer count.
-  """
-  out = dict(params)
-  for stack, num in _layer_stacks(config):
-    sub = dict(params[stack])
-    if _STACKED not in sub:
-      continue
-    stacked = sub.pop(_STACKED)
-    for leaf in jax.tree.leaves(stacked):
-      if leaf.shape[:1] != (num,):
-        raise ValueError(f"unstack_layer_params: the {stack}'s stacked parameters have a "
-                         f"leading axis of {leaf.shape[:1]}, but the config has {num} layers.")
-    for i in range(num):
-      sub[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
-    out[stack] = sub
-  return out
+def __getattr__(name: str):
+  if name in _PARAMS_NAMES:
+    from miniend_jax.model import params  # pylint: disable=import-outside-toplevel
+    return getattr(params, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
