@@ -44,14 +44,14 @@ class T5Config:
   `scan_layers` stores each stack's layers as one stacked subtree ("layers",
   leading logical axis "layers") and runs the layers no tap asks for under
   `jax.lax.scan`, so XLA compiles one layer body instead of every layer (see
-  `t5.stack_layer_params` / `t5.unstack_layer_params` to convert parameters).
+  `params.stack_layer_params` / `params.unstack_layer_params` to convert parameters).
 
   `relative_bias_per_layer`: every layer's self-attention has its own
   relative-position table (umT5, model_type "umt5"), instead of one table per
   stack shared by all layers (T5, mT5).
 
   `attention_impl` picks the attention kernel (the same math; see
-  `t5.attention_implementation`): "explicit" einsums and softmax, "xla" or
+  `ops.attention_implementation`): "explicit" einsums and softmax, "xla" or
   "cudnn" through `jax.nn.dot_product_attention` (cuDNN: fused flash attention
   on NVIDIA GPUs, bf16/fp16 only), "auto" cuDNN where it applies, else explicit.
   """

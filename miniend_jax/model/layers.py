@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from miniend_jax.model.config import T5Config
-from miniend_jax.model.ops import attend, attention_implementation, matmul, relative_position_buckets
+from miniend_jax.model.ops import (attend, attention_implementation, matmul,
+                                   relative_position_buckets)
 
 Array = jax.Array
 

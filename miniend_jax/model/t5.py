@@ -13,6 +13,12 @@ that were not asked for.
 Every parameter carries logical axis names (t5x style: "vocab", "embed", "mlp",
 "heads", "kv", "relpos_buckets") and the main activations carry logical
 constraints, so `train/partitioning.py` maps them onto any mesh.
+
+This module assembles the model: blocks, the encoder and decoder stacks (unrolled,
+or scanned over stacked layer parameters), the output head and the decoding cache.
+The layers are in `layers.py`, the JAX-only operations in `ops.py`, `T5Config`
+and `Taps` in `config.py`, the parameter trees (init, shapes, logical axes,
+stacking) in `params.py`; their public names stay importable from here.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from miniend_jax.model.config import T5Config, Taps
+from miniend_jax.model.layers import Attention, Dense, FeedForward, RelativePositionBias, RMSNorm
+from miniend_jax.model.ops import MASK_BIAS, REMAT_CHECKPOINT_POLICIES, key_mask_bias, matmul
+
 # re-exported: users import them from here
 from miniend_jax.model.config import (  # noqa: F401
-    REMAT_POLICIES, T5Config, Taps, count_params, forward_flops, layer_index)
-from miniend_jax.model.layers import (  # noqa: F401
-    Attention, AttentionTap, Dense, FeedForward, RelativePositionBias, RMSNorm)
+    REMAT_POLICIES, count_params, forward_flops, layer_index)
+from miniend_jax.model.layers import AttentionTap  # noqa: F401
 from miniend_jax.model.ops import (  # noqa: F401
-    MASK_BIAS, REMAT_CHECKPOINT_POLICIES, attention_implementation, dot_f32, key_mask_bias,
-    matmul, relative_position_buckets)
+    attention_implementation, dot_f32, relative_position_buckets)
 
 Array = jax.Array
 
