@@ -6,9 +6,9 @@ key/value cache for incremental decoding and its `AttentionTap`) and FeedForward
 (ReLU or gated). `t5.py` assembles them into blocks, stacks and the model;
 the arithmetic they share is in `ops.py`.
 
-Every parameter carries logical axis names (t5x style: "vocab", "embed", "mlp",
-"heads", "kv", "relpos_buckets") and the main activations carry logical
-constraints, so `train/partitioning.py` maps them onto any mesh.
+Every parameter carries logical axis names (t5x style: "embed", "mlp", "heads",
+"kv", "relpos_buckets") and the main activations carry logical constraints, so
+`train/partitioning.py` maps them onto any mesh.
 """
 
 from __future__ import annotations
