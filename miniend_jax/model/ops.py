@@ -189,7 +189,7 @@ def attend(query: Array, key: Array, value: Array, bias: Array, implementation: 
 
 
 def key_mask_bias(query_len: int, key_mask: Array, query_segments: Array | None = None,
-                   key_segments: Array | None = None) -> Array:
+                  key_segments: Array | None = None) -> Array:
   """Additive mask bias, float32 [batch, 1, query_len, key_len].
 
   Only keys are masked (as Hugging Face does), so padded query rows still
