@@ -1,8 +1,9 @@
-"""The T5 model config and the sizes it implies, without importing JAX.
+"""The T5 model config, the sizes it implies and the taps request, without importing JAX.
 
-`T5Config` lives here (and is re-exported by `model/t5.py`) so that what only
-reads configs (presets, `miniend models`, `--help`, run records) answers at
-once instead of loading JAX and Flax first.
+`T5Config`, `Taps` and the sizes (`count_params`, `forward_flops`) live here (and
+are re-exported by `model/t5.py`) so that what only reads configs (presets,
+`miniend models`, `--help`, run records, distillation recipes) answers at once
+instead of loading JAX and Flax first.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ class T5Config:
   `scan_layers` stores each stack's layers as one stacked subtree ("layers",
   leading logical axis "layers") and runs the layers no tap asks for under
   `jax.lax.scan`, so XLA compiles one layer body instead of every layer (see
-  `t5.stack_layer_params` / `t5.unstack_layer_params` to convert parameters).
+  `params.stack_layer_params` / `params.unstack_layer_params` to convert parameters).
 
   `relative_bias_per_layer`: every layer's self-attention has its own
   relative-position table (umT5, model_type "umt5"), instead of one table per
   stack shared by all layers (T5, mT5).
 
   `attention_impl` picks the attention kernel (the same math; see
-  `t5.attention_implementation`): "explicit" einsums and softmax, "xla" or
+  `ops.attention_implementation`): "explicit" einsums and softmax, "xla" or
   "cudnn" through `jax.nn.dot_product_attention` (cuDNN: fused flash attention
   on NVIDIA GPUs, bf16/fp16 only), "auto" cuDNN where it applies, else explicit.
   """
@@ -155,3 +156,74 @@ def count_params(config: T5Config) -> int:
              + stack_relpos + d)
   head = 0 if config.tie_word_embeddings else d * config.vocab_size
   return config.vocab_size * d + encoder + decoder + head
+
+
+def forward_flops(config: T5Config, batch: int, input_len: int, target_len: int) -> float:
+  """Matmul FLOPs of one forward pass (2 per multiply-add), the usual MFU numerator.
+
+  Counts projections, feed-forward, attention scores and mixing (full square,
+  as computed) and the output head; ignores norms, softmax and elementwise ops.
+  A training step costs about 3x its forward (backward = 2x).
+  """
+  d, inner, ff = config.d_model, config.inner_dim, config.d_ff
+  ff_mats = 3 if config.is_gated else 2
+  enc_tokens, dec_tokens = batch * input_len, batch * target_len
+  encoder = config.num_layers * (
+      enc_tokens * (4 * d * inner + ff_mats * d * ff) + enc_tokens * 2 * input_len * inner)
+  decoder = config.num_decoder_layers * (
+      dec_tokens * (6 * d * inner + ff_mats * d * ff)      # self q,k,v,o; cross q,o; mlp
+      + enc_tokens * 2 * d * inner                          # cross k,v over the encoder output
+      + dec_tokens * 2 * (target_len + input_len) * inner)  # self and cross scores + mixing
+  head = dec_tokens * d * config.vocab_size
+  return 2.0 * (encoder + decoder + head)
+
+
+@dataclasses.dataclass(frozen=True)
+class Taps:
+  """Which layers' attention internals and hidden states a forward pass returns.
+
+  Each field is a tuple of layer indices; negative indices count from the end
+  (-1 is the last layer). Attention taps return the query, key and value
+  projections before the head split; hidden taps return a block's output.
+  """
+
+  encoder_self: tuple[int, ...] = ()
+  decoder_self: tuple[int, ...] = ()
+  decoder_cross: tuple[int, ...] = ()
+  encoder_hidden: tuple[int, ...] = ()
+  decoder_hidden: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, (int, np.integer)):
+        value = (value,)
+      object.__setattr__(self, field.name, tuple(int(i) for i in value))
+
+  def normalize(self, config: T5Config) -> "Taps":
+    """Returns the same request with non-negative, sorted, unique indices.
+
+    Raises:
+      ValueError: naming the tap and the valid range, for a layer that does not exist.
+    """
+    return dataclasses.replace(self, **{
+        field.name: tuple(sorted({
+            layer_index(config, field.name, i, f"Tap {field.name}={i}")
+            for i in getattr(self, field.name)}))
+        for field in dataclasses.fields(self)})
+
+
+def layer_index(config: T5Config, kind: str, index: int, what: str,
+                owner: str = "the model") -> int:
+  """`index` of a layer of the stack `kind` names ("encoder_*" or "decoder_*"), made
+  non-negative (negative indices count from the last layer).
+
+  Raises:
+    ValueError: starting with `what`, naming the stack's size and the valid range.
+  """
+  stack = "encoder" if kind.startswith("encoder") else "decoder"
+  num = config.num_layers if stack == "encoder" else config.num_decoder_layers
+  if not -num <= index < num:
+    raise ValueError(f"{what} asks for a layer that does not exist: {owner}'s {stack} has "
+                     f"{num} layers, so valid indices are {-num}..{num - 1}.")
+  return index % num

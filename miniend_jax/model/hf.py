@@ -30,7 +30,7 @@ from etils import epath
 from miniend_jax.model import hub, sliced_read, stacking, t5x, tensor_files
 from miniend_jax.model.layouts import (HEADS_COLS, HEADS_ROWS, JOINED_IN, JOINED_OUT, SAME,
                                        TRANSPOSE, Layout)
-from miniend_jax.model.t5 import T5Config
+from miniend_jax.model.config import T5Config
 from miniend_jax.model.tensor_files import CheckpointError  # noqa: F401  (raised to callers)
 
 CONFIG_NAME = hub.CONFIG_NAME
@@ -370,8 +370,8 @@ def load_hf(path_or_hub_id: str, *, param_dtype: str | None = None,
   for path, value in flat.items():
     _set_path(params, path, value)
   if getattr(config, "scan_layers", False):
-    from miniend_jax.model import t5  # pylint: disable=import-outside-toplevel
-    params = t5.stack_layer_params(params, config)
+    from miniend_jax.model.params import stack_layer_params  # pylint: disable=import-outside-toplevel
+    params = stack_layer_params(params, config)
   return config, params
 
 
@@ -392,7 +392,7 @@ def load_hf_sharded(path_or_hub_id: str, shardings, *, config: T5Config | None =
     path_or_hub_id: a local or gs:// directory, a hub id, or a checkpoint
       `open_checkpoint` opened.
     shardings: a NamedSharding per parameter (e.g. `partitioning.logical_to_sharding(
-      t5.param_logical_axes(config), mesh)`).
+      model.params.param_logical_axes(config), mesh)`).
     config: the config to load as (its `param_dtype` is the stored dtype of the
       result); default: the checkpoint's, with `config_overrides`.
     stats: receives what this host read (`sliced_read.ReadStats`).
@@ -441,8 +441,8 @@ def save_hf(config: T5Config, params: Mapping, out_dir: str, *,
   from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
 
   if getattr(config, "scan_layers", False):
-    from miniend_jax.model import t5  # pylint: disable=import-outside-toplevel
-    params = t5.unstack_layer_params(params, config)
+    from miniend_jax.model.params import unstack_layer_params  # pylint: disable=import-outside-toplevel
+    params = unstack_layer_params(params, config)
     config = _unscanned(config)
   expected = sliced_read.flat_shapes(config)
   tensors = {}

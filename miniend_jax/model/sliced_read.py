@@ -75,10 +75,10 @@ def flat_shapes(config) -> dict[str, tuple[int, ...]]:
   """{"encoder/layers_0/.../kernel": shape} of a T5Config's parameters, unrolled
   (the layout every checkpoint format stores). Cached: tracing the model is slow."""
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from miniend_jax.model import t5  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model import params  # pylint: disable=import-outside-toplevel
   unrolled = config.replace(scan_layers=False) if config.scan_layers else config
   return {k: tuple(v.shape) for k, v in
-          traverse_util.flatten_dict(t5.param_shapes(unrolled), sep="/").items()}
+          traverse_util.flatten_dict(params.param_shapes(unrolled), sep="/").items()}
 
 
 def _plan(path: str, entry: Entry, shape, index_map: Mapping) -> _Plan:

@@ -6,6 +6,8 @@ with `scan_layers` keeps each stack as one `layers` subtree with a leading
 scanned one minus that axis, then stack on the devices (`relayout`), so no
 host ever holds a whole stack; a scanned checkpoint restores into an unrolled
 model the other way round. Layer counts come from the trees themselves.
+`params.stack_layer_params` / `unstack_layer_params` are the host-side
+counterparts: pure tree transforms checked against a config, numpy leaves kept.
 """
 
 from __future__ import annotations

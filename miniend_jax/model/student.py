@@ -88,8 +88,8 @@ def init_student(config: T5Config, rng, *, teacher_config: T5Config | None = Non
   """
   import jax  # pylint: disable=import-outside-toplevel  (student_config needs no JAX)
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from miniend_jax.model.t5 import (init_params, stack_layer_params,  # pylint: disable=import-outside-toplevel
-                                    unstack_layer_params)
+  from miniend_jax.model.params import (init_params, stack_layer_params,  # pylint: disable=import-outside-toplevel
+                                        unstack_layer_params)
   if teacher_params is None:
     return init_params(config, rng)
   if teacher_config is None:

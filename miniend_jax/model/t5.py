@@ -13,111 +13,35 @@ that were not asked for.
 Every parameter carries logical axis names (t5x style: "vocab", "embed", "mlp",
 "heads", "kv", "relpos_buckets") and the main activations carry logical
 constraints, so `train/partitioning.py` maps them onto any mesh.
+
+This module assembles the model: blocks, the encoder and decoder stacks (unrolled,
+or scanned over stacked layer parameters), the output head and the decoding cache.
+The layers are in `layers.py`, the JAX-only operations in `ops.py`, `T5Config`
+and `Taps` in `config.py`, the parameter trees (init, shapes, logical axes,
+stacking) in `params.py`; their public names stay importable from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
-import numpy as np
 
-from miniend_jax.model.config import REMAT_POLICIES, T5Config, count_params  # noqa: F401  (re-exported)
+from miniend_jax.model.config import T5Config, Taps
+from miniend_jax.model.layers import Attention, Dense, FeedForward, RelativePositionBias, RMSNorm
+from miniend_jax.model.ops import MASK_BIAS, REMAT_CHECKPOINT_POLICIES, key_mask_bias, matmul
+
+# re-exported: users import them from here
+from miniend_jax.model.config import (  # noqa: F401
+    REMAT_POLICIES, count_params, forward_flops, layer_index)
+from miniend_jax.model.layers import AttentionTap  # noqa: F401
+from miniend_jax.model.ops import (  # noqa: F401
+    attention_implementation, dot_f32, relative_position_buckets)
 
 Array = jax.Array
-
-# Additive attention bias for masked keys. Large but finite, so a row whose keys
-# are all masked (a fully padded example) softmaxes to finite values, not NaN.
-_MASK_BIAS = -1e10
-
-# The dense projections run through `matmul`'s custom VJP, which remat policies
-# do not see as a dot, so its outputs are named and saved by name as well.
-_MATMUL_NAME = "t5_matmul"
-_REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots,
-        jax.checkpoint_policies.save_only_these_names(_MATMUL_NAME)),
-    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        jax.checkpoint_policies.save_only_these_names(_MATMUL_NAME)),
-}
-
-
-assert tuple(_REMAT_POLICIES) == REMAT_POLICIES, "model/config.py names the same policies"
-
-
-@dataclasses.dataclass(frozen=True)
-class Taps:
-  """Which layers' attention internals and hidden states a forward pass returns.
-
-  Each field is a tuple of layer indices; negative indices count from the end
-  (-1 is the last layer). Attention taps return the query, key and value
-  projections before the head split; hidden taps return a block's output.
-  """
-
-  encoder_self: tuple[int, ...] = ()
-  decoder_self: tuple[int, ...] = ()
-  decoder_cross: tuple[int, ...] = ()
-  encoder_hidden: tuple[int, ...] = ()
-  decoder_hidden: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if isinstance(value, (int, np.integer)):
-        value = (value,)
-      object.__setattr__(self, field.name, tuple(int(i) for i in value))
-
-  def normalize(self, config: T5Config) -> "Taps":
-    """Returns the same request with non-negative, sorted, unique indices.
-
-    Raises:
-      ValueError: naming the tap and the valid range, for a layer that does not exist.
-    """
-    return dataclasses.replace(self, **{
-        field.name: tuple(sorted({
-            layer_index(config, field.name, i, f"Tap {field.name}={i}")
-            for i in getattr(self, field.name)}))
-        for field in dataclasses.fields(self)})
-
-
-def layer_index(config: T5Config, kind: str, index: int, what: str,
-                owner: str = "the model") -> int:
-  """`index` of a layer of the stack `kind` names ("encoder_*" or "decoder_*"), made
-  non-negative (negative indices count from the last layer).
-
-  Raises:
-    ValueError: starting with `what`, naming the stack's size and the valid range.
-  """
-  stack = "encoder" if kind.startswith("encoder") else "decoder"
-  num = config.num_layers if stack == "encoder" else config.num_decoder_layers
-  if not -num <= index < num:
-    raise ValueError(f"{what} asks for a layer that does not exist: {owner}'s {stack} has "
-                     f"{num} layers, so valid indices are {-num}..{num - 1}.")
-  return index % num
-
-
-@flax.struct.dataclass
-class AttentionTap:
-  """Projections of one attention layer, before the head split.
-
-  query: [batch, query_len, num_heads * d_kv]
-  key:   [batch, key_len, num_heads * d_kv]
-  value: [batch, key_len, num_heads * d_kv]
-  """
-
-  query: Array
-  key: Array
-  value: Array
 
 
 @flax.struct.dataclass
@@ -148,291 +72,6 @@ class T5Output:
   decoder_hidden: Mapping[int, Array] = flax.struct.field(default_factory=dict)
   head_hidden: Array | None = None
   head_kernel: Array | None = None
-
-
-# ----------------------------------------------------------------------------
-# Relative position buckets.
-
-
-def relative_position_buckets(query_len: int, key_len: int, *, bidirectional: bool,
-                              num_buckets: int, max_distance: int) -> np.ndarray:
-  """T5's relative position bucket of every (query, key) pair: int32 [query_len, key_len].
-
-  Computed in numpy at trace time (the shapes are static). The log-spaced
-  buckets use float32 arithmetic as Hugging Face and Mesh TensorFlow do, so
-  distances that sit exactly on a bucket boundary (16, 32, 64 with the default
-  settings) fall in the same bucket as in the pretrained checkpoints.
-  """
-  relative_position = (np.arange(key_len, dtype=np.int64)[None, :]
-                       - np.arange(query_len, dtype=np.int64)[:, None])
-  buckets = np.zeros_like(relative_position)
-  if bidirectional:
-    num_buckets //= 2
-    buckets += (relative_position > 0).astype(np.int64) * num_buckets
-    relative_position = np.abs(relative_position)
-  else:
-    relative_position = -np.minimum(relative_position, 0)
-  max_exact = num_buckets // 2
-  is_small = relative_position < max_exact
-  with np.errstate(divide="ignore"):
-    scaled = (np.log(relative_position.astype(np.float32) / np.float32(max_exact))
-              / np.float32(math.log(max_distance / max_exact))
-              * np.float32(num_buckets - max_exact))
-  # Small distances give -inf or garbage here; they are replaced by is_small below.
-  scaled = np.where(is_small, 0, scaled)
-  if_large = np.minimum(max_exact + scaled.astype(np.int64), num_buckets - 1)
-  buckets += np.where(is_small, relative_position, if_large)
-  return buckets.astype(np.int32)
-
-
-# ----------------------------------------------------------------------------
-# Layers.
-
-
-def _param(module: nn.Module, name: str, init, shape, axes, dtype):
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-def dot_f32(lhs: Array, rhs: Array, contracting: tuple[int, int], out_dtype: Any) -> Array:
-  """2-D dot contracting lhs axis `contracting[0]` with rhs axis `contracting[1]`."""
-  dims = (((contracting[0],), (contracting[1],)), ((), ()))
-  return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32).astype(out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_2d(lhs: Array, rhs: Array, out_dtype: Any = None) -> Array:
-  """[m, k] @ [k, n] -> [m, n] in `out_dtype` (default lhs.dtype), accumulated in float32."""
-  return dot_f32(lhs, rhs, (1, 0), out_dtype or lhs.dtype)
-
-
-def _matmul_2d_fwd(lhs, rhs, out_dtype):
-  return _matmul_2d(lhs, rhs, out_dtype), (lhs, rhs)
-
-
-def _matmul_2d_bwd(out_dtype, residuals, grad):
-  del out_dtype
-  lhs, rhs = residuals
-  grad = grad.astype(lhs.dtype)
-  return (dot_f32(grad, rhs, (1, 1), lhs.dtype),   # [m, n] x [k, n] -> [m, k]
-          dot_f32(lhs, grad, (0, 0), rhs.dtype))   # [m, k] x [m, n] -> [k, n]
-
-
-_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
-
-
-def matmul(x: Array, kernel: Array, num_contracting: int, out_dtype: Any = None) -> Array:
-  """Contracts the trailing `num_contracting` axes of x with the leading ones of kernel.
-
-  x: [*batch, *in_shape]; kernel: [*in_shape, *out_shape] -> [*batch, *out_shape],
-  accumulated in float32, returned in `out_dtype` (default x's dtype; x and
-  kernel share it). The output head asks for float32, so bf16 models still give
-  float32 logits: rounding logits of 16-64 to bf16 (spacing 0.125-0.25) would
-  coarsen the distillation targets.
-
-  Written as one 2-D matmul with its own VJP rather than a plain
-  `lax.dot_general` for XLA:CPU's sake (TPU and GPU compile either form to the
-  same thing): (1) a bf16 dot asked for a bf16 result is upcast and run as a
-  float32 dot, while one asked for a float32 result runs on the bf16 (AMX)
-  kernels, ~4x faster on a Sapphire Rapids core, and autodiff's gradient dots
-  ask for bf16 results; (2) the weight gradient of a dot over [batch, length, d]
-  contracts two axes, which XLA:CPU lowers through a strided transpose of the
-  output gradient, ~2x slower for a whole MLP block than the 2-D form.
-  benchmarks/README.md has the measurements.
-  """
-  in_shape = kernel.shape[:num_contracting]
-  batch_shape = x.shape[:x.ndim - num_contracting]
-  if x.shape[x.ndim - num_contracting:] != in_shape:
-    raise ValueError(f"matmul: input shape {x.shape} does not end with kernel input {in_shape}")
-  out_shape = kernel.shape[num_contracting:]
-  k, n = math.prod(in_shape), math.prod(out_shape)
-  out = _matmul_2d(x.reshape(-1, k), kernel.reshape(k, n),
-                   None if out_dtype is None else jnp.dtype(out_dtype))
-  return checkpoint_name(out, _MATMUL_NAME).reshape(batch_shape + out_shape)
-
-
-class Dense(nn.Module):
-  """Bias-free projection contracting the trailing `in_dims` axes of the input.
-
-  kernel: [*in_shape, *out_shape] with logical axes `kernel_axes`.
-  """
-
-  in_shape: tuple[int, ...]
-  out_shape: tuple[int, ...]
-  kernel_axes: tuple[str, ...]
-  init_std: float
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  out_dtype: Any = None  # default: dtype
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = _param(self, "kernel", nn.initializers.normal(self.init_std),
-                    self.in_shape + self.out_shape, self.kernel_axes, self.param_dtype)
-    return matmul(x.astype(self.dtype), kernel.astype(self.dtype), len(self.in_shape),
-                  self.out_dtype)
-
-
-class RMSNorm(nn.Module):
-  """T5 layer norm: scale only, no mean subtraction, computed in float32."""
-
-  epsilon: float = 1e-6
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
-                   self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return (scale.astype(jnp.float32) * x32).astype(self.dtype)
-
-
-class RelativePositionBias(nn.Module):
-  """Learned per-head bias of each relative-position bucket, shared by all layers of a stack."""
-
-  config: T5Config
-  bidirectional: bool
-
-  @nn.compact
-  def __call__(self, query_len: int, key_len: int) -> Array:
-    """Returns the bias, float32 [1, heads, query_len, key_len]."""
-    cfg = self.config
-    table = _param(self, "rel_embedding",
-                   nn.initializers.normal(cfg.d_model ** -0.5),
-                   (cfg.num_heads, cfg.relative_attention_num_buckets),
-                   ("heads", "relpos_buckets"), jnp.dtype(cfg.param_dtype))
-    buckets = relative_position_buckets(
-        query_len, key_len, bidirectional=self.bidirectional,
-        num_buckets=cfg.relative_attention_num_buckets,
-        max_distance=cfg.relative_attention_max_distance)
-    return jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=1)[None]
-
-
-def attention_implementation(config: T5Config, *, dropout: bool = False,
-                             decode: bool = False) -> str:
-  """The attention kernel a layer of `config` runs: "explicit", "xla" or "cudnn".
-
-  "auto" takes cuDNN's fused attention on GPUs for bf16 / fp16 compute with
-  head sizes cuDNN accepts (a multiple of 8, at most 128), and the explicit
-  einsums everywhere else: on CPUs the explicit path measured faster, and on
-  TPUs XLA fuses it. Incremental decoding (`decode`: one query against a
-  cache) always runs explicit, whatever the config says, so a model trained
-  with a fused kernel decodes as usual. `jax.nn.dot_product_attention` has no
-  attention-probability dropout: with `dropout` "auto" stays explicit and
-  naming "xla" / "cudnn" is an error.
-  """
-  chosen = config.attention_impl
-  if decode:
-    return "explicit"
-  if chosen == "auto":
-    fusable = (jax.default_backend() == "gpu"
-               and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
-               and config.d_kv % 8 == 0 and config.d_kv <= 128)
-    return "cudnn" if fusable and not dropout else "explicit"
-  if chosen != "explicit" and dropout:
-    raise ValueError(
-        f"T5Config.attention_impl={chosen!r} cannot apply attention dropout; use 'auto' "
-        "(explicit for layers with dropout) or set dropout_rate=0.")
-  return chosen
-
-
-class Attention(nn.Module):
-  """Multi-head attention without score scaling (T5 folds it into the query init)."""
-
-  config: T5Config
-  deterministic: bool = True
-  return_tap: bool = False
-  # Incremental decoding: keys and values of past positions live in the "cache"
-  # collection ([batch, max_len, heads, d_kv]); each call appends one position.
-  decode: bool = False
-
-  @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array):
-    """Attends `inputs_q` [batch, q_len, d_model] over `inputs_kv` [batch, kv_len, d_model].
-
-    bias: additive float32 [batch or 1, heads, q_len, kv_len] (positions and masks);
-      in decode mode [batch or 1, heads, 1, max_len].
-    Returns (output [batch, q_len, d_model], AttentionTap or None).
-    """
-    cfg = self.config
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    heads_shape = (cfg.num_heads, cfg.d_kv)
-
-    def projection(name, std):
-      return Dense((cfg.d_model,), heads_shape, ("embed", "heads", "kv"), std,
-                   dtype, param_dtype, name=name)
-
-    query = projection("query", (cfg.d_model * cfg.d_kv) ** -0.5)(inputs_q)
-    key = projection("key", cfg.d_model ** -0.5)(inputs_kv)
-    value = projection("value", cfg.d_model ** -0.5)(inputs_kv)
-    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
-    key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
-    value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
-    if self.decode:
-      key, value = self._update_cache(key, value)
-
-    implementation = attention_implementation(
-        cfg, dropout=not self.deterministic and cfg.dropout_rate > 0, decode=self.decode)
-    if implementation == "explicit":
-      scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                          preferred_element_type=jnp.float32) + bias
-      weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-      weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=self.deterministic)
-      context = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
-                           preferred_element_type=jnp.float32).astype(dtype)
-    else:
-      # The relative-position bias and the masks travel as one additive bias
-      # (cuDNN wants it in the inputs' dtype); scale 1: T5 scales by its init.
-      context = jax.nn.dot_product_attention(
-          query, key, value, bias=bias.astype(query.dtype) if implementation == "cudnn" else bias,
-          scale=1.0, implementation=implementation).astype(dtype)
-    out = Dense(heads_shape, (cfg.d_model,), ("heads", "kv", "embed"),
-                cfg.inner_dim ** -0.5, dtype, param_dtype, name="out")(context)
-
-    tap = None
-    if self.return_tap:
-      join = lambda t: t.reshape(t.shape[:2] + (cfg.inner_dim,))
-      tap = AttentionTap(join(query), join(key), join(value))
-    return out, tap
-
-  def _update_cache(self, key: Array, value: Array) -> tuple[Array, Array]:
-    """Writes this step's key/value [batch, 1, heads, d_kv] at the cache index and
-    returns the whole cache [batch, max_len, heads, d_kv]. The first (initialising)
-    call, made with the full max_len, only allocates the cache."""
-    initialised = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    if not initialised:
-      return key, value
-    position = (0, index.value, 0, 0)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, position)
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, position)
-    index.value = index.value + 1
-    return cached_key.value, cached_value.value
-
-
-class FeedForward(nn.Module):
-  """T5 MLP: wi -> activation (gated for v1.1) -> dropout -> wo."""
-
-  config: T5Config
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.config
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    wi = functools.partial(Dense, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"),
-                           cfg.d_model ** -0.5, dtype, param_dtype)
-    if cfg.is_gated:
-      h = cfg.activation(wi(name="wi_0")(x)) * wi(name="wi_1")(x)
-    else:
-      h = cfg.activation(wi(name="wi")(x))
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-    return Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), cfg.d_ff ** -0.5,
-                 dtype, param_dtype, name="wo")(h)
 
 
 def _norm(cfg: T5Config, name: str) -> RMSNorm:
@@ -516,12 +155,13 @@ def _relative_bias(relpos: "RelativePositionBias", length: int,
 def _maybe_remat(block_cls, cfg: T5Config):
   if cfg.remat_policy == "none":
     return block_cls
-  return nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
+  return nn.remat(block_cls, policy=REMAT_CHECKPOINT_POLICIES[cfg.remat_policy], prevent_cse=True)
 
 
 # Logical name of the leading axis of stacked layer parameters (`scan_layers`).
 LAYERS_AXIS = "layers"
-_STACKED = "layers"
+# The parameter of a stack that holds its layers when `scan_layers` stacks them.
+STACKED_LAYERS = "layers"
 
 
 def _stacked_layers(module: nn.Module, make_block, num_layers: int, tapped: set[int],
@@ -556,7 +196,7 @@ def _stacked_layers(module: nn.Module, make_block, num_layers: int, tapped: set[
         if isinstance(b, nn.meta.AxisMetadata) else b,
         boxed, is_leaf=lambda b: isinstance(b, nn.meta.AxisMetadata))
 
-  stacked = module.param(_STACKED, init_stack)
+  stacked = module.param(STACKED_LAYERS, init_stack)
   base_rng = None if deterministic else module.make_rng("dropout")
 
   def layer_fn(i: int, in_scan: bool):
@@ -568,7 +208,7 @@ def _stacked_layers(module: nn.Module, make_block, num_layers: int, tapped: set[
 
     if cfg.remat_policy == "none":
       return run
-    return jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat_policy],
+    return jax.checkpoint(run, policy=REMAT_CHECKPOINT_POLICIES[cfg.remat_policy],
                           prevent_cse=not in_scan)
 
   def layer_rngs(start: int, stop: int):
@@ -598,19 +238,6 @@ def _stacked_layers(module: nn.Module, make_block, num_layers: int, tapped: set[
   return x, outputs
 
 
-def _key_mask_bias(query_len: int, key_mask: Array, query_segments: Array | None = None,
-                   key_segments: Array | None = None) -> Array:
-  """Additive mask bias, float32 [batch, 1, query_len, key_len].
-
-  Only keys are masked (as Hugging Face does), so padded query rows still
-  produce finite values; losses ignore those rows.
-  """
-  allowed = jnp.broadcast_to(key_mask[:, None, :], (key_mask.shape[0], query_len, key_mask.shape[1]))
-  if query_segments is not None and key_segments is not None:
-    allowed = allowed & (query_segments[:, :, None] == key_segments[:, None, :])
-  return jnp.where(allowed, 0.0, _MASK_BIAS).astype(jnp.float32)[:, None]
-
-
 class Encoder(nn.Module):
   config: T5Config
 
@@ -623,7 +250,7 @@ class Encoder(nn.Module):
     """
     cfg = self.config
     length = embedded.shape[1]
-    bias = _key_mask_bias(length, mask, segment_ids, segment_ids)
+    bias = key_mask_bias(length, mask, segment_ids, segment_ids)
     if not cfg.relative_bias_per_layer:  # one table for the stack (T5, mT5)
       bias = bias + _relative_bias(
           RelativePositionBias(cfg, bidirectional=True, name="relpos_bias"), length)
@@ -669,14 +296,14 @@ class Decoder(nn.Module):
       position, self_bias = self._decode_step_mask(max_decode_length)
     else:
       causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-      self_bias = (_key_mask_bias(length, decoder_key_mask, decoder_segment_ids,
+      self_bias = (key_mask_bias(length, decoder_key_mask, decoder_segment_ids,
                                   decoder_segment_ids)
-                   + jnp.where(causal, 0.0, _MASK_BIAS)[None, None])
+                   + jnp.where(causal, 0.0, MASK_BIAS)[None, None])
     if not cfg.relative_bias_per_layer:  # one table for the stack (T5, mT5)
       self_bias = self_bias + _relative_bias(
           RelativePositionBias(cfg, bidirectional=False, name="relpos_bias"),
           self_bias.shape[-1], position)
-    cross_bias = _key_mask_bias(length, encoder_mask, decoder_segment_ids, encoder_segment_ids)
+    cross_bias = key_mask_bias(length, encoder_mask, decoder_segment_ids, encoder_segment_ids)
     x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
     if cfg.scan_layers:
       if decode:
@@ -710,11 +337,11 @@ class Decoder(nn.Module):
     position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
     if not initialised:  # The allocating call runs the full length, causally.
       causal = jnp.tril(jnp.ones((max_len, max_len), dtype=bool))
-      return None, jnp.where(causal, 0.0, _MASK_BIAS)[None, None]
+      return None, jnp.where(causal, 0.0, MASK_BIAS)[None, None]
     current = position.value
     position.value = current + 1
     visible = jnp.arange(max_len) <= current
-    return current, jnp.where(visible, 0.0, _MASK_BIAS)[None, None, None, :]
+    return current, jnp.where(visible, 0.0, MASK_BIAS)[None, None, None, :]
 
 
 class T5(nn.Module):
@@ -848,100 +475,14 @@ def dummy_inputs(batch: int = 1, input_len: int = 8, target_len: int = 8):
   return (jnp.full((batch, input_len), 2, jnp.int32), jnp.full((batch, target_len), 2, jnp.int32))
 
 
-def init_params(config: T5Config, rng: Array) -> dict:
-  """Randomly initialised parameters (unboxed arrays, `param_dtype`)."""
-  boxed = T5(config).init(rng, *dummy_inputs())["params"]
-  return nn.meta.unbox(boxed)
+# re-exported: users import these from here. Their home, model/params.py, builds on this
+# module, so they load on first use (PEP 562) instead of importing each other in a cycle.
+_PARAMS_NAMES = ("init_params", "param_logical_axes", "param_shapes", "stack_layer_params",
+                 "unstack_layer_params")
 
 
-def param_logical_axes(config: T5Config) -> dict:
-  """Logical axis names of every parameter: a pytree of `jax.sharding.PartitionSpec`
-  with logical names, shaped like the parameters. Computes no values."""
-  boxed = jax.eval_shape(lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"])
-  return nn.get_partition_spec(boxed)
-
-
-def param_shapes(config: T5Config) -> dict:
-  """`jax.ShapeDtypeStruct` of every parameter, without allocating them."""
-  return nn.meta.unbox(jax.eval_shape(
-      lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"]))
-
-
-def _layer_stacks(config: T5Config) -> tuple[tuple[str, int], ...]:
-  return (("encoder", config.num_layers), ("decoder", config.num_decoder_layers))
-
-
-def _stack_leaves(leaves):
-  xp = jnp if any(isinstance(x, jax.Array) for x in leaves) else np
-  return xp.stack([xp.asarray(x) for x in leaves])
-
-
-def stack_layer_params(params: Mapping, config: T5Config) -> dict:
-  """Unrolled parameters (`layers_0` .. `layers_{n-1}` per stack, the Hugging Face
-  import's and checkpoints' layout) -> the `scan_layers` layout (one `layers`
-  subtree per stack, each leaf with a leading [n] axis).
-
-  Pure: returns a new tree (numpy leaves stay numpy, jax arrays stay jax arrays);
-  a stack already stacked is returned as it is.
-
-  Raises:
-    ValueError: naming a stack whose layers do not match `config`.
-  """
-  out = dict(params)
-  for stack, num in _layer_stacks(config):
-    sub = dict(params[stack])
-    if _STACKED in sub:
-      continue
-    names = [f"layers_{i}" for i in range(num)]
-    missing = [n for n in names if n not in sub]
-    extra = sorted(k for k in sub if k.startswith("layers_") and k not in names)
-    if missing or extra:
-      raise ValueError(f"stack_layer_params: the {stack} should have layers_0..layers_{num - 1} "
-                       f"for this config; missing {missing}, unexpected {extra}.")
-    layers = [sub.pop(n) for n in names]
-    sub[_STACKED] = jax.tree.map(lambda *leaves: _stack_leaves(leaves), *layers)
-    out[stack] = sub
-  return out
-
-
-def unstack_layer_params(params: Mapping, config: T5Config) -> dict:
-  """The inverse of `stack_layer_params`: the `scan_layers` layout -> `layers_i`
-  subtrees. Pure; a stack already unrolled is returned as it is.
-
-  Raises:
-    ValueError: when a stacked leaf's leading axis is not the stack's layer count.
-  """
-  out = dict(params)
-  for stack, num in _layer_stacks(config):
-    sub = dict(params[stack])
-    if _STACKED not in sub:
-      continue
-    stacked = sub.pop(_STACKED)
-    for leaf in jax.tree.leaves(stacked):
-      if leaf.shape[:1] != (num,):
-        raise ValueError(f"unstack_layer_params: the {stack}'s stacked parameters have a "
-                         f"leading axis of {leaf.shape[:1]}, but the config has {num} layers.")
-    for i in range(num):
-      sub[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
-    out[stack] = sub
-  return out
-
-
-def forward_flops(config: T5Config, batch: int, input_len: int, target_len: int) -> float:
-  """Matmul FLOPs of one forward pass (2 per multiply-add), the usual MFU numerator.
-
-  Counts projections, feed-forward, attention scores and mixing (full square,
-  as computed) and the output head; ignores norms, softmax and elementwise ops.
-  A training step costs about 3x its forward (backward = 2x).
-  """
-  d, inner, ff = config.d_model, config.inner_dim, config.d_ff
-  ff_mats = 3 if config.is_gated else 2
-  enc_tokens, dec_tokens = batch * input_len, batch * target_len
-  encoder = config.num_layers * (
-      enc_tokens * (4 * d * inner + ff_mats * d * ff) + enc_tokens * 2 * input_len * inner)
-  decoder = config.num_decoder_layers * (
-      dec_tokens * (6 * d * inner + ff_mats * d * ff)      # self q,k,v,o; cross q,o; mlp
-      + enc_tokens * 2 * d * inner                          # cross k,v over the encoder output
-      + dec_tokens * 2 * (target_len + input_len) * inner)  # self and cross scores + mixing
-  head = dec_tokens * d * config.vocab_size
-  return 2.0 * (encoder + decoder + head)
+def __getattr__(name: str):
+  if name in _PARAMS_NAMES:
+    from miniend_jax.model import params  # pylint: disable=import-outside-toplevel
+    return getattr(params, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -113,21 +113,22 @@ def _run(workdir: str, s: Settings, *, started: float, compilation_cache: bool, 
 
 def _model_info(ctx: runs.Context, teacher: stages.Model, speed: dict) -> dict[str, dict]:
   """{model: kind, shape, params, measured and FLOP speed-up}: what seeds do not change."""
-  from miniend_jax.model import student as student_lib, t5  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model import student as student_lib  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model.config import count_params, forward_flops  # pylint: disable=import-outside-toplevel
   from miniend_jax.train import loop  # pylint: disable=import-outside-toplevel
   s = ctx.settings
   teacher_config = loop.load_model(teacher.directory)[0]
   student_config = student_lib.student_config(teacher_config, s.student_shape)
   shape = (s.batch_size, s.inputs_length, s.targets_length)
-  teacher_flops = t5.forward_flops(teacher_config, *shape)
+  teacher_flops = forward_flops(teacher_config, *shape)
   rates = speed.get("examples_per_s", {})
 
   def info(kind, name, config):
     rate = rates.get(kind, float("nan"))
-    return {"kind": kind, "shape": name, "params": t5.count_params(config),
+    return {"kind": kind, "shape": name, "params": count_params(config),
             "fwd_examples_per_s": rate,
             "speedup_measured": rate / rates["teacher"] if rates.get("teacher") else float("nan"),
-            "speedup_flops": teacher_flops / t5.forward_flops(config, *shape)}
+            "speedup_flops": teacher_flops / forward_flops(config, *shape)}
 
   out = {stages.TEACHER: info("teacher", s.teacher_preset, teacher_config)}
   out.update({path: info("student", s.student_shape, student_config) for path in s.paths})

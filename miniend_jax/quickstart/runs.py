@@ -137,13 +137,14 @@ def measure_forward_speed(configs: Mapping[str, Any], batch_size: int, inputs_le
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from miniend_jax.model import t5  # pylint: disable=import-outside-toplevel
+  from miniend_jax.model.params import init_params  # pylint: disable=import-outside-toplevel
 
   device = jax.devices()[0]
   rng = np.random.default_rng(0)
   fns = {}
   for name, config in configs.items():
     config = config.replace(dtype="float32", param_dtype="float32", dropout_rate=0.0)
-    params = jax.device_put(t5.init_params(config, jax.random.key(0)), device)
+    params = jax.device_put(init_params(config, jax.random.key(0)), device)
     enc = jax.device_put(rng.integers(2, config.vocab_size - 200,
                                       (batch_size, inputs_length), dtype=np.int32), device)
     dec = jax.device_put(rng.integers(2, config.vocab_size - 200,

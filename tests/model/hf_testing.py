@@ -27,6 +27,25 @@ def make_hf_model(*, family: str = "v1_0", seed: int = 0, vocab_size: int = 97, 
   return perturb(transformers.T5ForConditionalGeneration(config), untied_head=family == "v1_1")
 
 
+_CLASSES = {
+    "t5": (transformers.T5Config, transformers.T5ForConditionalGeneration),
+    "mt5": (transformers.MT5Config, transformers.MT5ForConditionalGeneration),
+    "umt5": (transformers.UMT5Config, transformers.UMT5ForConditionalGeneration),
+}
+
+
+def make_model(model_type: str, *, seed: int = 0, tie_word_embeddings: bool = False,
+               **fields) -> transformers.PreTrainedModel:
+  """A random transformers model of `model_type`, weights perturbed away from init."""
+  config_cls, model_cls = _CLASSES[model_type]
+  fields = dict(dict(vocab_size=101, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                     num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=16,
+                     relative_attention_max_distance=40, dropout_rate=0.0), **fields)
+  torch.manual_seed(seed)
+  return perturb(model_cls(config_cls(tie_word_embeddings=tie_word_embeddings, **fields)),
+                 untied_head=not tie_word_embeddings)
+
+
 def perturb(model: transformers.PreTrainedModel, *, untied_head: bool):
   """`model` (a T5-family model, fresh from its constructor) in eval mode with
   layer norms and relative-position tables moved away from their trivial init

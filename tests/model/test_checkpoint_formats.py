@@ -15,9 +15,8 @@ from miniend_jax import cli
 from miniend_jax.model import hf, t5
 from miniend_jax.train import partitioning, program
 from tests.model import checkpoint_testing as ct
-from tests.model.hf_testing import make_hf_model
+from tests.model.hf_testing import make_hf_model, make_model
 from tests.model.hub_testing import LocalHubApi, publish
-from tests.model.test_t5_family import make_model
 
 ROUTES = ["safetensors_sharded", "bin", "bin_sharded", "msgpack", "msgpack_sharded", "t5x",
           "t5x_legacy"]

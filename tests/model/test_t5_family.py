@@ -11,20 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from miniend_jax.model import hf, presets
 from miniend_jax.model.config import count_params
 from miniend_jax.model.t5 import T5, Taps
 from miniend_jax.train import decoding
-from tests.model.hf_testing import hf_logits, padded_batch, perturb, rel_error
-
-_CLASSES = {
-    "t5": (transformers.T5Config, transformers.T5ForConditionalGeneration),
-    "mt5": (transformers.MT5Config, transformers.MT5ForConditionalGeneration),
-    "umt5": (transformers.UMT5Config, transformers.UMT5ForConditionalGeneration),
-}
+from tests.model.hf_testing import hf_logits, make_model, padded_batch, rel_error
 
 CASES = {
     "ul2-gated-silu": dict(model_type="t5", feed_forward_proj="gated-silu"),
@@ -36,18 +29,6 @@ CASES = {
     "byt5-shaped": dict(model_type="t5", feed_forward_proj="gated-gelu", vocab_size=384,
                         num_layers=3, num_decoder_layers=1),
 }
-
-
-def make_model(model_type: str, *, seed: int = 0, tie_word_embeddings: bool = False,
-               **fields) -> transformers.PreTrainedModel:
-  """A random transformers model of `model_type`, weights perturbed away from init."""
-  config_cls, model_cls = _CLASSES[model_type]
-  fields = dict(dict(vocab_size=101, d_model=32, d_kv=8, d_ff=48, num_layers=2,
-                     num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=16,
-                     relative_attention_max_distance=40, dropout_rate=0.0), **fields)
-  torch.manual_seed(seed)
-  return perturb(model_cls(config_cls(tie_word_embeddings=tie_word_embeddings, **fields)),
-                 untied_head=not tie_word_embeddings)
 
 
 def _ours(config, params, enc, dec_in, **kwargs):
