@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from miniend_jax.distill.common import (
     Array, ArrayLike, check_rank, f32, interpolated_log_target, safe_divide,
     weighted_sum)
-from miniend_jax.model.t5 import dot_f32
+from miniend_jax.model.ops import dot_f32
 
 # Default number of sequence positions per chunk for the vocabulary-sized
 # losses (see the module docstring); the training step sizes chunks

@@ -107,6 +107,7 @@ import jax.numpy as jnp
 from miniend_jax.distill.schedules import (
     SCHEDULE_TYPES, AdaptiveSchedule, ConstantSchedule, CosineRamp, LinearRamp,
     Schedule)
+from miniend_jax.model.config import Taps, layer_index
 
 ATTENTION_KINDS = ("encoder_self", "decoder_self", "decoder_cross")
 HIDDEN_KINDS = ("encoder_hidden", "decoder_hidden")
@@ -242,7 +243,6 @@ def _attention_width(cfg) -> int:
 
 
 def _resolve_layer(term: Term, side: str, cfg) -> int:
-  from miniend_jax.model.t5 import layer_index  # pylint: disable=import-outside-toplevel
   layer = getattr(term, f"{side}_layer")
   return layer_index(cfg, term.kind, layer, f"Term {term.label!r} {side}_layer={layer}",
                      owner=f"the {side}")
@@ -374,8 +374,6 @@ class Recipe:
     Only the layers the terms read are requested, so the model computes and
     keeps nothing else. Indices are non-negative.
     """
-    from miniend_jax.model.t5 import Taps  # pylint: disable=import-outside-toplevel
-
     recipe = self.resolve(teacher_cfg, student_cfg)
     fields = {"teacher": {}, "student": {}}
     for term in recipe.terms:

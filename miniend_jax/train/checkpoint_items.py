@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from miniend_jax.model.t5 import T5Config
+from miniend_jax.model.config import T5Config
 
 DataState = Mapping[str, Any] | bytes | None
 

@@ -51,7 +51,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from miniend_jax.model import stacking
-from miniend_jax.model.t5 import T5Config
+from miniend_jax.model.config import T5Config
 from miniend_jax.train.checkpoint_errors import (CheckpointRestoreError, NoCheckpointError,
                                                  check_matches, no_checkpoint_message,
                                                  short_error)

@@ -16,7 +16,9 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from miniend_jax.model.t5 import T5, T5Config, unstack_layer_params
+from miniend_jax.model.config import T5Config
+from miniend_jax.model.params import unstack_layer_params
+from miniend_jax.model.t5 import T5
 
 Array = jax.Array
 

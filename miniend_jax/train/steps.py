@@ -27,7 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from miniend_jax.distill.logits import chunk_positions, span_corruption_loss
 from miniend_jax.distill.objective import recipe_loss
 from miniend_jax.distill.recipe import Recipe
-from miniend_jax.model.t5 import T5, T5Config, Taps, forward_flops
+from miniend_jax.model.config import T5Config, Taps, forward_flops
+from miniend_jax.model.t5 import T5
 from miniend_jax.train import decoding, hardware, partitioning
 from miniend_jax.train.state import TrainState
 
