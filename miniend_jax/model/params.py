@@ -13,6 +13,7 @@ target's shardings, layer counts from the trees) for loaders and checkpoints;
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import flax.linen as nn
@@ -35,14 +36,25 @@ def init_params(config: T5Config, rng: Array) -> dict:
 def param_logical_axes(config: T5Config) -> dict:
   """Logical axis names of every parameter: a pytree of `jax.sharding.PartitionSpec`
   with logical names, shaped like the parameters. Computes no values."""
-  boxed = jax.eval_shape(lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"])
-  return nn.get_partition_spec(boxed)
+  return nn.get_partition_spec(_abstract_params(config))
 
 
 def param_shapes(config: T5Config) -> dict:
   """`jax.ShapeDtypeStruct` of every parameter, without allocating them."""
-  return nn.meta.unbox(jax.eval_shape(
-      lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"]))
+  return nn.meta.unbox(_abstract_params(config))
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_params(config: T5Config) -> dict:
+  """The boxed (logically named) abstract parameter tree of `config`.
+
+  Cached: tracing the model's initialiser takes ~0.25 s even for tiny models, and a
+  run asks for the shapes and axes of the same configs several times (loading,
+  sharding, checkpoint targets), a sweep or the quickstart in every stage. Callers
+  get new trees (`unbox` / `get_partition_spec` rebuild the containers), so the
+  cached one is never handed out to be mutated.
+  """
+  return jax.eval_shape(lambda: T5(config).init(jax.random.key(0), *dummy_inputs())["params"])
 
 
 def _layer_stacks(config: T5Config) -> tuple[tuple[str, int], ...]:
