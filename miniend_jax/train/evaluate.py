@@ -17,7 +17,6 @@ import jax
 import numpy as np
 import seqio
 from etils import epath  # local paths and gs:// alike (multi-host runs need gs://)
-from jax.sharding import NamedSharding, PartitionSpec
 
 from miniend_jax.data import vocab as vocab_lib
 from miniend_jax.model import t5
@@ -74,10 +73,7 @@ def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | Non
                      f"data x fsdp = {data_parallel} data-parallel devices.")
   params = load_params(source, config, partitioning.logical_to_sharding(
       t5.param_logical_axes(config), device_mesh, rules))
-  replicated = NamedSharding(device_mesh, PartitionSpec())
-  predict = jax.jit(steps.make_predict_fn(config, max_decode_length=max_decode_length,
-                                          num_beams=num_beams), out_shardings=replicated)
-  score = jax.jit(steps.make_score_fn(config), out_shardings=replicated)
+  predict, score = steps.jitted_decode_fns(config, device_mesh, max_decode_length, num_beams)
   converter = seqio.EncDecFeatureConverter(pack=False)
   rows = partitioning.host_batch_rows(device_mesh, batch_size, rules)
 

@@ -146,8 +146,7 @@ def _initial_state(run: PreparedRun, teacher_params) -> state_lib.TrainState:
     init_args += (load_params(model.init_from, prog.student_config, model_shardings),)
   elif prog.init_from_params:  # a student initialised from the teacher's layers
     init_args += (_student_from_teacher(run, teacher_params, model_shardings),)
-  return state_lib.create_sharded_state(prog.init_fn, prog.tx, prog.mesh, prog.rules,
-                                        prog.logical_specs, init_args)
+  return prog.create_state(*init_args)
 
 
 def _student_from_teacher(run: PreparedRun, teacher_params, model_shardings):

@@ -23,7 +23,6 @@ from typing import Mapping
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from miniend_jax.data import sources
 from miniend_jax.train import inputs, partitioning, preemption, steps
@@ -106,9 +105,7 @@ class PeriodicEvaluation:
 
   def __init__(self, run: PreparedRun, writer, timers: GoodputTimers):
     self._run, self._writer, self._timers = run, writer, timers
-    replicated = NamedSharding(run.program.mesh, PartitionSpec())
-    self._step = jax.jit(steps.make_eval_step(run.program.student_config),
-                         out_shardings=replicated)
+    self._step = steps.jitted_eval_step(run.program.student_config, run.program.mesh)
     self._reader = None  # built at the first evaluation
     self.last = {}  # the last evaluation's metrics
 

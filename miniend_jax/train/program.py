@@ -13,6 +13,7 @@ imports neither seqio nor TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping
 
@@ -343,6 +344,7 @@ class StepProgram:
   abstract_batch: dict[str, jax.ShapeDtypeStruct]
   abstract_rng: jax.ShapeDtypeStruct
   step: Callable  # step(state, teacher_params, batch, rng) -> (state, metrics)
+  create_state: Callable  # create_state(*init_fn's args) -> the TrainState in its shardings
   analytic_flops: float
   tokens_per_step: int
 
@@ -389,9 +391,56 @@ def build_step_program(mode: str, train: TrainConfig, model: ModelSetup,
     raise ValueError(f"TrainConfig.batch_size={train.batch_size} must divide evenly over the "
                      f"data x fsdp = {data_parallel} data-parallel devices.")
   # The schedule counts optimizer updates; num_steps counts micro-batches.
-  accum = optimizer.grad_accum_steps
   optimizer = optimizer.replace(total_steps=optimizer.total_steps
-                                or max(train.num_steps // accum, 1))
+                                or max(train.num_steps // optimizer.grad_accum_steps, 1))
+  init_from_params = mode == "finetune" or (mode == "distill"
+                                            and model.student_init == "teacher_layers")
+  parts = _step_parts(student_config, teacher_config, recipe, optimizer, device_mesh,
+                      tuple(rules), tuple(batch_features(train).items()), init_from_params)
+  flops = steps.step_flops(student_config, teacher_config, train.batch_size,
+                           train.inputs_length, train.targets_length)
+  return StepProgram(
+      mode=mode, train=train, optimizer=optimizer, mesh=device_mesh, rules=rules,
+      student_config=student_config, teacher_config=teacher_config, recipe=recipe,
+      init_from_params=init_from_params, analytic_flops=flops,
+      tokens_per_step=train.batch_size * (train.inputs_length + train.targets_length),
+      **parts)
+
+
+def _cached(maxsize: int):
+  """`functools.lru_cache` that falls back to an uncached call for unhashable arguments
+  (a recipe holding a list, say): the cache saves work, it never decides what runs."""
+  def decorate(fn):
+    cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+      try:
+        hash(args)
+      except TypeError:
+        return fn(*args)
+      return cached(*args)
+
+    call.cache_clear = cached.cache_clear
+    call.cache_info = cached.cache_info
+    return call
+  return decorate
+
+
+# One process often runs many runs of one shape: the quickstart's 16 distillations
+# (8 recipes, each again for the second seed) and 36 finetunings of identical students, a
+# sweep, a notebook. Equal settings give the very same jitted step, state initialiser,
+# optimizer (a static field of the TrainState, so it must be the same object) and
+# abstract inputs, so jax's cache skips the model's tracing and lowering, ~3-4 s a run
+# on a 2-core CPU. Entries hold compiled programs; a few dozen small ones are cheap.
+@_cached(maxsize=32)
+def _step_parts(student_config: t5.T5Config, teacher_config: t5.T5Config | None,
+                recipe: Recipe, optimizer: state_lib.OptimizerConfig,
+                device_mesh: jax.sharding.Mesh, rules: tuple,
+                features: tuple[tuple[str, tuple[int, int]], ...],
+                init_from_params: bool) -> dict[str, Any]:
+  """The StepProgram fields that depend only on the hashable arguments."""
+  accum = optimizer.grad_accum_steps
   schedule = state_lib.make_schedule(optimizer)
   tx = state_lib.make_optimizer(optimizer)
 
@@ -399,8 +448,6 @@ def build_step_program(mode: str, train: TrainConfig, model: ModelSetup,
   extra_specs = jax.tree.map(lambda _: PartitionSpec(),
                              jax.eval_shape(extra_init, jax.random.key(0)))
   logical_specs = {"model": t5.param_logical_axes(student_config), "distill": extra_specs}
-  init_from_params = mode == "finetune" or (mode == "distill"
-                                            and model.student_init == "teacher_layers")
   rng_shape = jax.eval_shape(lambda: jax.random.key(0))
   if init_from_params:
     init_fn = lambda rng, params: {"model": params, "distill": extra_init(rng)}
@@ -423,7 +470,7 @@ def build_step_program(mode: str, train: TrainConfig, model: ModelSetup,
 
   batch_sharding = partitioning.batch_sharding(device_mesh, rules)
   abstract_batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
-                    for name, shape in batch_features(train).items()}
+                    for name, shape in features}
   replicated = NamedSharding(device_mesh, PartitionSpec())
   abstract_rng = jax.ShapeDtypeStruct(rng_shape.shape, rng_shape.dtype, sharding=replicated)
 
@@ -432,14 +479,8 @@ def build_step_program(mode: str, train: TrainConfig, model: ModelSetup,
       state_sharding=state_lib.state_shardings(abstract_state), teacher_config=teacher_config,
       teacher_sharding=teacher_shardings, rules=rules,
       learning_rate_fn=lambda step: schedule(step // accum), grad_accum_steps=accum)
-  flops = steps.step_flops(student_config, teacher_config, train.batch_size,
-                           train.inputs_length, train.targets_length)
-  return StepProgram(
-      mode=mode, train=train, optimizer=optimizer, mesh=device_mesh, rules=rules,
-      student_config=student_config, teacher_config=teacher_config, recipe=recipe, tx=tx,
-      schedule=schedule, init_fn=init_fn, init_from_params=init_from_params,
-      logical_specs=logical_specs,
-      abstract_state=abstract_state, abstract_teacher=abstract_teacher,
-      teacher_shardings=teacher_shardings, abstract_batch=abstract_batch,
-      abstract_rng=abstract_rng, step=step, analytic_flops=flops,
-      tokens_per_step=train.batch_size * (train.inputs_length + train.targets_length))
+  return dict(tx=tx, schedule=schedule, init_fn=init_fn, logical_specs=logical_specs,
+              abstract_state=abstract_state, abstract_teacher=abstract_teacher,
+              teacher_shardings=teacher_shardings, abstract_batch=abstract_batch,
+              abstract_rng=abstract_rng, step=step,
+              create_state=state_lib.sharded_state_creator(init_fn, tx, abstract_state, rules))

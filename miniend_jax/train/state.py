@@ -365,7 +365,24 @@ def create_sharded_state(
                                  init_args=(jax.random.key(0),))
   """
   target = abstract_train_state(init_params_fn, tx, mesh, rules, logical_specs, init_args)
-  with partitioning.mesh_context(mesh, rules):
-    create = jax.jit(lambda *a: TrainState.create(init_params_fn(*a), tx),
-                     out_shardings=state_shardings(target))
-    return create(*init_args)
+  return sharded_state_creator(init_params_fn, tx, target, rules)(*init_args)
+
+
+def sharded_state_creator(
+    init_params_fn: Callable[..., Params], tx: optax.GradientTransformation,
+    abstract_state: TrainState,
+    rules: partitioning.LogicalRules = partitioning.DEFAULT_LOGICAL_AXIS_RULES,
+) -> Callable[..., TrainState]:
+  """`create(*init_args) -> TrainState`, jitted once into `abstract_state`'s shardings
+  (what `create_sharded_state` runs); keep it to create many states without tracing
+  the initialisation again."""
+  leaf = jax.tree.leaves(abstract_state)[0]
+  mesh = leaf.sharding.mesh
+  jitted = jax.jit(lambda *a: TrainState.create(init_params_fn(*a), tx),
+                   out_shardings=state_shardings(abstract_state))
+
+  def create(*init_args) -> TrainState:
+    with partitioning.mesh_context(mesh, rules):
+      return jitted(*init_args)
+
+  return create

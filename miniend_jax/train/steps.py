@@ -251,3 +251,20 @@ def make_predict_fn(config: T5Config, *, max_decode_length: int, num_beams: int 
     return tokens[:, 0]
 
   return predict
+
+
+# One process evaluates many models of one config (the quickstart: every student of
+# every path and seed, on two tasks); the same jitted functions skip tracing again.
+@functools.lru_cache(maxsize=16)
+def jitted_eval_step(config: T5Config, mesh: Mesh):
+  """`make_eval_step(config)` jitted, its sums replicated over `mesh`."""
+  return jax.jit(make_eval_step(config), out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+@functools.lru_cache(maxsize=16)
+def jitted_decode_fns(config: T5Config, mesh: Mesh, max_decode_length: int, num_beams: int):
+  """(predict, score): `make_predict_fn` and `make_score_fn` jitted, outputs replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  predict = jax.jit(make_predict_fn(config, max_decode_length=max_decode_length,
+                                    num_beams=num_beams), out_shardings=replicated)
+  return predict, jax.jit(make_score_fn(config), out_shardings=replicated)
