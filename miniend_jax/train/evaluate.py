@@ -74,7 +74,7 @@ def evaluate(workdir: str, *, checkpoint_dir: str | None = None, task: str | Non
   params = load_params(source, config, partitioning.logical_to_sharding(
       t5.param_logical_axes(config), device_mesh, rules))
   predict, score = steps.jitted_decode_fns(config, device_mesh, max_decode_length, num_beams)
-  converter = seqio.EncDecFeatureConverter(pack=False)
+  converter = seqio.EncDecFeatureConverter(pack=False, apply_length_check=False)  # as pipeline.get_dataset
   rows = partitioning.host_batch_rows(device_mesh, batch_size, rules)
 
   def run_model(fn, dataset):
