@@ -29,11 +29,10 @@ def compilation_cache_dir():
   """The session's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, set for every
   test and subprocess by tests/conftest.py), for the module's tests, small programs too.
 
-  The quickstart's stages rebuild their jitted functions in every run, so each
-  re-run would compile even the sub-second programs (initialisers, eval steps)
-  again; caching them all makes those reads. A Jupyter kernel started with this
-  environment (and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0) shares the
-  cache. The process's previous cache settings come back after the module.
+  Within one process the quickstart's runs reuse their jitted functions
+  (`program._step_parts`); the cache serves the other processes: the notebook's
+  Jupyter kernel, started with this environment, reads what this process
+  compiled. The process's previous cache settings come back after the module.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
