@@ -483,4 +483,35 @@ def _step_parts(student_config: t5.T5Config, teacher_config: t5.T5Config | None,
               abstract_state=abstract_state, abstract_teacher=abstract_teacher,
               teacher_shardings=teacher_shardings, abstract_batch=abstract_batch,
               abstract_rng=abstract_rng, step=step,
-              create_state=state_lib.sharded_state_creator(init_fn, tx, abstract_state, rules))
+              create_state=_state_creator(student_config, extra_init, tx, abstract_state,
+                                          device_mesh, rules, init_from_params))
+
+
+def _state_creator(student_config, extra_init, tx, abstract_state, device_mesh, rules,
+                   init_from_params: bool) -> Callable:
+  """`create_state(rng[, params])`. A random student is drawn by its own program
+  (`_jitted_model_init`), which every recipe of one student shape shares: on a CPU,
+  compiling a model's random initialisation takes seconds (threefry for every
+  parameter), a recipe's own parameters and the optimizer state a fraction of that."""
+  from_params = state_lib.sharded_state_creator(
+      lambda rng, params: {"model": params, "distill": extra_init(rng)}, tx, abstract_state,
+      rules)
+  if init_from_params:
+    return from_params
+  init_model = _jitted_model_init(student_config, device_mesh, rules)
+  return lambda rng: from_params(rng, init_model(rng))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_model_init(config: t5.T5Config, device_mesh: jax.sharding.Mesh,
+                       rules: tuple) -> Callable:
+  """`t5.init_params(config, rng)` jitted into the parameters' shardings."""
+  shardings = partitioning.logical_to_sharding(t5.param_logical_axes(config), device_mesh,
+                                               rules)
+  jitted = jax.jit(functools.partial(t5.init_params, config), out_shardings=shardings)
+
+  def init(rng):
+    with partitioning.mesh_context(device_mesh, rules):
+      return jitted(rng)
+
+  return init
