@@ -46,11 +46,11 @@ host_memory.keep_freed_memory()
 _SLOW_FIRST = (
     "tests/train/test_multihost.py",
     "tests/train/test_cli.py",
+    "tests/train/test_corpus_cli.py",
     "tests/train/test_loop.py",
     "tests/train/test_steps.py",
     "tests/quickstart/test_quickstart.py",
     "tests/quickstart/test_notebook.py",
-    "tests/train/test_corpus_cli.py",
     "tests/quickstart/test_sweep.py",
     "tests/test_device_check.py",
     "tests/model/test_t5_scan.py",

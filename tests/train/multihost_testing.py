@@ -87,19 +87,6 @@ def run(num_processes: int, command: list[str], **kwargs) -> list[str]:
   return wait(launch(num_processes, command, **kwargs))
 
 
-def signal_after_first_log(procs: list[subprocess.Popen], workdir: str, target: int = -1,
-                           signum: int = signal.SIGTERM, timeout: float = 300) -> None:
-  """Sends `signum` to ONE process (`procs[target]`) once the run has logged a step."""
-  metrics = os.path.join(workdir, "logs", "train_metrics.jsonl")
-  deadline = time.time() + timeout
-  while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
-    for p in procs:
-      assert p.poll() is None, p.communicate()[0][-4000:]
-    assert time.time() < deadline, "the run never logged a step"
-    time.sleep(0.1)
-  procs[target].send_signal(signum)
-
-
 def signal_when_logged(procs: list[subprocess.Popen], text: str, target: int = -1,
                        signum: int = signal.SIGTERM, timeout: float = 300) -> str:
   """Sends `signum` to `procs[target]` as soon as its output has a line holding `text`;

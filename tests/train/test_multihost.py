@@ -6,7 +6,14 @@ are uneven), and checkpoint asynchronously. They must:
 - equal the same run in 1 process x 8 devices (same global batches, same updates,
   same evaluation), whichever steps ran on two processes;
 - stop together, exit 0 and save the same step when SIGTERM reaches one host;
-- resume exactly, also on another number of processes (2 -> 1 and 1 -> 2).
+- resume exactly, also on another number of processes: one run goes 1 -> 2 -> 1
+  (a 1-process checkpoint resumed on 2 hosts, stopped by SIGTERM, finished on 1).
+
+A fresh start on 2 hosts is in test_a_model_replica_across_both_processes here
+(distill) and in test_corpus_cli's killed run (pretrain, data-parallel: every
+step's loss against 1 process); one 2-host run less here saves a pair of process
+start-ups and process 1's compiles (JAX writes the persistent cache from process
+0 only, and on CPU process 1's cache keys differ, so it compiles every program).
 
 The 1-process runs are `cli.main` in this process (1 process x 8 devices, no
 distributed runtime: what a 1-process `miniend` is), so only the runs that are
@@ -28,9 +35,10 @@ from miniend_jax import cli
 from miniend_jax.train import checkpoints, loop, partitioning, state as state_lib, writers
 from tests.train import loop_testing, multihost_testing as mh
 
-# Checkpoints every SAVE_EVERY steps and evaluations every EVAL_EVERY (2 during
-# the run, 1 at its end): a resume starts mid-run and is evaluated again.
-STEPS, SAVE_EVERY, EVAL_EVERY = 12, 4, 4
+# Checkpoints every SAVE_EVERY steps and an evaluation at EVAL_EVERY (and one at the
+# end): the two-host stretch of a resumed run starts mid-run, evaluates, and is
+# stopped several steps before the end.
+STEPS, SAVE_EVERY, EVAL_EVERY = 12, 4, 6
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +73,6 @@ def _summary(workdir):
     return json.load(f)
 
 
-def _stop_one_host(workdir, teacher, data_dir):
-  """Starts an endless run on 2 hosts, sends SIGTERM to the last; returns the saved step."""
-  procs = mh.launch(2, _distill(workdir, teacher, 100000, "--gin.TrainConfig.data_shards=2"),
-                    data_dir=data_dir)
-  mh.signal_after_first_log(procs, workdir)
-  outputs = mh.wait(procs)  # every process exits 0
-  summary = _summary(workdir)
-  assert summary["preempted"] and 0 < summary["step"] < STEPS, summary
-  assert checkpoints.latest_step(os.path.join(workdir, "checkpoints")) == summary["step"]
-  # The signalled host says so; the other stopped with it, at the same step.
-  assert "SIGTERM received" in outputs[-1] and "SIGTERM received" not in outputs[0]
-  return summary["step"]
-
-
 def test_two_processes_equal_one_and_resume_across_host_counts(tmp_path, teacher, data_dir):
   reference = str(tmp_path / "one_process")
   _run_here(_distill(reference, teacher, STEPS, "--gin.TrainConfig.data_shards=2"), data_dir)
@@ -101,29 +95,45 @@ def test_two_processes_equal_one_and_resume_across_host_counts(tmp_path, teacher
       scores[processes] = json.load(f)
   assert scores[2] == scores[1] and "accuracy" in scores[1]["pydoc_topic"]
 
-  # A fresh start on two hosts; SIGTERM reaches one of them; resume on one host
-  # (2 -> 1). data_shards is not given again: the run keeps the checkpoint's.
-  two_to_one = str(tmp_path / "two_to_one")
-  _stop_one_host(two_to_one, teacher, data_dir)
-  _run_here(_distill(two_to_one, teacher, STEPS), data_dir)
-  assert _summary(two_to_one)["step"] == STEPS
-  mh.assert_params_close(loop_testing.final_params(reference),
-                         loop_testing.final_params(two_to_one))
-
-  # And the reverse (1 -> 2): the single host's run as it stood after its first
-  # mid-run checkpoint (the later steps removed), resumed on two hosts.
-  one_to_two = str(tmp_path / "one_to_two")
-  shutil.copytree(reference, one_to_two)
+  # 1 -> 2: the single host's run as it stood after its first mid-run checkpoint (the
+  # later steps removed), resumed on two hosts without an end (data_shards is not
+  # given again: the run keeps the checkpoint's). Once both evaluated at step
+  # EVAL_EVERY, SIGTERM reaches one of them: they stop together, exit 0 and save.
+  resumed = str(tmp_path / "one_to_two_to_one")
+  shutil.copytree(reference, resumed)
   for step in range(SAVE_EVERY + 1, STEPS + 1):
-    shutil.rmtree(os.path.join(one_to_two, "checkpoints", str(step)), ignore_errors=True)
-  assert checkpoints.latest_step(os.path.join(one_to_two, "checkpoints")) == SAVE_EVERY
-  outputs = mh.run(2, _distill(one_to_two, teacher, STEPS), data_dir=data_dir)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", str(step)), ignore_errors=True)
+  assert checkpoints.latest_step(os.path.join(resumed, "checkpoints")) == SAVE_EVERY
+  procs = mh.launch(2, _distill(resumed, teacher, 100000), data_dir=data_dir)
+  try:
+    head = mh.signal_when_logged(procs, f"Evaluated at step {EVAL_EVERY} ", target=-1)
+    outputs = mh.wait(procs)  # every process exits 0
+  finally:
+    mh.kill_all(procs)
+  outputs[-1] = head + outputs[-1]
   assert all(f"Resumed from step {SAVE_EVERY} " in out for out in outputs)
-  assert _summary(one_to_two)["step"] == STEPS
+  stopped = _summary(resumed)
+  assert stopped["preempted"] and EVAL_EVERY < stopped["step"] < STEPS, stopped
+  assert checkpoints.latest_step(os.path.join(resumed, "checkpoints")) == stopped["step"]
+  # The signalled host says so; the other stopped with it, at the same step.
+  assert "SIGTERM received" in outputs[-1] and "SIGTERM received" not in outputs[0]
+  # Two hosts evaluated to the end of their uneven shards: the one-host figures (the
+  # reference's later rows were dropped when the two hosts resumed at SAVE_EVERY).
+  evals = [r for r in writers.read_jsonl(os.path.join(resumed, "logs", "train_metrics.jsonl"))
+           if "eval/loss" in r and r["step"] == EVAL_EVERY]
+  expected = [r for r in writers.read_jsonl(os.path.join(reference, "logs",
+                                                         "train_metrics.jsonl"))
+              if "eval/loss" in r and r["step"] == EVAL_EVERY]
+  assert len(evals) == len(expected) == 1 and expected[0]["eval/tokens"] > 0
+  assert evals[0] == pytest.approx(expected[0], rel=1e-5)
+
+  # 2 -> 1: the two hosts' checkpoint resumed on one host, to the end. Equal to the
+  # reference: the updates on two hosts (steps SAVE_EVERY+1..) and after were the same.
+  _run_here(_distill(resumed, teacher, STEPS), data_dir)
+  assert _summary(resumed)["step"] == STEPS
+  assert _summary(resumed)["eval"] == pytest.approx(summary["eval"], rel=1e-5)
   mh.assert_params_close(loop_testing.final_params(reference),
-                         loop_testing.final_params(one_to_two))
-  # Two hosts evaluated to the end of their uneven shards: the one-host figures.
-  assert _summary(one_to_two)["eval"] == pytest.approx(summary["eval"], rel=1e-5)
+                         loop_testing.final_params(resumed))
 
 
 def test_a_model_replica_across_both_processes(tmp_path, data_dir, capfd):
