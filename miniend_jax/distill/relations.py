@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from miniend_jax.distill.common import (
     PRECISION, Array, ArrayLike, check_rank, f32, interpolated_log_target,
     safe_divide)
+from miniend_jax.distill import relation_kernel
 from miniend_jax.distill.relation_blocks import (
     DEFAULT_BLOCK_SIZE, MASKED_SCORE as _MASKED_SCORE, blockwise_relation_kl)
 
@@ -25,7 +26,7 @@ from miniend_jax.distill.relation_blocks import (
 # whole relation anyway.
 BLOCKWISE_MIN_SCORES = 256 * 256
 
-IMPLEMENTATIONS = ("auto", "explicit", "blockwise")
+IMPLEMENTATIONS = ("auto", "explicit", "blockwise", "kernel", "kernel_interpret")
 
 
 def _kl_terms(log_target: Array, student_logp: Array, allowed: Array) -> Array:
@@ -74,6 +75,13 @@ def relation_scores(a: ArrayLike, b: ArrayLike, num_relation_heads: int,
                       precision=PRECISION)
   scores = scores * (1.0 / float(head_width) ** 0.5)
   return jnp.where(jnp.asarray(allowed)[:, None], scores, _MASKED_SCORE)
+
+
+def _auto_implementation(len_a: int, len_b: int) -> str:
+  """relation_kl's choice for implementation="auto" (see there)."""
+  if len_a * len_b >= BLOCKWISE_MIN_SCORES:
+    return "blockwise"
+  return "explicit"
 
 
 def _check_causal(causal: bool, len_q: int, len_k: int) -> None:
@@ -163,8 +171,14 @@ def relation_kl(
       the student's log-relation, the target and the KL terms), as in
       MiniLMv2. "blockwise" (`relation_blocks`) computes the same value and
       gradients over `[batch, heads, block_size, block_size]` tiles with its
-      own backward pass, never forming a `len_a x len_b` array. "auto":
-      blockwise when `len_a * len_b >= BLOCKWISE_MIN_SCORES`.
+      own backward pass, never forming a `len_a x len_b` array. "kernel"
+      (`relation_kernel`): one Pallas TPU kernel forms each row block's
+      relation in VMEM with its gradient (TPU only; "kernel_interpret" runs
+      it in Pallas' interpreter, on any backend). A Mosaic kernel cannot be
+      partitioned by XLA: call it on per-device arrays (inside `shard_map`).
+      "auto": blockwise when `len_a * len_b >= BLOCKWISE_MIN_SCORES`, else
+      explicit (never the kernel: it does not know whether its inputs are
+      sharded).
     block_size: rows and keys per tile of the blockwise implementation.
 
   Returns:
@@ -208,17 +222,20 @@ def relation_kl(
   teacher_a = jax.lax.stop_gradient(teacher_a)
   teacher_b = jax.lax.stop_gradient(teacher_b)
   if implementation == "auto":
-    implementation = ("blockwise" if len_a * len_b >= BLOCKWISE_MIN_SCORES
-                      else "explicit")
-  if implementation == "blockwise":
+    implementation = _auto_implementation(len_a, len_b)
+  if implementation != "explicit":
     _check_segments(query_segment_ids, key_segment_ids)
     _check_causal(causal, len_a, len_b)
-    return blockwise_relation_kl(
+    kw = dict(num_relation_heads=num_relation_heads, query_mask=query_mask,
+              key_mask=key_mask, causal=causal,
+              query_segment_ids=query_segment_ids,
+              key_segment_ids=key_segment_ids, interpolation=interpolation)
+    if implementation == "blockwise":
+      return blockwise_relation_kl(teacher_a, teacher_b, student_a, student_b,
+                                   block_size=block_size, **kw)
+    return relation_kernel.kernel_relation_kl(
         teacher_a, teacher_b, student_a, student_b,
-        num_relation_heads=num_relation_heads, query_mask=query_mask,
-        key_mask=key_mask, causal=causal, query_segment_ids=query_segment_ids,
-        key_segment_ids=key_segment_ids, interpolation=interpolation,
-        block_size=block_size)
+        interpret=implementation == "kernel_interpret", **kw)
   allowed = _allowed_keys(query_mask, key_mask, causal, query_segment_ids,
                           key_segment_ids)
   teacher_scores = relation_scores(teacher_a, teacher_b, num_relation_heads,
