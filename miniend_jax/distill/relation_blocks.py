@@ -9,18 +9,23 @@ sides' scores, log-softmaxes, the target, the KL terms): they dominate the
 step's memory traffic (issue 26). Here the same value is computed over
 `[batch, heads, block, block]` tiles:
 
-* forward, for each block of query rows: a first loop over key blocks keeps
-  each row's running max and sum of exponentials (the online softmax) of the
+* for each block of query rows, a first loop over key blocks keeps each
+  row's running max and sum of exponentials (the online softmax) of the
   target's scores and of the student's, giving their log-sum-exps `lse_t`,
-  `lse_s`; a second loop accumulates the row's KL
-  `sum_k p_t,k ((t_k - lse_t) - (s_k - lse_s))`, tile by tile, in float32;
-* backward (`jax.custom_vjp`): the KL's gradient in the student's scores is
-  `(p_s - p_t) * row_weight` (the target is a constant: teacher scores, or
-  with interpolation `a * t + (1 - a) * stop_gradient(s)`), formed per tile
-  from the scores recomputed from the inputs and the saved row
-  log-sum-exps, and sent straight back to `student_a` / `student_b` with two
-  small matmuls per tile. Residuals are the inputs and `[batch, heads,
-  len_a]` row statistics; the teacher gets no gradient.
+  `lse_s`;
+* a second loop accumulates the row's KL `sum_k p_t,k ((t_k - lse_t) - (s_k
+  - lse_s))`, tile by tile, in float32, and, when a gradient is wanted, that
+  gradient too: the loss is a scalar, so its cotangent only scales it. In
+  the student's scores it is `(p_s - p_t)` on the row's allowed keys (the
+  target is a constant: teacher scores, or with interpolation `a * t + (1 -
+  a) * stop_gradient(s)`), sent straight to `student_a` / `student_b` with
+  two small matmuls per tile.
+
+`jax.custom_vjp`: the forward keeps the student's two gradients (its own
+shapes) and the backward multiplies them by `g / rows`; the teacher gets no
+gradient and keeps no residual. Each score tile is formed twice in all (the
+fused "loss and gradient" of Liger-Kernel's losses), against three times for
+a separate backward pass that recomputes the tiles.
 
 With a causal mask the key tiles right of the diagonal are skipped (half the
 work). Masked keys get the same large negative score as in the explicit
@@ -121,16 +126,12 @@ def _online_lse(carry, scores):
   return new_max, running_sum
 
 
-def _row_block_forward(operands, masks, alpha, i, *, num_k, block_q, block_k,
-                       causal, interpolate):
-  """Row tile i: (row KLs `[batch, heads, bq]`, target and student row
-  log-sum-exps `[batch, heads, bq]`, rows that see a key `[batch, bq]`)."""
-  batch, heads = operands[0].shape[0], operands[0].shape[2]
-  tile = functools.partial(_tile, operands, masks, alpha, i, block_q=block_q,
-                           block_k=block_k, causal=causal, interpolate=interpolate)
-  upper = _key_blocks(i, num_k, causal)
+def _row_statistics(tile, upper, batch, heads, block_q):
+  """First pass over row tile i's key tiles: the target's and the student's
+  row log-sum-exps `[batch, heads, bq]` and the rows that see a key
+  `[batch, bq]`, by a running (online) max and sum of exponentials."""
 
-  def statistics(j, carry):
+  def body(j, carry):
     target, student, seen = carry
     t, s, allowed = tile(j)
     return (_online_lse(target, t), _online_lse(student, s),
@@ -139,113 +140,107 @@ def _row_block_forward(operands, masks, alpha, i, *, num_k, block_q, block_k,
   start = (jnp.full((batch, heads, block_q), -jnp.inf, jnp.float32),
            jnp.zeros((batch, heads, block_q), jnp.float32))
   (t_max, t_sum), (s_max, s_sum), seen = jax.lax.fori_loop(
-      0, upper, statistics, (start, start, jnp.zeros((batch, block_q), bool)))
-  lse_t, lse_s = t_max + jnp.log(t_sum), s_max + jnp.log(s_sum)
-
-  def accumulate(j, kl_rows):
-    t, s, allowed = tile(j)
-    log_target = t - lse_t[..., None]
-    kl = jnp.exp(log_target) * (log_target - (s - lse_s[..., None]))
-    # `where`, not a product with a 0 probability: a masked entry's log
-    # ratio is never read.
-    return kl_rows + jnp.sum(jnp.where(allowed, kl, 0.0), axis=-1)
-
-  kl_rows = jax.lax.fori_loop(0, upper, accumulate,
-                              jnp.zeros((batch, heads, block_q), jnp.float32))
-  return kl_rows, lse_t, lse_s, seen
+      0, upper, body, (start, start, jnp.zeros((batch, block_q), bool)))
+  return t_max + jnp.log(t_sum), s_max + jnp.log(s_sum), seen
 
 
-def _stack_blocks(x: Array) -> Array:
-  """`[num_blocks, batch, ..., block]` (from `lax.map`) -> `[batch, ...,
-  num_blocks * block]`."""
-  x = jnp.moveaxis(x, 0, -2)
-  return jnp.reshape(x, (*x.shape[:-2], x.shape[-2] * x.shape[-1]))
+def _passes(operands, masks, alpha, *, causal, interpolate, block_q, block_k,
+            with_gradients):
+  """The KL summed over rows that see a key, their count (times heads), and
+  with gradients the student's a and b gradients of that sum (float32).
 
-
-def _forward(operands, masks, alpha, causal, interpolate, block_q, block_k):
-  num_q = operands[0].shape[1] // block_q
-  num_k = operands[1].shape[1] // block_k
-  body = functools.partial(_row_block_forward, operands, masks, alpha,
-                           num_k=num_k, block_q=block_q, block_k=block_k,
-                           causal=causal, interpolate=interpolate)
-  kl_rows, lse_t, lse_s, seen = map(
-      _stack_blocks, jax.lax.map(body, jnp.arange(num_q)))
-  heads = operands[0].shape[2]
-  total = jnp.sum(jnp.where(seen[:, None, :], kl_rows, 0.0))
-  num_rows = jnp.sum(seen).astype(jnp.float32) * heads
-  return safe_divide(total, num_rows), (lse_t, lse_s, seen, num_rows)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _blockwise_mean_kl(operands, masks, alpha, causal, interpolate, block_q,
-                       block_k):
-  return _forward(operands, masks, alpha, causal, interpolate, block_q,
-                  block_k)[0]
-
-
-def _blockwise_mean_kl_fwd(operands, masks, alpha, causal, interpolate,
-                           block_q, block_k):
-  value, statistics = _forward(operands, masks, alpha, causal, interpolate,
-                               block_q, block_k)
-  return value, (operands, masks, alpha, statistics)
-
-
-def _blockwise_mean_kl_bwd(causal, interpolate, block_q, block_k, residuals,
-                           g):
-  """Gradients of `student_a`, `student_b`, tile by tile.
-
-  d KL_row / d s_k = p_s,k - p_t,k over the row's allowed keys; each row
-  weighs `g / num_rows`. With `s = a . b / sqrt(d)`: `d a_q = sum_k ds_qk
-  b_k / sqrt(d)` and `d b_k = sum_q ds_qk a_q / sqrt(d)`, accumulated in
-  float32 (row tile by row tile for `a`, across all row tiles for `b`).
+  For each row tile: a first pass over its key tiles gets the row
+  log-sum-exps (`_row_statistics`); a second accumulates each row's KL
+  `sum_k p_t,k ((t_k - lse_t) - (s_k - lse_s))` and, since the loss is a
+  scalar whose cotangent only scales this, its gradient: d KL_row / d s_k =
+  p_s,k - p_t,k on the row's allowed keys, through `s = a . b / sqrt(d)` to
+  `d a_q = sum_k ds_qk b_k / sqrt(d)` (per row tile) and `d b_k = sum_q
+  ds_qk a_q / sqrt(d)` (accumulated over row tiles). Every score tile is
+  formed twice, forward and backward together.
   """
-  operands, masks, alpha, (lse_t, lse_s, seen, num_rows) = residuals
-  _, _, sa, sb = operands
-  num_q, num_k = sa.shape[1] // block_q, sb.shape[1] // block_k
+  ta, _, sa, sb = operands
+  batch, _, heads, _ = ta.shape
+  num_q, num_k = ta.shape[1] // block_q, operands[1].shape[1] // block_k
   scale = 1.0 / float(sa.shape[-1]) ** 0.5
-  row_weight = jnp.where(seen[:, None, :], safe_divide(g, num_rows), 0.0)
 
   def row_block(i, carry):
-    d_sa, d_sb = carry
+    total, count, d_sa, d_sb = carry
+    tile = functools.partial(_tile, operands, masks, alpha, i, block_q=block_q,
+                             block_k=block_k, causal=causal,
+                             interpolate=interpolate)
+    upper = _key_blocks(i, num_k, causal)
+    lse_t, lse_s, seen = _row_statistics(tile, upper, batch, heads, block_q)
+    row_weight = seen[:, None, :, None].astype(jnp.float32)
     a_i = _slice(sa, i, block_q)
-    lse_t_i, lse_s_i = _slice3(lse_t, i, block_q), _slice3(lse_s, i, block_q)
-    weight_i = _slice3(row_weight, i, block_q)[..., None]
 
     def key_block(j, carry):
-      d_a, d_sb = carry
-      t, s, allowed = _tile(operands, masks, alpha, i, j, block_q, block_k,
-                            causal, interpolate)
-      d_scores = (jnp.exp(s - lse_s_i[..., None])
-                  - jnp.exp(t - lse_t_i[..., None])) * weight_i
-      d_scores = jnp.where(allowed, d_scores, 0.0) * scale
-      b_j = _slice(sb, j, block_k)
-      d_a = d_a + jnp.einsum("bhqk,bkhd->bqhd", d_scores, b_j,
+      kl_rows, d_a, d_sb = carry
+      t, s, allowed = tile(j)
+      log_target = t - lse_t[..., None]
+      log_student = s - lse_s[..., None]
+      p_target = jnp.exp(log_target)
+      # `where`, not a product with a 0 probability: a masked entry's log
+      # ratio is never read.
+      kl_rows = kl_rows + jnp.sum(
+          jnp.where(allowed, p_target * (log_target - log_student), 0.0), axis=-1)
+      if not with_gradients:
+        return kl_rows, d_a, d_sb
+      d_scores = jnp.where(allowed, jnp.exp(log_student) - p_target, 0.0)
+      d_scores = d_scores * row_weight * scale
+      d_a = d_a + jnp.einsum("bhqk,bkhd->bqhd", d_scores, _slice(sb, j, block_k),
                              preferred_element_type=jnp.float32,
                              precision=PRECISION)
       d_b = jnp.einsum("bhqk,bqhd->bkhd", d_scores, a_i,
                        preferred_element_type=jnp.float32, precision=PRECISION)
       d_sb = jax.lax.dynamic_update_slice_in_dim(
           d_sb, _slice(d_sb, j, block_k) + d_b, j * block_k, axis=1)
-      return d_a, d_sb
+      return kl_rows, d_a, d_sb
 
-    d_a, d_sb = jax.lax.fori_loop(
-        0, _key_blocks(i, num_k, causal), key_block,
-        (jnp.zeros(a_i.shape, jnp.float32), d_sb))
-    d_sa = jax.lax.dynamic_update_slice_in_dim(d_sa, d_a, i * block_q, axis=1)
-    return d_sa, d_sb
+    d_a = jnp.zeros(a_i.shape, jnp.float32) if with_gradients else None
+    kl_rows, d_a, d_sb = jax.lax.fori_loop(
+        0, upper, key_block,
+        (jnp.zeros((batch, heads, block_q), jnp.float32), d_a, d_sb))
+    total = total + jnp.sum(jnp.where(seen[:, None, :], kl_rows, 0.0))
+    count = count + jnp.sum(seen).astype(jnp.float32) * heads
+    if with_gradients:
+      d_sa = jax.lax.dynamic_update_slice_in_dim(d_sa, d_a, i * block_q, axis=1)
+    return total, count, d_sa, d_sb
 
-  d_sa, d_sb = jax.lax.fori_loop(
-      0, num_q, row_block,
-      (jnp.zeros(sa.shape, jnp.float32), jnp.zeros(sb.shape, jnp.float32)))
+  grads = ((jnp.zeros(sa.shape, jnp.float32), jnp.zeros(sb.shape, jnp.float32))
+           if with_gradients else (None, None))
+  return jax.lax.fori_loop(0, num_q, row_block,
+                           (jnp.float32(0.0), jnp.float32(0.0), *grads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _blockwise_mean_kl(operands, masks, alpha, causal, interpolate, block_q,
+                       block_k):
+  total, count, _, _ = _passes(
+      operands, masks, alpha, causal=causal, interpolate=interpolate,
+      block_q=block_q, block_k=block_k, with_gradients=False)
+  return safe_divide(total, count)
+
+
+def _blockwise_mean_kl_fwd(operands, masks, alpha, causal, interpolate,
+                           block_q, block_k):
+  total, count, d_sa, d_sb = _passes(
+      operands, masks, alpha, causal=causal, interpolate=interpolate,
+      block_q=block_q, block_k=block_k, with_gradients=True)
+  # Kept in the inputs' dtype (the cotangents' dtype), as autodiff would.
+  d_sa, d_sb = d_sa.astype(operands[2].dtype), d_sb.astype(operands[3].dtype)
+  return safe_divide(total, count), (d_sa, d_sb, count)
+
+
+def _blockwise_mean_kl_bwd(causal, interpolate, block_q, block_k, residuals,
+                           g):
+  """The mean's gradient: the forward's gradients of the KL sum, times g / rows."""
+  del causal, interpolate, block_q, block_k
+  d_sa, d_sb, count = residuals
+  scale = safe_divide(g, count).astype(d_sa.dtype)
   # The teacher is a fixed target and masks, segments and the interpolation
   # coefficient are not trained: no cotangents.
-  return ((None, None, d_sa.astype(sa.dtype), d_sb.astype(sb.dtype)),
-          None, None)
-
-
-def _slice3(x: Array, index, size: int) -> Array:
-  """Block `index` of `size` positions along the last axis."""
-  return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=-1)
+  return ((None, None, d_sa * scale, d_sb * scale.astype(d_sb.dtype)), None,
+          None)
 
 
 _blockwise_mean_kl.defvjp(_blockwise_mean_kl_fwd, _blockwise_mean_kl_bwd)

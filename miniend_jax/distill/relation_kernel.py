@@ -215,6 +215,8 @@ def _kernel_mean_kl_fwd(operands, codes, alpha, causal, interpolate, block_q,
       operands, codes, alpha, causal=causal, interpolate=interpolate,
       block_q=block_q, with_gradients=True, interpret=interpret)
   value, num_rows = _mean(kl_rows, seen)
+  # Kept in the inputs' dtype (the cotangents' dtype), as autodiff would.
+  d_sa, d_sb = d_sa.astype(operands[2].dtype), d_sb.astype(operands[3].dtype)
   return value, (d_sa, d_sb, num_rows)
 
 
@@ -222,7 +224,8 @@ def _kernel_mean_kl_bwd(causal, interpolate, block_q, interpret, residuals, g):
   del causal, interpolate, block_q, interpret
   d_sa, d_sb, num_rows = residuals
   scale = safe_divide(g, num_rows)
-  return ((None, None, d_sa * scale, d_sb * scale), None, None)
+  return ((None, None, d_sa * scale.astype(d_sa.dtype),
+           d_sb * scale.astype(d_sb.dtype)), None, None)
 
 
 _kernel_mean_kl.defvjp(_kernel_mean_kl_fwd, _kernel_mean_kl_bwd)
