@@ -246,6 +246,15 @@ def _blockwise_mean_kl_bwd(causal, interpolate, block_q, block_k, residuals,
 _blockwise_mean_kl.defvjp(_blockwise_mean_kl_fwd, _blockwise_mean_kl_bwd)
 
 
+def interpolation_coefficient(interpolation) -> Array:
+  """float32 scalar `a` of `common.interpolated_log_target` (clipped to [0,
+  1], a constant of the gradient); 1 when there is no interpolation."""
+  if interpolation is None:
+    return jnp.float32(1.0)
+  return jax.lax.stop_gradient(
+      jnp.clip(jnp.asarray(interpolation, jnp.float32), 0.0, 1.0))
+
+
 def _split_heads(x: Array, heads: int, length: int) -> Array:
   """`[batch, len, width]` -> `[batch, length, heads, width / heads]`, padded
   with zeros to `length` positions (masked below)."""
@@ -297,8 +306,7 @@ def blockwise_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
       _pad_positions(jnp.asarray(query_segment_ids), padded_a),
       _pad_positions(jnp.asarray(key_segment_ids), padded_b))
   interpolate = interpolation is not None
-  alpha = (jnp.clip(jnp.asarray(interpolation, jnp.float32), 0.0, 1.0)
-           if interpolate else jnp.float32(1.0))
-  alpha = jax.lax.stop_gradient(alpha)
-  return _blockwise_mean_kl(operands, masks, alpha, causal, interpolate,
+  return _blockwise_mean_kl(operands, masks,
+                            interpolation_coefficient(interpolation), causal,
+                            interpolate,
                             block_q, block_k)

@@ -23,8 +23,10 @@ fused "loss and gradient" of Liger-Kernel's losses). HBM traffic is the
 inputs, the gradients and `[batch, heads, len_a]` row sums.
 
 Every key of a row block is in VMEM at once, so `len_b` is bounded
-(`fits`); `relations.relation_kl` falls back to `relation_blocks` beyond it.
-Runs on TPU; `interpret=True` runs the same kernel anywhere (the tests).
+(`fits`: up to 2,688 keys with 128-row blocks); beyond it use `relation_blocks`.
+Runs on TPU, on per-device arrays (a Mosaic kernel cannot be partitioned by
+XLA: inside `shard_map`); `interpret=True` runs the same kernel anywhere (the
+tests).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from miniend_jax.distill.common import Array, safe_divide
-from miniend_jax.distill.relation_blocks import MASKED_SCORE
+from miniend_jax.distill.relation_blocks import (
+    MASKED_SCORE, interpolation_coefficient)
 
 # TPU vector registers are [8 sublanes, 128 lanes]: keys are padded to whole
 # lanes, rows to whole sublanes, per-row codes are spread over the lanes and
@@ -258,7 +261,8 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
   """`relations.relation_kl`'s value and gradients from the Pallas kernel.
 
   Arguments as `relations.relation_kl` (checked there; the teacher already
-  under `stop_gradient`); `block_rows` rows per block (multiple of 8);
+  under `stop_gradient`; segment ids non-negative, as packing makes them);
+  `block_rows` rows per block (multiple of 8);
   `interpret` runs the kernel in Pallas' interpreter (any backend).
   """
   if block_rows <= 0 or block_rows % _SUBLANES:
@@ -266,6 +270,11 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
                      f"got {block_rows}.")
   len_a, len_b = teacher_a.shape[1], teacher_b.shape[1]
   block_q = min(block_rows, _round_up(len_a, _SUBLANES))
+  if not fits(len_b, block_q):
+    raise ValueError(
+        f"The relation kernel holds every key of a row block in VMEM: {len_b} "
+        f"keys with {block_q}-row blocks exceed its budget; use "
+        "implementation='blockwise' (or fewer block_rows).")
   padded_a, padded_b = _round_up(len_a, block_q), _round_up(len_b, _LANES)
   heads = num_relation_heads
   # One dtype per side for the kernel's matmuls (bf16 stays bf16).
@@ -281,8 +290,6 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
            jnp.broadcast_to(keys[:, None, :],
                             (keys.shape[0], _SUBLANES, keys.shape[1])))
   interpolate = interpolation is not None
-  alpha = (jnp.clip(jnp.asarray(interpolation, jnp.float32), 0.0, 1.0)
-           if interpolate else jnp.float32(1.0))
-  alpha = jnp.reshape(jax.lax.stop_gradient(alpha), (1,))
+  alpha = jnp.reshape(interpolation_coefficient(interpolation), (1,))
   return _kernel_mean_kl(operands, codes, alpha, causal, interpolate, block_q,
                          interpret)

@@ -228,6 +228,11 @@ def test_blockwise_errors():
   with pytest.raises(ValueError, match="block_size"):
     relations.relation_kl(x, x, x, x, num_relation_heads=2, query_mask=m, key_mask=m,
                           implementation="blockwise", block_size=0)
+  rows, keys = jnp.zeros((1, 128, 8)), jnp.zeros((1, 4096, 8))  # 128 x 4096 f32 x 6 > 8 MiB
+  with pytest.raises(ValueError, match="VMEM"):
+    relations.relation_kl(rows, keys, rows, keys, num_relation_heads=2,
+                          query_mask=np.ones((1, 128), bool), key_mask=np.ones((1, 4096), bool),
+                          implementation="kernel_interpret")
   with pytest.raises(ValueError, match="causal"):
     y = jnp.zeros((1, 5, 8))
     relations.relation_kl(x, y, x, y, num_relation_heads=2, query_mask=m,
