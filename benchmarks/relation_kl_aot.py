@@ -2,7 +2,7 @@
 explicit, blockwise and the Pallas kernel.
 
   python benchmarks/relation_kl_aot.py [--topology v4-8] [--batch 256] [--length 512] \
-      [--teacher_width 768] [--student_width 384] [--heads 6] [--causal] [--block_size 128]
+      [--teacher_width 768] [--student_width 384] [--heads 6] [--causal] [--block_size N]
 
 Compiles the value and student gradients of one relation (`relation_kl`, e.g. the
 base run's cross-attention K-K relation over 512 encoder positions: global batch
@@ -30,19 +30,21 @@ def main() -> None:
   parser.add_argument("--student_width", type=int, default=384)
   parser.add_argument("--heads", type=int, default=6)
   parser.add_argument("--causal", action="store_true")
-  parser.add_argument("--block_size", type=int, default=128)
+  parser.add_argument("--block_size", type=int, default=None,
+                      help="blockwise tiles (default: relation_blocks.DEFAULT_BLOCK_SIZE)")
   args = parser.parse_args()
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from miniend_jax.distill.relations import relation_kl  # pylint: disable=import-outside-toplevel
+  from miniend_jax.distill.relations import DEFAULT_BLOCK_SIZE, relation_kl  # pylint: disable=import-outside-toplevel
   from miniend_jax.train import plan, xla_cost  # pylint: disable=import-outside-toplevel
 
   devices = plan.topology_devices(args.topology)
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   batch_sharded = NamedSharding(mesh, P("data"))
   length = args.length
+  block_size = args.block_size or DEFAULT_BLOCK_SIZE
 
   def abstract(width, dtype):
     return jax.ShapeDtypeStruct((args.batch, length, width), dtype, sharding=batch_sharded)
@@ -54,7 +56,7 @@ def main() -> None:
     def loss(t, s, m, implementation=implementation):
       return relation_kl(t, t, s, s, num_relation_heads=args.heads, query_mask=m,
                          key_mask=m, causal=args.causal, implementation=implementation,
-                         block_size=args.block_size)
+                         block_size=block_size)
     step = jax.value_and_grad(loss, argnums=1)
     if implementation == "kernel":  # a Mosaic kernel runs on per-chip arrays
       per_chip = step
@@ -73,7 +75,7 @@ def main() -> None:
     print(json.dumps(dict(
         benchmark="relation_kl_aot", topology=args.topology, implementation=implementation,
         batch=args.batch, length=length, heads=args.heads, causal=args.causal,
-        block_size=args.block_size, xla_gflops_per_chip=round(cost.flops / 1e9, 2),
+        block_size=block_size, xla_gflops_per_chip=round(cost.flops / 1e9, 2),
         xla_gb_accessed_per_chip=round(cost.bytes_accessed / 1e9, 3),
         loops_uncounted=len(cost.uncounted_loops),
         temp_mb_per_chip=round(memory.temp_size_in_bytes / 2**20, 1),

@@ -48,10 +48,15 @@ from miniend_jax.distill.common import PRECISION, Array, safe_divide
 # underflows to exactly 0 in float32, so masked keys get no probability.
 MASKED_SCORE = -1e9
 
-# Rows and keys per tile. A tile's float32 scores are `batch * heads * 128 *
-# 128 * 4` bytes (50 MB for T5-base's 64 rows x 12 heads per chip), a sixteenth
+# Rows and keys per tile. A tile's float32 scores are `batch * heads * 256 *
+# 256 * 4` bytes (100 MB for 64 rows x 6 relation heads per chip), a quarter
 # of a whole 512 x 512 relation; sequences up to this long are one tile.
-DEFAULT_BLOCK_SIZE = 128
+# Measured for the base run's 512-token K-K relation on v4-8 (AOT,
+# benchmarks/relation_kl_aot.py): 256-tiles access 6.7 GB per chip with 0.34
+# GB of temporaries, 128-tiles 8.6 GB (more loop iterations, each reading and
+# updating the key gradient) with 0.1 GB; the explicit version 6.6 GB and 1.9
+# GB. On CPU 256 was as fast as 128 or faster.
+DEFAULT_BLOCK_SIZE = 256
 
 
 class _Masks(NamedTuple):

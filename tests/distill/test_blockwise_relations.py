@@ -210,7 +210,9 @@ def test_blockwise_forms_no_relation_sized_array(causal):
 def test_auto_tiles_long_relations_only():
   """"auto" forms short relations whole and tiles long ones."""
   rng = np.random.default_rng(4)
-  for length, tiled in ((8, False), (int(relations.BLOCKWISE_MIN_SCORES ** 0.5), True)):
+  # Twice the default tile, so that tiling shows in the shapes.
+  for length, tiled in ((8, False), (2 * relations.DEFAULT_BLOCK_SIZE, True)):
+    assert (length * length >= relations.BLOCKWISE_MIN_SCORES) == tiled
     x = _rand(rng, (1, length, 4))
     mask = np.ones((1, length), bool)
     fn = jax.grad(lambda s: relations.relation_kl(x, x, s, s, num_relation_heads=2,
