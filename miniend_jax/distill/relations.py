@@ -15,11 +15,18 @@ import jax.numpy as jnp
 from miniend_jax.distill.common import (
     PRECISION, Array, ArrayLike, check_rank, f32, interpolated_log_target,
     safe_divide)
+from miniend_jax.distill import relation_kernel
+from miniend_jax.distill.relation_blocks import (
+    DEFAULT_BLOCK_SIZE, MASKED_SCORE as _MASKED_SCORE, blockwise_relation_kl)
 
-# Score given to disallowed keys before the softmax. Finite (not -inf) so that
-# masked rows and their gradients never produce inf - inf = NaN; exp(-1e9)
-# underflows to exactly 0 in float32, so masked keys get no probability.
-_MASKED_SCORE = -1e9
+# `relation_kl(implementation="auto")` tiles a relation (`relation_blocks`)
+# when it has at least this many scores per row and head, len_a * len_b:
+# there the explicit version's float32 [batch, heads, len_a, len_b] arrays
+# are what a step's memory holds and moves. Below it one tile would be the
+# whole relation anyway.
+BLOCKWISE_MIN_SCORES = 256 * 256
+
+IMPLEMENTATIONS = ("auto", "explicit", "blockwise", "kernel", "kernel_interpret")
 
 
 def _kl_terms(log_target: Array, student_logp: Array, allowed: Array) -> Array:
@@ -70,6 +77,26 @@ def relation_scores(a: ArrayLike, b: ArrayLike, num_relation_heads: int,
   return jnp.where(jnp.asarray(allowed)[:, None], scores, _MASKED_SCORE)
 
 
+def _auto_implementation(len_a: int, len_b: int) -> str:
+  """relation_kl's choice for implementation="auto" (see there)."""
+  if len_a * len_b >= BLOCKWISE_MIN_SCORES:
+    return "blockwise"
+  return "explicit"
+
+
+def _check_causal(causal: bool, len_q: int, len_k: int) -> None:
+  if causal and len_q != len_k:
+    raise ValueError(
+        "causal=True needs queries and keys over the same positions; got "
+        f"len_q={len_q}, len_k={len_k}.")
+
+
+def _check_segments(query_segment_ids, key_segment_ids) -> None:
+  if (query_segment_ids is None) != (key_segment_ids is None):
+    raise ValueError("Pass both query_segment_ids and key_segment_ids, or "
+                     "neither.")
+
+
 def _allowed_keys(query_mask, key_mask, causal, query_segment_ids,
                   key_segment_ids) -> Array:
   """bool `[batch, len_q, len_k]`: which key each query row may attend to."""
@@ -78,14 +105,9 @@ def _allowed_keys(query_mask, key_mask, causal, query_segment_ids,
   allowed = query_mask[:, :, None] & key_mask[:, None, :]
   if causal:
     len_q, len_k = query_mask.shape[1], key_mask.shape[1]
-    if len_q != len_k:
-      raise ValueError(
-          "causal=True needs queries and keys over the same positions; got "
-          f"len_q={len_q}, len_k={len_k}.")
+    _check_causal(causal, len_q, len_k)
     allowed &= jnp.tril(jnp.ones((len_q, len_k), dtype=bool))[None]
-  if (query_segment_ids is None) != (key_segment_ids is None):
-    raise ValueError("Pass both query_segment_ids and key_segment_ids, or "
-                     "neither.")
+  _check_segments(query_segment_ids, key_segment_ids)
   if query_segment_ids is not None:
     allowed &= (jnp.asarray(query_segment_ids)[:, :, None]
                 == jnp.asarray(key_segment_ids)[:, None, :])
@@ -116,6 +138,8 @@ def relation_kl(
     query_segment_ids: Optional[ArrayLike] = None,
     key_segment_ids: Optional[ArrayLike] = None,
     interpolation: Optional[ArrayLike] = None,
+    implementation: str = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> Array:
   """MiniLMv2 multi-head relation distillation, KL(teacher || student).
 
@@ -142,15 +166,28 @@ def relation_kl(
       row only sees keys of its own segment.
     key_segment_ids: optional int `[batch, len_b]`, with `query_segment_ids`.
     interpolation: optional scalar a in [0, 1] (see `distill.common`).
+    implementation: "explicit" forms the relations whole: a few float32
+      `[batch, num_relation_heads, len_a, len_b]` arrays (both sides' scores,
+      the student's log-relation, the target and the KL terms), as in
+      MiniLMv2. "blockwise" (`relation_blocks`) computes the same value and
+      gradients over `[batch, heads, block_size, block_size]` tiles with its
+      own backward pass, never forming a `len_a x len_b` array. "kernel"
+      (`relation_kernel`): one Pallas TPU kernel forms each row block's
+      relation in VMEM with its gradient (TPU only; "kernel_interpret" runs
+      it in Pallas' interpreter, on any backend). A Mosaic kernel cannot be
+      partitioned by XLA: call it on per-device arrays (inside `shard_map`).
+      "auto": blockwise when `len_a * len_b >= BLOCKWISE_MIN_SCORES`, else
+      explicit (never the kernel: it does not know whether its inputs are
+      sharded).
+    block_size: rows and keys per tile of the blockwise implementation.
 
   Returns:
     float32 scalar: KL summed over keys, averaged over valid query rows of the
     whole batch and over relation heads.
-
-  Memory: a few float32 `[batch, num_relation_heads, len_a, len_b]` arrays
-  (both sides' scores, the student's log-relation, the target and the KL
-  terms), as in MiniLMv2.
   """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got "
+                     f"{implementation!r}.")
   for name, x in (("teacher_a", teacher_a), ("teacher_b", teacher_b),
                   ("student_a", student_a), ("student_b", student_b)):
     check_rank(name, x, 3, "[batch, length, width]")
@@ -184,6 +221,21 @@ def relation_kl(
 
   teacher_a = jax.lax.stop_gradient(teacher_a)
   teacher_b = jax.lax.stop_gradient(teacher_b)
+  if implementation == "auto":
+    implementation = _auto_implementation(len_a, len_b)
+  if implementation != "explicit":
+    _check_segments(query_segment_ids, key_segment_ids)
+    _check_causal(causal, len_a, len_b)
+    kw = dict(num_relation_heads=num_relation_heads, query_mask=query_mask,
+              key_mask=key_mask, causal=causal,
+              query_segment_ids=query_segment_ids,
+              key_segment_ids=key_segment_ids, interpolation=interpolation)
+    if implementation == "blockwise":
+      return blockwise_relation_kl(teacher_a, teacher_b, student_a, student_b,
+                                   block_size=block_size, **kw)
+    return relation_kernel.kernel_relation_kl(
+        teacher_a, teacher_b, student_a, student_b,
+        interpret=implementation == "kernel_interpret", **kw)
   allowed = _allowed_keys(query_mask, key_mask, causal, query_segment_ids,
                           key_segment_ids)
   teacher_scores = relation_scores(teacher_a, teacher_b, num_relation_heads,
