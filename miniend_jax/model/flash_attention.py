@@ -50,6 +50,14 @@ PADDED_KEY_SEGMENT = -(2 ** 31)
 BLOCK = 128
 
 
+def target_platform() -> str:
+  """The platform the computation being traced is for: the current mesh's devices'
+  (a plan compiles for TPU devices from a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def _block(length: int, block: int) -> int:
   return block if length % block == 0 else length
 
@@ -263,7 +271,8 @@ def flash_attention(query: Array, key: Array, value: Array, position_bias: Array
   query_segments / key_segments: int [batch, q_len] / [batch, kv_len] (ids >= 0) for
     packed examples, or None: a query sees the keys of its own segment only.
   causal: query i sees keys j <= i (decoder self-attention; q_len == kv_len).
-  interpret: run the kernels in Pallas' interpreter; default: off TPU.
+  interpret: run the kernels in Pallas' interpreter; default: unless compiling for
+    TPU (`target_platform`).
   block: rows (and columns) of a block; a length it does not divide runs whole.
   Returns the context [batch, q_len, heads, d_kv] in `dtype` (default query's).
   """
@@ -272,7 +281,7 @@ def flash_attention(query: Array, key: Array, value: Array, position_bias: Array
   if causal and q_len != kv_len:
     raise ValueError(f"causal attention needs q_len == kv_len, got {q_len} and {kv_len}")
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = target_platform() != "tpu"
   if position_bias is not None:
     position_bias = position_bias.reshape(heads, q_len, kv_len).astype(jnp.float32)
   if query_segments is None or key_segments is None:

@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from miniend_jax.model.config import REMAT_POLICIES, T5Config
-from miniend_jax.model.flash_attention import flash_attention
+from miniend_jax.model.flash_attention import flash_attention, target_platform
 
 Array = jax.Array
 
@@ -144,8 +144,10 @@ def attention_implementation(config: T5Config, *, dropout: bool = False,
   head sizes cuDNN accepts (a multiple of 8, at most 128), the project's Pallas
   flash attention on TPUs (`flash_attention.py`: no [batch, heads, q, kv] scores
   in HBM, the position bias shared over the batch), and the explicit einsums
-  everywhere else: on CPUs the explicit path measured faster. Naming "pallas"
-  off TPU runs the same kernels in Pallas' interpreter (slow; for tests).
+  everywhere else: on CPUs the explicit path measured faster. The platform is
+  that of the current mesh's devices (`target_platform`), so a plan compiled
+  for a TPU slice on a CPU host gets the TPU kernel. Naming "pallas" off TPU
+  runs the same kernels in Pallas' interpreter (slow; for tests).
   Incremental decoding (`decode`: one query against a cache) always runs
   explicit, whatever the config says, so a model trained with a fused kernel
   decodes as usual. The fused kernels have no attention-probability dropout:
@@ -157,9 +159,10 @@ def attention_implementation(config: T5Config, *, dropout: bool = False,
   if chosen == "auto":
     if dropout:
       return "explicit"
-    if jax.default_backend() == "tpu":
+    platform = target_platform()
+    if platform == "tpu":
       return "pallas"
-    fusable = (jax.default_backend() == "gpu"
+    fusable = (platform == "gpu"
                and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
                and config.d_kv % 8 == 0 and config.d_kv <= 128)
     return "cudnn" if fusable else "explicit"
