@@ -18,7 +18,9 @@ Kernels (grids; batch innermost):
            position-bias gradient [heads, q, kv] (the table's gradient is the
            segment sum of that over buckets, XLA's transpose of the gather).
   dk, dv   (heads, kv blocks, batch): recomputes the probabilities of a column
-           block, gives dk and dv.
+           block, transposed (keys along rows), gives dk and dv.
+Per-query values (softmax max and sum, D = rowsum(dO * O), query segments) are
+[.., 1, q_len] in HBM, lane-dense: as [.., q_len, 1] TPU tiling pads them 128x.
 A whole key row (or query column) of a block sits in VMEM: block * length *
 4 bytes per score temporary (512 KiB at block 128 and length 1024), plenty for
 T5's lengths (up to a few thousand).
@@ -62,6 +64,31 @@ def _block(length: int, block: int) -> int:
   return block if length % block == 0 else length
 
 
+def _diagonal(square: Array, axis: int) -> Array:
+  """The diagonal of a square block, kept along the other axis (sum of the diagonal
+  entries only: exact)."""
+  n = square.shape[0]
+  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
+  return jnp.sum(jnp.where(eye, square, jnp.zeros_like(square)), axis=axis, keepdims=True)
+
+
+def _column(row_ref) -> Array:
+  """A per-query-row value stored lane-dense ([1, rows]) as a column [rows, 1].
+
+  Per-row arrays live in HBM as [.., 1, q_len]: as [.., q_len, 1] TPU tiling
+  would pad each to 128 lanes, 128 times the bytes. The turn goes through the
+  diagonal of a broadcast square (v4's Mosaic has no sublane gather for a
+  reshape); its cost is one pass over a [rows, rows] block."""
+  row = row_ref[...]
+  return _diagonal(jnp.broadcast_to(row, (row.shape[1], row.shape[1])), axis=1)
+
+
+def _row(column: Array) -> Array:
+  """[rows, 1] -> [1, rows], to store a per-query-row value lane-dense."""
+  return _diagonal(jnp.broadcast_to(column, (column.shape[0], column.shape[0])), axis=0)
+
+
 def _scores(q, k, bias_ref, q_seg, k_seg, causal, row0, col0):
   """Scores of one block, float32 [rows, cols], with the explicit path's arithmetic:
   q.k + ((mask bias [+ causal bias]) + position bias)."""
@@ -81,7 +108,7 @@ def _forward_kernel(*refs, causal: bool, has_bias: bool):
   bias_ref = refs.pop(0) if has_bias else None
   q_seg_ref, k_seg_ref, o_ref, max_ref, sum_ref = refs
   block_q = q_ref.shape[0]
-  s = _scores(q_ref[...], k_ref[...], bias_ref, q_seg_ref[...], k_seg_ref[...], causal,
+  s = _scores(q_ref[...], k_ref[...], bias_ref, _column(q_seg_ref), k_seg_ref[...], causal,
               pl.program_id(1) * block_q, 0)
   m = jnp.max(s, axis=1, keepdims=True)
   e = jnp.exp(s - m)
@@ -92,8 +119,8 @@ def _forward_kernel(*refs, causal: bool, has_bias: bool):
                            preferred_element_type=jnp.float32).astype(o_ref.dtype)
   # The backward recomputes p as exp(s - max) / sum, not exp(s - logsumexp): in a
   # row whose keys are all masked (scores near -1e10) max + log(sum) rounds to max.
-  max_ref[...] = m
-  sum_ref[...] = total
+  max_ref[...] = _row(m)
+  sum_ref[...] = _row(total)
 
 
 def _dq_kernel(*refs, causal: bool, has_bias: bool):
@@ -102,11 +129,11 @@ def _dq_kernel(*refs, causal: bool, has_bias: bool):
   q_seg_ref, k_seg_ref, max_ref, sum_ref, di_ref, do_ref, dq_ref, *dbias = refs
   block_q = q_ref.shape[0]
   k, v, do = k_ref[...], v_ref[...], do_ref[...]
-  s = _scores(q_ref[...], k, bias_ref, q_seg_ref[...], k_seg_ref[...], causal,
+  s = _scores(q_ref[...], k, bias_ref, _column(q_seg_ref), k_seg_ref[...], causal,
               pl.program_id(1) * block_q, 0)
-  p = jnp.exp(s - max_ref[...]) / sum_ref[...]
+  p = jnp.exp(s - _column(max_ref)) / _column(sum_ref)
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  ds = p * (dp - di_ref[...])
+  ds = p * (dp - _column(di_ref))
   dq_ref[...] = jax.lax.dot(ds.astype(k.dtype), k,
                             preferred_element_type=jnp.float32).astype(dq_ref.dtype)
   if dbias:
@@ -122,21 +149,30 @@ def _dq_kernel(*refs, causal: bool, has_bias: bool):
 
 
 def _dkv_kernel(*refs, causal: bool, has_bias: bool):
+  """Runs transposed, keys along rows ([block_k, q_len]), so the per-query values
+  (max, sum, D, segments) are used as the lane-dense rows they are stored as."""
   q_ref, k_ref, v_ref, *refs = refs
-  bias_ref = refs.pop(0) if has_bias else None
+  bias_t_ref = refs.pop(0) if has_bias else None
   q_seg_ref, k_seg_ref, max_ref, sum_ref, di_ref, do_ref, dk_ref, dv_ref = refs
   block_k = k_ref.shape[0]
   q, do = q_ref[...], do_ref[...]
-  s = _scores(q, k_ref[...], bias_ref, q_seg_ref[...], k_seg_ref[...], causal,
-              0, pl.program_id(1) * block_k)
-  p = jnp.exp(s - max_ref[...]) / sum_ref[...]  # [q_len, block_k]
-  dv_ref[...] = jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32).astype(dv_ref.dtype)
-  dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)
-  ds = p * (dp - di_ref[...])
-  dk_ref[...] = jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32).astype(dk_ref.dtype)
+  s_t = jax.lax.dot_general(k_ref[...], q, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+  add = jnp.where(_column(k_seg_ref) == q_seg_ref[...], 0.0, MASK_BIAS).astype(jnp.float32)
+  if causal:
+    keys = pl.program_id(1) * block_k + jax.lax.broadcasted_iota(jnp.int32, s_t.shape, 0)
+    queries = jax.lax.broadcasted_iota(jnp.int32, s_t.shape, 1)
+    add = add + jnp.where(keys <= queries, 0.0, MASK_BIAS).astype(jnp.float32)
+  if bias_t_ref is not None:
+    add = add + bias_t_ref[...]
+  p_t = jnp.exp((s_t + add) - max_ref[...]) / sum_ref[...]  # [block_k, q_len]
+  dv_ref[...] = jax.lax.dot(p_t.astype(do.dtype), do,
+                            preferred_element_type=jnp.float32).astype(dv_ref.dtype)
+  dp_t = jax.lax.dot_general(v_ref[...], do, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+  ds_t = p_t * (dp_t - di_ref[...])
+  dk_ref[...] = jax.lax.dot(ds_t.astype(q.dtype), q,
+                            preferred_element_type=jnp.float32).astype(dk_ref.dtype)
 
 
 def _bytes(*arrays) -> int:
@@ -156,8 +192,8 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, args, *, semantics, flop
 
 def _specs(q, k, bias, rows_of_q: bool, block: int):
   """BlockSpecs of q, k, v, bias, q segments, k segments, and a per-query-row
-  [.., q_len, 1] array, for a grid (heads, blocks, batch) whose blocks run over
-  query rows (`rows_of_q`) or key columns."""
+  [batch, heads, 1, q_len] array, for a grid (heads, blocks, batch) whose blocks
+  run over query rows (`rows_of_q`) or key columns."""
   _, _, q_len, d = q.shape
   kv_len = k.shape[2]
   if rows_of_q:
@@ -165,22 +201,24 @@ def _specs(q, k, bias, rows_of_q: bool, block: int):
     q_map = lambda h, i, b: (b, h, i, 0)
     k_map = lambda h, i, b: (b, h, 0, 0)
     bias_map = lambda h, i, b: (h, i, 0)
-    q_seg_map = lambda h, i, b: (b, i, 0)
+    q_seg_map = lambda h, i, b: (b, 0, i)
     k_seg_map = lambda h, i, b: (b, 0, 0)
+    row_map = lambda h, i, b: (b, h, 0, i)
   else:
     bq, bk = q_len, _block(kv_len, block)
     q_map = lambda h, j, b: (b, h, 0, 0)
     k_map = lambda h, j, b: (b, h, j, 0)
-    bias_map = lambda h, j, b: (h, 0, j)
+    bias_map = lambda h, j, b: (h, j, 0)  # of the transposed bias [heads, kv, q]
     q_seg_map = lambda h, j, b: (b, 0, 0)
     k_seg_map = lambda h, j, b: (b, 0, j)
+    row_map = lambda h, j, b: (b, h, 0, 0)
   q_spec = pl.BlockSpec((None, None, bq, d), q_map)
   k_spec = pl.BlockSpec((None, None, bk, d), k_map)
   specs = [q_spec, k_spec, k_spec]
   if bias is not None:
-    specs.append(pl.BlockSpec((None, bq, bk), bias_map))
-  specs += [pl.BlockSpec((None, bq, 1), q_seg_map), pl.BlockSpec((None, 1, bk), k_seg_map)]
-  row_spec = pl.BlockSpec((None, None, bq, 1), q_map)
+    specs.append(pl.BlockSpec((None, bq, bk) if rows_of_q else (None, bk, bq), bias_map))
+  specs += [pl.BlockSpec((None, 1, bq), q_seg_map), pl.BlockSpec((None, 1, bk), k_seg_map)]
+  row_spec = pl.BlockSpec((None, None, 1, bq), row_map)
   return specs, q_spec, k_spec, row_spec
 
 
@@ -190,7 +228,7 @@ def _forward(q, k, v, bias, q_seg, k_seg, causal, interpret, block):
   has_bias = bias is not None
   specs, q_spec, _, row_spec = _specs(q, k, bias, rows_of_q=True, block=block)
   args = [q, k, v] + ([bias] if has_bias else []) + [q_seg, k_seg]
-  row = jax.ShapeDtypeStruct((batch, heads, q_len, 1), jnp.float32)
+  row = jax.ShapeDtypeStruct((batch, heads, 1, q_len), jnp.float32)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row]
   return _call(functools.partial(_forward_kernel, causal=causal, has_bias=has_bias),
                (heads, q_len // _block(q_len, block), batch), specs, [q_spec, row_spec, row_spec],
@@ -224,6 +262,8 @@ def _backward(q, k, v, bias, q_seg, k_seg, row_max, row_sum, di, do, causal, int
       flops=6 * batch * heads * q_len * kv_len * d, name="t5_flash_attention_dq", **work)
 
   specs, q_spec, k_spec, row_spec = _specs(q, k, bias, rows_of_q=False, block=block)
+  if has_bias:  # the key-major kernel reads the bias transposed (shared: small)
+    common[3] = jnp.swapaxes(bias, 1, 2)
   dk, dv = _call(
       functools.partial(_dkv_kernel, causal=causal, has_bias=has_bias),
       (heads, kv_len // _block(kv_len, block), batch), specs + [row_spec, row_spec, row_spec, q_spec],
@@ -247,8 +287,8 @@ def _flash_fwd(q, k, v, bias, q_seg, k_seg, causal, interpret, block):
 def _flash_bwd(causal, interpret, block, residuals, do):
   q, k, v, bias, q_seg, k_seg, out, row_max, row_sum = residuals
   do = do.astype(out.dtype)
-  # D_i = sum_j P_ij dP_ij = rowsum(dO * O): [batch, heads, q_len, 1], small.
-  di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  # D_i = sum_j P_ij dP_ij = rowsum(dO * O): [batch, heads, 1, q_len], small.
+  di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
   dq, dk, dv, dbias = _backward(q, k, v, bias, q_seg, k_seg, row_max, row_sum, di, do,
                                 causal, interpret, block)
   return dq, dk, dv, dbias, None, None
@@ -289,7 +329,7 @@ def flash_attention(query: Array, key: Array, value: Array, position_bias: Array
     key_segments = jnp.zeros((batch, kv_len), jnp.int32)
   # Key padding folds into the key segment ids: a padded key matches no query.
   key_segments = jnp.where(key_mask, key_segments.astype(jnp.int32), PADDED_KEY_SEGMENT)
-  q_seg = query_segments.astype(jnp.int32)[:, :, None]
+  q_seg = query_segments.astype(jnp.int32)[:, None, :]
   k_seg = key_segments[:, None, :]
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [batch, heads, len, d_kv]
   context = _flash(heads_first(query), heads_first(key), heads_first(value), position_bias,

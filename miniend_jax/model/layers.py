@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from miniend_jax.model.config import T5Config
-from miniend_jax.model.ops import (AttentionMasks, attend, attention_implementation, matmul,
-                                   relative_position_buckets)
+from miniend_jax.model.ops import (AttentionMasks, attend, attention_implementation,
+                                   by_offset_to_matrix, matmul, offset_buckets)
 
 Array = jax.Array
 
@@ -98,11 +98,15 @@ class RelativePositionBias(nn.Module):
                    nn.initializers.normal(cfg.d_model ** -0.5),
                    (cfg.num_heads, cfg.relative_attention_num_buckets),
                    ("heads", "relpos_buckets"), jnp.dtype(cfg.param_dtype))
-    buckets = relative_position_buckets(
+    # The bias depends on the offset key - query alone: gather the few offsets'
+    # values, then spread them over the matrix (`by_offset_to_matrix`: no padded
+    # [query * key, heads] gather on TPU). The same values as a gather per pair.
+    buckets = offset_buckets(
         query_len, key_len, bidirectional=self.bidirectional,
         num_buckets=cfg.relative_attention_num_buckets,
         max_distance=cfg.relative_attention_max_distance)
-    return jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=1)[None]
+    by_offset = jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=1)
+    return by_offset_to_matrix(by_offset, query_len, key_len)[None]
 
 
 class Attention(nn.Module):

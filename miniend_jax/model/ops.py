@@ -59,6 +59,43 @@ def relative_position_buckets(query_len: int, key_len: int, *, bidirectional: bo
   """
   relative_position = (np.arange(key_len, dtype=np.int64)[None, :]
                        - np.arange(query_len, dtype=np.int64)[:, None])
+  return _buckets_of_offsets(relative_position, bidirectional=bidirectional,
+                             num_buckets=num_buckets, max_distance=max_distance)
+
+
+def offset_buckets(query_len: int, key_len: int, *, bidirectional: bool, num_buckets: int,
+                   max_distance: int) -> np.ndarray:
+  """The bucket of every offset key - query, from -(query_len - 1) to key_len - 1 in
+  order: int32 [query_len + key_len - 1] (`by_offset_to_matrix` spreads values
+  indexed so over the [query_len, key_len] matrix)."""
+  offsets = np.arange(-(query_len - 1), key_len, dtype=np.int64)
+  return _buckets_of_offsets(offsets, bidirectional=bidirectional, num_buckets=num_buckets,
+                             max_distance=max_distance)
+
+
+def by_offset_to_matrix(values: Array, query_len: int, key_len: int) -> Array:
+  """[..., query_len + key_len - 1] values by offset (as `offset_buckets` orders them)
+  -> [..., query_len, key_len] with entry (i, j) the value of offset j - i.
+
+  Data movement only (no arithmetic: the same values a gather gives), and no
+  gather: on TPU a gather of [heads] slices lays its [query * key, heads] result
+  out heads-minor, padded to 128 lanes (~10x the bytes for 12 heads). Row i of
+  the matrix is a window of the values starting at offset -i: the values,
+  rolled, repeated query_len times and read back in rows one shorter, shift by
+  one per row."""
+  if query_len == 1:
+    return values[..., None, :]
+  length = query_len + key_len - 1
+  rolled = jnp.roll(values, -(query_len - 1), axis=-1)
+  repeated = jnp.broadcast_to(rolled[..., None, :], values.shape[:-1] + (query_len, length))
+  flat = repeated.reshape(values.shape[:-1] + (query_len * length,))
+  skewed = flat[..., :query_len * (length - 1)].reshape(
+      values.shape[:-1] + (query_len, length - 1))
+  return skewed[..., :key_len]
+
+
+def _buckets_of_offsets(relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int,
+                        max_distance: int) -> np.ndarray:
   buckets = np.zeros_like(relative_position)
   if bidirectional:
     num_buckets //= 2
