@@ -21,7 +21,7 @@ from miniend_jax.model.layers import RelativePositionBias
 
 pytestmark = pytest.mark.lean
 
-HEADS, D_KV, BATCH = 2, 8, 3
+HEADS, D_KV, BATCH = 4, 64, 3  # two groups of two heads per kernel step
 CASES = {
     # name: (q_len, kv_len, position bias (bidirectional?) or None, causal, packed)
     "encoder_padded": (16, 16, True, False, False),
@@ -34,8 +34,9 @@ CASES = {
 def _inputs(q_len, kv_len):
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-  q, k, v = normal(BATCH, q_len, HEADS, D_KV), normal(BATCH, kv_len, HEADS, D_KV), normal(
-      BATCH, kv_len, HEADS, D_KV)
+  # Queries scaled as T5's init scales them (no score scaling): scores of order 1.
+  q = normal(BATCH, q_len, HEADS, D_KV) * D_KV ** -0.5
+  k, v = normal(BATCH, kv_len, HEADS, D_KV), normal(BATCH, kv_len, HEADS, D_KV)
   key_mask = np.ones((BATCH, kv_len), bool)
   key_mask[1, kv_len // 2 + 3:] = False  # a padded example
   key_mask[2, 5] = False                 # a masked key inside a row

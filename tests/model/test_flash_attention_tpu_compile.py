@@ -2,7 +2,7 @@
 
 A tiny T5's forward and backward (packed rows: padding, segments, causal decoder,
 cross-attention), data-parallel over a v4-8 under the project's mesh and rules,
-is compiled by libtpu from this CPU host with 512 input and 128 target
+is compiled by libtpu from this CPU host with 512 input and 256 target
 positions. With attention_impl "auto" it runs the Pallas kernels (the mesh's
 devices are TPUs), and the optimized per-chip program holds no float buffer of
 scores [.., q_len, kv_len] larger than the shared position bias [heads, q_len,
@@ -24,8 +24,9 @@ pytest.importorskip("libtpu", reason="compiling for TPU needs the `plan` extra (
 from miniend_jax.model import t5  # noqa: E402
 from miniend_jax.train import partitioning, plan  # noqa: E402
 
-INPUT_LEN, TARGET_LEN, BATCH, CHIPS, HEADS = 512, 128, 16, 4, 2
-# Sizes that no other array shares with the attention lengths (d_model, d_ff, vocab).
+INPUT_LEN, TARGET_LEN, BATCH, CHIPS, HEADS = 512, 256, 16, 4, 2
+# Sizes that no other array shares with the attention lengths (d_model, d_ff, vocab,
+# heads * d_kv = 128).
 MODEL = t5.T5Config(vocab_size=384, d_model=192, d_kv=64, d_ff=320, num_layers=1,
                     num_heads=HEADS, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                     dropout_rate=0.0, dtype="bfloat16")
