@@ -10,15 +10,17 @@ block is fetched once per call, not once per example; the masks are rebuilt in
 the kernel from segment ids (key padding folded into the key segment ids) and
 iota (causality).
 
-Kernels (grids; batch innermost):
-  forward  (heads, q blocks, batch): one q block against all keys -> context and
-           the row max and sum of the softmax (residuals of the backward).
-  dq       (heads, q blocks, batch): recomputes the probabilities of the row
-           block, gives dq and accumulates dS over the batch into the shared
+Kernels (grids; batch innermost; a step takes a group of heads, 2 at d_kv 64,
+as one lane-dense [len, group * d_kv] block of the [batch, len, heads * d_kv]
+projections, see `_only_head`):
+  forward  (head groups, q blocks, batch): one q block against all keys -> context
+           and the row max and sum of the softmax (residuals of the backward).
+  dq       (head groups, q blocks, batch): recomputes the probabilities of the
+           row block, gives dq and accumulates dS over the batch into the shared
            position-bias gradient [heads, q, kv] (the table's gradient is the
            segment sum of that over buckets, XLA's transpose of the gather).
-  dk, dv   (heads, kv blocks, batch): recomputes the probabilities of a column
-           block, transposed (keys along rows), gives dk and dv.
+  dk, dv   (head groups, kv blocks, batch): recomputes the probabilities of a
+           column block, transposed (keys along rows), gives dk and dv.
 Per-query values (softmax max and sum, D = rowsum(dO * O), query segments) are
 [.., 1, q_len] in HBM, lane-dense: as [.., q_len, 1] TPU tiling pads them 128x.
 A whole key row (or query column) of a block sits in VMEM: block * length *
