@@ -67,8 +67,9 @@ def test_fused_attention_equals_explicit(impl, packed):
   np.testing.assert_allclose(f_loss, loss, rtol=1e-5)
   flat = dict(jax.tree_util.tree_leaves_with_path(grads))
   for path, g in jax.tree_util.tree_leaves_with_path(f_grads):
-    np.testing.assert_allclose(g, flat[path], rtol=1e-4, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+    # The Pallas kernel follows the explicit arithmetic step by step: 1e-5.
+    np.testing.assert_allclose(g, flat[path], rtol=1e-5 if impl == "pallas" else 1e-4,
+                               atol=1e-6, err_msg=jax.tree_util.keystr(path))
   # The masks matter: without them the outputs would differ (so the test can fail).
   unmasked = jax.jit(lambda p: T5(cfg).apply({"params": p}, batch[0], batch[1]).logits)(params)
   assert not np.allclose(unmasked[2], logits[2], atol=1e-3)
