@@ -183,7 +183,8 @@ def attention_implementation(config: T5Config, *, dropout: bool = False,
   in HBM, the position bias shared over the batch), and the explicit einsums
   everywhere else: on CPUs the explicit path measured faster. The platform is
   that of the current mesh's devices (`target_platform`), so a plan compiled
-  for a TPU slice on a CPU host gets the TPU kernel. Naming "pallas" off TPU
+  for a TPU slice on a CPU host gets the TPU kernel; on TPU without a mesh
+  (which the fused kernel needs to run per shard) only a single device takes it. Naming "pallas" off TPU
   runs the same kernels in Pallas' interpreter (slow; for tests).
   Incremental decoding (`decode`: one query against a cache) always runs
   explicit, whatever the config says, so a model trained with a fused kernel
@@ -198,7 +199,10 @@ def attention_implementation(config: T5Config, *, dropout: bool = False,
       return "explicit"
     platform = target_platform()
     if platform == "tpu":
-      return "pallas"
+      # XLA cannot partition a Pallas call: it runs per shard under the current
+      # mesh (`attend`), so with several devices and no mesh it is not taken.
+      mesh = jax.sharding.get_abstract_mesh()
+      return "pallas" if not mesh.empty or jax.device_count() == 1 else "explicit"
     fusable = (platform == "gpu"
                and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
                and config.d_kv % 8 == 0 and config.d_kv <= 128)
