@@ -27,7 +27,7 @@ ACTIVATIONS = {
 }
 FEED_FORWARD_KINDS = tuple(prefix + name for prefix in ("", "gated-") for name in ACTIVATIONS)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,9 @@ class T5Config:
   `attention_impl` picks the attention kernel (the same math; see
   `ops.attention_implementation`): "explicit" einsums and softmax, "xla" or
   "cudnn" through `jax.nn.dot_product_attention` (cuDNN: fused flash attention
-  on NVIDIA GPUs, bf16/fp16 only), "auto" cuDNN where it applies, else explicit.
+  on NVIDIA GPUs, bf16/fp16 only), "pallas" the project's flash attention for
+  TPU (`flash_attention.py`; interpreted, slowly, elsewhere), "auto" Pallas on
+  TPUs, cuDNN where it applies, else explicit.
   """
 
   vocab_size: int = 32128

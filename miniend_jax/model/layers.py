@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from miniend_jax.model.config import T5Config
-from miniend_jax.model.ops import (attend, attention_implementation, matmul,
-                                   relative_position_buckets)
+from miniend_jax.model.ops import (AttentionMasks, attend, attention_implementation,
+                                   by_offset_to_matrix, matmul, offset_buckets)
 
 Array = jax.Array
 
@@ -98,11 +98,15 @@ class RelativePositionBias(nn.Module):
                    nn.initializers.normal(cfg.d_model ** -0.5),
                    (cfg.num_heads, cfg.relative_attention_num_buckets),
                    ("heads", "relpos_buckets"), jnp.dtype(cfg.param_dtype))
-    buckets = relative_position_buckets(
+    # The bias depends on the offset key - query alone: gather the few offsets'
+    # values, then spread them over the matrix (`by_offset_to_matrix`: no padded
+    # [query * key, heads] gather on TPU). The same values as a gather per pair.
+    buckets = offset_buckets(
         query_len, key_len, bidirectional=self.bidirectional,
         num_buckets=cfg.relative_attention_num_buckets,
         max_distance=cfg.relative_attention_max_distance)
-    return jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=1)[None]
+    by_offset = jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=1)
+    return by_offset_to_matrix(by_offset, query_len, key_len)[None]
 
 
 class Attention(nn.Module):
@@ -116,11 +120,12 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array):
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array | AttentionMasks):
     """Attends `inputs_q` [batch, q_len, d_model] over `inputs_kv` [batch, kv_len, d_model].
 
-    bias: additive float32 [batch or 1, heads, q_len, kv_len] (positions and masks);
-      in decode mode [batch or 1, heads, 1, max_len].
+    bias: additive float32 [batch or 1, heads, q_len, kv_len] (positions and masks),
+      or their parts (`AttentionMasks`, for the fused kernel); in decode mode
+      [batch or 1, heads, 1, max_len].
     Returns (output [batch, q_len, d_model], AttentionTap or None).
     """
     cfg = self.config
@@ -143,7 +148,8 @@ class Attention(nn.Module):
     implementation = attention_implementation(
         cfg, dropout=not self.deterministic and cfg.dropout_rate > 0, decode=self.decode)
     dropout = lambda w: nn.Dropout(cfg.dropout_rate)(w, deterministic=self.deterministic)
-    context = attend(query, key, value, bias, implementation, dtype, dropout)
+    context = attend(query, key, value, bias, implementation, dtype, dropout,
+                     _mesh_axes() if implementation == "pallas" else None)
     out = Dense(heads_shape, (cfg.d_model,), ("heads", "kv", "embed"),
                 cfg.inner_dim ** -0.5, dtype, param_dtype, name="out")(context)
 
@@ -168,6 +174,14 @@ class Attention(nn.Module):
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, position)
     index.value = index.value + 1
     return cached_key.value, cached_value.value
+
+
+def _mesh_axes() -> tuple | None:
+  """The mesh axes of the "batch" and "heads" logical axes under the current mesh
+  and rules, or None without a mesh."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return None
+  return tuple(nn.logical_to_mesh_axes(("batch", "heads")))
 
 
 class FeedForward(nn.Module):

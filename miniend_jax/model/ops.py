@@ -2,7 +2,8 @@
 
 float32-accumulated dots (`dot_f32`, `matmul` with its own VJP), T5's relative
 position buckets, the attention kernels (`attention_implementation` chooses,
-`attend` runs) and the additive key-mask bias, and the remat policies that know
+`attend` runs; `AttentionMasks` keeps the bias's parts apart for the fused TPU
+kernel) and the additive key-mask bias, and the remat policies that know
 `matmul`'s saved outputs by name. `layers.py`
 builds the Flax modules on these; `distill/` reuses `dot_f32` without loading
 any Flax module.
@@ -10,6 +11,7 @@ any Flax module.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -20,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from miniend_jax.model.config import REMAT_POLICIES, T5Config
+from miniend_jax.model.flash_attention import flash_attention, target_platform
 
 Array = jax.Array
 
@@ -56,6 +59,43 @@ def relative_position_buckets(query_len: int, key_len: int, *, bidirectional: bo
   """
   relative_position = (np.arange(key_len, dtype=np.int64)[None, :]
                        - np.arange(query_len, dtype=np.int64)[:, None])
+  return _buckets_of_offsets(relative_position, bidirectional=bidirectional,
+                             num_buckets=num_buckets, max_distance=max_distance)
+
+
+def offset_buckets(query_len: int, key_len: int, *, bidirectional: bool, num_buckets: int,
+                   max_distance: int) -> np.ndarray:
+  """The bucket of every offset key - query, from -(query_len - 1) to key_len - 1 in
+  order: int32 [query_len + key_len - 1] (`by_offset_to_matrix` spreads values
+  indexed so over the [query_len, key_len] matrix)."""
+  offsets = np.arange(-(query_len - 1), key_len, dtype=np.int64)
+  return _buckets_of_offsets(offsets, bidirectional=bidirectional, num_buckets=num_buckets,
+                             max_distance=max_distance)
+
+
+def by_offset_to_matrix(values: Array, query_len: int, key_len: int) -> Array:
+  """[..., query_len + key_len - 1] values by offset (as `offset_buckets` orders them)
+  -> [..., query_len, key_len] with entry (i, j) the value of offset j - i.
+
+  Data movement only (no arithmetic: the same values a gather gives), and no
+  gather: on TPU a gather of [heads] slices lays its [query * key, heads] result
+  out heads-minor, padded to 128 lanes (~10x the bytes for 12 heads). Row i of
+  the matrix is a window of the values starting at offset -i: the values,
+  rolled, repeated query_len times and read back in rows one shorter, shift by
+  one per row."""
+  if query_len == 1:
+    return values[..., None, :]
+  length = query_len + key_len - 1
+  rolled = jnp.roll(values, -(query_len - 1), axis=-1)
+  repeated = jnp.broadcast_to(rolled[..., None, :], values.shape[:-1] + (query_len, length))
+  flat = repeated.reshape(values.shape[:-1] + (query_len * length,))
+  skewed = flat[..., :query_len * (length - 1)].reshape(
+      values.shape[:-1] + (query_len, length - 1))
+  return skewed[..., :key_len]
+
+
+def _buckets_of_offsets(relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int,
+                        max_distance: int) -> np.ndarray:
   buckets = np.zeros_like(relative_position)
   if bidirectional:
     num_buckets //= 2
@@ -135,25 +175,38 @@ def matmul(x: Array, kernel: Array, num_contracting: int, out_dtype: Any = None)
 
 def attention_implementation(config: T5Config, *, dropout: bool = False,
                              decode: bool = False) -> str:
-  """The attention kernel a layer of `config` runs: "explicit", "xla" or "cudnn".
+  """The attention kernel a layer of `config` runs: "explicit", "xla", "cudnn" or "pallas".
 
   "auto" takes cuDNN's fused attention on GPUs for bf16 / fp16 compute with
-  head sizes cuDNN accepts (a multiple of 8, at most 128), and the explicit
-  einsums everywhere else: on CPUs the explicit path measured faster, and on
-  TPUs XLA fuses it. Incremental decoding (`decode`: one query against a
-  cache) always runs explicit, whatever the config says, so a model trained
-  with a fused kernel decodes as usual. `jax.nn.dot_product_attention` has no
-  attention-probability dropout: with `dropout` "auto" stays explicit and
-  naming "xla" / "cudnn" is an error.
+  head sizes cuDNN accepts (a multiple of 8, at most 128), the project's Pallas
+  flash attention on TPUs (`flash_attention.py`: no [batch, heads, q, kv] scores
+  in HBM, the position bias shared over the batch), and the explicit einsums
+  everywhere else: on CPUs the explicit path measured faster. The platform is
+  that of the current mesh's devices (`target_platform`), so a plan compiled
+  for a TPU slice on a CPU host gets the TPU kernel; on TPU without a mesh
+  (which the fused kernel needs to run per shard) only a single device takes it. Naming "pallas" off TPU
+  runs the same kernels in Pallas' interpreter (slow; for tests).
+  Incremental decoding (`decode`: one query against a cache) always runs
+  explicit, whatever the config says, so a model trained with a fused kernel
+  decodes as usual. The fused kernels have no attention-probability dropout:
+  with `dropout` "auto" stays explicit and naming a fused one is an error.
   """
   chosen = config.attention_impl
   if decode:
     return "explicit"
   if chosen == "auto":
-    fusable = (jax.default_backend() == "gpu"
+    if dropout:
+      return "explicit"
+    platform = target_platform()
+    if platform == "tpu":
+      # XLA cannot partition a Pallas call: it runs per shard under the current
+      # mesh (`attend`), so with several devices and no mesh it is not taken.
+      mesh = jax.sharding.get_abstract_mesh()
+      return "pallas" if not mesh.empty or jax.device_count() == 1 else "explicit"
+    fusable = (platform == "gpu"
                and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
                and config.d_kv % 8 == 0 and config.d_kv <= 128)
-    return "cudnn" if fusable and not dropout else "explicit"
+    return "cudnn" if fusable else "explicit"
   if chosen != "explicit" and dropout:
     raise ValueError(
         f"T5Config.attention_impl={chosen!r} cannot apply attention dropout; use 'auto' "
@@ -161,17 +214,70 @@ def attention_implementation(config: T5Config, *, dropout: bool = False,
   return chosen
 
 
-def attend(query: Array, key: Array, value: Array, bias: Array, implementation: str,
-           dtype: Any, dropout: Callable[[Array], Array] = lambda weights: weights) -> Array:
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["key_mask", "query_segments", "key_segments", "position"],
+                   meta_fields=["query_len", "causal"])
+@dataclasses.dataclass(frozen=True)
+class AttentionMasks:
+  """The parts of an attention's additive bias, kept apart (a pytree).
+
+  The explicit and `jax.nn` kernels take their sum (`additive`); the fused TPU
+  kernel takes them as they are, so nothing per example is [.., q_len, kv_len].
+
+  key_mask: bool [batch, kv_len], False for padded keys.
+  query_segments / key_segments: int [batch, q_len] / [batch, kv_len] for packed
+    examples, or None.
+  position: float32 [1, heads, q_len, kv_len], the relative-position bias shared
+    by the batch, or None (cross-attention).
+  query_len: static; causal: static, query i sees keys j <= i.
+  """
+
+  key_mask: Array
+  query_segments: Array | None
+  key_segments: Array | None
+  position: Array | None
+  query_len: int
+  causal: bool = False
+
+  def additive(self) -> Array:
+    """The combined bias, float32 [batch, heads or 1, q_len, kv_len]: the same
+    additions in the same order as the model always made them."""
+    bias = key_mask_bias(self.query_len, self.key_mask, self.query_segments, self.key_segments)
+    if self.causal:
+      causal = jnp.tril(jnp.ones((self.query_len, self.key_mask.shape[1]), dtype=bool))
+      bias = bias + jnp.where(causal, 0.0, MASK_BIAS)[None, None]
+    if self.position is not None:
+      bias = bias + self.position
+    return bias
+
+  def add_position(self, position: Array) -> "AttentionMasks":
+    """With `position` [1, heads, q_len, kv_len] added to the position bias."""
+    total = position if self.position is None else self.position + position
+    return dataclasses.replace(self, position=total)
+
+
+def attend(query: Array, key: Array, value: Array, bias: "Array | AttentionMasks",
+           implementation: str, dtype: Any,
+           dropout: Callable[[Array], Array] = lambda weights: weights,
+           mesh_axes: tuple[Any, Any] | None = None) -> Array:
   """Multi-head attention without score scaling (T5 folds it into the query init).
 
   query: [batch, q_len, heads, d_kv]; key, value: [batch, kv_len, heads, d_kv].
-  bias: additive float32 [batch or 1, heads or 1, q_len, kv_len] (positions and masks).
-  implementation: "explicit", "xla" or "cudnn", as `attention_implementation` chose.
+  bias: additive float32 [batch or 1, heads or 1, q_len, kv_len] (positions and
+    masks), or their parts as `AttentionMasks` (which "pallas" needs).
+  implementation: "explicit", "xla", "cudnn" or "pallas", as `attention_implementation` chose.
   dropout: applied to the attention probabilities; the explicit kernel only (the
     fused ones have none, so `attention_implementation` never picks them with dropout).
+  mesh_axes: for "pallas" under a mesh, the mesh axes of the batch and of the heads
+    (the kernel runs per shard, under `shard_map`); None without a mesh.
   Returns the context [batch, q_len, heads, d_kv] in `dtype`.
   """
+  if implementation == "pallas":
+    if not isinstance(bias, AttentionMasks):
+      raise ValueError("attend: the 'pallas' kernel takes AttentionMasks, not a combined bias")
+    return _sharded_flash(query, key, value, bias, dtype, mesh_axes)
+  if isinstance(bias, AttentionMasks):
+    bias = bias.additive()
   if implementation == "explicit":
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                         preferred_element_type=jnp.float32) + bias
@@ -186,6 +292,32 @@ def attend(query: Array, key: Array, value: Array, bias: Array, implementation: 
         query, key, value, bias=bias.astype(query.dtype) if implementation == "cudnn" else bias,
         scale=1.0, implementation=implementation).astype(dtype)
   return context
+
+
+def _sharded_flash(query: Array, key: Array, value: Array, masks: AttentionMasks, dtype: Any,
+                   mesh_axes: tuple[Any, Any] | None) -> Array:
+  """`flash_attention` on each shard: XLA cannot partition a Pallas call itself (it
+  would gather the batch), so under a mesh it runs in `shard_map` over the batch
+  and head axes. The position bias is not split over the batch; shard_map's
+  transpose sums its gradient over the batch shards."""
+  qseg, kseg = masks.query_segments, masks.key_segments
+  if qseg is None or kseg is None:
+    qseg = kseg = None
+
+  def run(query, key, value, position, key_mask, qseg, kseg):
+    return flash_attention(query, key, value, position, key_mask, qseg, kseg,
+                           causal=masks.causal, dtype=dtype)
+
+  args = (query, key, value, masks.position, masks.key_mask, qseg, kseg)
+  if mesh_axes is None or jax.sharding.get_abstract_mesh().empty:
+    return run(*args)
+  batch, heads = mesh_axes
+  P = jax.sharding.PartitionSpec
+  per_token, rows = P(batch, None, heads, None), P(batch, None)
+  position_spec = None if masks.position is None else P(None, heads, None, None)
+  segment_spec = None if qseg is None else rows
+  in_specs = (per_token, per_token, per_token, position_spec, rows, segment_spec, segment_spec)
+  return jax.shard_map(run, in_specs=in_specs, out_specs=per_token, check_vma=False)(*args)
 
 
 def key_mask_bias(query_len: int, key_mask: Array, query_segments: Array | None = None,

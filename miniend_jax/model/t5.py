@@ -32,14 +32,15 @@ import jax.numpy as jnp
 
 from miniend_jax.model.config import T5Config, Taps
 from miniend_jax.model.layers import Attention, Dense, FeedForward, RelativePositionBias, RMSNorm
-from miniend_jax.model.ops import MASK_BIAS, REMAT_CHECKPOINT_POLICIES, key_mask_bias, matmul
+from miniend_jax.model.ops import (MASK_BIAS, REMAT_CHECKPOINT_POLICIES, AttentionMasks,
+                                   attention_implementation, matmul)
 
 # re-exported: users import them from here
 from miniend_jax.model.config import (  # noqa: F401
     REMAT_POLICIES, count_params, forward_flops, layer_index)
 from miniend_jax.model.layers import AttentionTap  # noqa: F401
 from miniend_jax.model.ops import (  # noqa: F401
-    attention_implementation, dot_f32, relative_position_buckets)
+    dot_f32, relative_position_buckets)
 
 Array = jax.Array
 
@@ -91,14 +92,14 @@ class EncoderBlock(nn.Module):
   tap_self: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array):
-    """bias: [batch or 1, heads or 1, len, len]; with `relative_bias_per_layer` only
-    the masks, this layer adds its own relative positions."""
+  def __call__(self, x: Array, bias: Array | AttentionMasks):
+    """bias: [batch or 1, heads or 1, len, len], or its parts (`_stack_bias`); with
+    `relative_bias_per_layer` only the masks, this layer adds its own relative positions."""
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
     if cfg.relative_bias_per_layer:
-      bias = bias + _relative_bias(
-          RelativePositionBias(cfg, bidirectional=True, name="relpos_bias"), bias.shape[-1])
+      bias = _add_position(bias, _relative_bias(
+          RelativePositionBias(cfg, bidirectional=True, name="relpos_bias"), x.shape[1]))
     h = _norm(cfg, "pre_attention_layer_norm")(x)
     h, tap = Attention(cfg, self.deterministic, self.tap_self, name="self_attention")(h, h, bias)
     x = _activation_constraint(x + drop(h))
@@ -117,18 +118,20 @@ class DecoderBlock(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
-               decode_position: Array | None = None):
+  def __call__(self, x: Array, encoded: Array, self_bias: Array | AttentionMasks,
+               cross_bias: Array | AttentionMasks, decode_position: Array | None = None):
     """self_bias: [batch or 1, heads or 1, len, keys] (keys: len, or the cache's
-    length when decoding); with `relative_bias_per_layer` only the masks, this
-    layer adds its own relative positions (at row `decode_position` when
-    decoding one position)."""
+    length when decoding), or its parts (`_stack_bias`); with
+    `relative_bias_per_layer` only the masks, this layer adds its own relative
+    positions (at row `decode_position` when decoding one position)."""
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
     if cfg.relative_bias_per_layer:
-      self_bias = self_bias + _relative_bias(
+      keys = (self_bias.key_mask.shape[1] if isinstance(self_bias, AttentionMasks)
+              else self_bias.shape[-1])
+      self_bias = _add_position(self_bias, _relative_bias(
           RelativePositionBias(cfg, bidirectional=False, name="relpos_bias"),
-          self_bias.shape[-1], decode_position)
+          keys, decode_position))
     h = _norm(cfg, "pre_self_attention_layer_norm")(x)
     h, self_tap = Attention(cfg, self.deterministic, self.tap_self, self.decode,
                             name="self_attention")(h, h, self_bias)
@@ -150,6 +153,23 @@ def _relative_bias(relpos: "RelativePositionBias", length: int,
   if position is None:
     return table
   return jax.lax.dynamic_slice_in_dim(table, position, 1, axis=2)
+
+
+def _add_position(bias: Array | AttentionMasks, position: Array) -> Array | AttentionMasks:
+  """`bias` with the relative-position bias [1, heads, q, kv] added (kept apart in
+  `AttentionMasks`)."""
+  if isinstance(bias, AttentionMasks):
+    return bias.add_position(position)
+  return bias + position
+
+
+def _stack_bias(cfg: T5Config, masks: AttentionMasks, deterministic: bool
+                ) -> Array | AttentionMasks:
+  """What a stack's layers get: the parts for the fused kernel, which builds the
+  masks per block; else the combined additive bias, built once for all layers."""
+  fused = attention_implementation(
+      cfg, dropout=not deterministic and cfg.dropout_rate > 0) == "pallas"
+  return masks if fused else masks.additive()
 
 
 def _maybe_remat(block_cls, cfg: T5Config):
@@ -250,10 +270,11 @@ class Encoder(nn.Module):
     """
     cfg = self.config
     length = embedded.shape[1]
-    bias = key_mask_bias(length, mask, segment_ids, segment_ids)
+    masks = AttentionMasks(mask, segment_ids, segment_ids, None, length)
     if not cfg.relative_bias_per_layer:  # one table for the stack (T5, mT5)
-      bias = bias + _relative_bias(
-          RelativePositionBias(cfg, bidirectional=True, name="relpos_bias"), length)
+      masks = masks.add_position(_relative_bias(
+          RelativePositionBias(cfg, bidirectional=True, name="relpos_bias"), length))
+    bias = _stack_bias(cfg, masks, deterministic)
     x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
     make_block = lambda i, det, **kw: EncoderBlock(cfg, det, i in taps.encoder_self, **kw)
     if cfg.scan_layers:
@@ -294,16 +315,19 @@ class Decoder(nn.Module):
     position = None
     if decode:
       position, self_bias = self._decode_step_mask(max_decode_length)
+      keys = self_bias.shape[-1]
     else:
-      causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-      self_bias = (key_mask_bias(length, decoder_key_mask, decoder_segment_ids,
-                                  decoder_segment_ids)
-                   + jnp.where(causal, 0.0, MASK_BIAS)[None, None])
+      self_bias = AttentionMasks(decoder_key_mask, decoder_segment_ids, decoder_segment_ids,
+                                 None, length, causal=True)
+      keys = length
     if not cfg.relative_bias_per_layer:  # one table for the stack (T5, mT5)
-      self_bias = self_bias + _relative_bias(
-          RelativePositionBias(cfg, bidirectional=False, name="relpos_bias"),
-          self_bias.shape[-1], position)
-    cross_bias = key_mask_bias(length, encoder_mask, decoder_segment_ids, encoder_segment_ids)
+      self_bias = _add_position(self_bias, _relative_bias(
+          RelativePositionBias(cfg, bidirectional=False, name="relpos_bias"), keys, position))
+    cross_bias = AttentionMasks(encoder_mask, decoder_segment_ids, encoder_segment_ids, None,
+                                length)
+    if not decode:
+      self_bias = _stack_bias(cfg, self_bias, deterministic)
+    cross_bias = _stack_bias(cfg, cross_bias, deterministic)
     x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
     if cfg.scan_layers:
       if decode:

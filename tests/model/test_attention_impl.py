@@ -1,9 +1,11 @@
-"""Attention through `jax.nn.dot_product_attention` equals the explicit path.
+"""Attention through `jax.nn.dot_product_attention` and the Pallas kernel equals the explicit path.
 
 On a GPU "auto" runs cuDNN's fused kernel; here the same call runs with
 implementation="xla", so the plumbing (one additive bias holding relative
 positions, padding, causality and packing; scale 1; taps still q/k/v) is
-checked against the explicit einsums, values and gradients.
+checked against the explicit einsums, values and gradients. On a TPU "auto"
+runs the Pallas flash attention; here "pallas" runs it interpreted, with the
+bias's parts passed apart (`AttentionMasks`).
 """
 
 import jax
@@ -52,20 +54,22 @@ def _loss(params, cfg, batch, packed):
   return jnp.mean(jax.nn.log_softmax(out.logits) ** 2) + sum(relations), out.logits
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_dot_product_attention_equals_explicit(packed):
+@pytest.mark.parametrize("impl,packed", [("xla", False), ("xla", True), ("pallas", True)],
+                         ids=["xla-padded", "xla-packed", "pallas-packed"])
+def test_fused_attention_equals_explicit(impl, packed):
   cfg = _config(attention_impl="explicit")
   params = t5.init_params(cfg, jax.random.key(0))
   batch = _batch()
   grad = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnums=(1, 3))
   (loss, logits), grads = grad(params, cfg, batch, packed)
-  (f_loss, f_logits), f_grads = grad(params, cfg.replace(attention_impl="xla"), batch, packed)
+  (f_loss, f_logits), f_grads = grad(params, cfg.replace(attention_impl=impl), batch, packed)
   np.testing.assert_allclose(f_logits, logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(f_loss, loss, rtol=1e-5)
   flat = dict(jax.tree_util.tree_leaves_with_path(grads))
   for path, g in jax.tree_util.tree_leaves_with_path(f_grads):
-    np.testing.assert_allclose(g, flat[path], rtol=1e-4, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+    # The Pallas kernel follows the explicit arithmetic step by step: 1e-5.
+    np.testing.assert_allclose(g, flat[path], rtol=1e-5 if impl == "pallas" else 1e-4,
+                               atol=1e-6, err_msg=jax.tree_util.keystr(path))
   # The masks matter: without them the outputs would differ (so the test can fail).
   unmasked = jax.jit(lambda p: T5(cfg).apply({"params": p}, batch[0], batch[1]).logits)(params)
   assert not np.allclose(unmasked[2], logits[2], atol=1e-3)
@@ -87,10 +91,13 @@ def test_choice_of_kernel():
   assert jax.default_backend() == "cpu"
   assert choose(_config(dtype="bfloat16")) == "explicit"  # auto: cuDNN on GPUs only
   assert choose(_config(attention_impl="xla")) == "xla"
+  assert choose(_config(attention_impl="pallas")) == "pallas"  # interpreted off TPU
+  assert choose(_config(attention_impl="pallas"), decode=True) == "explicit"
   assert choose(_config(attention_impl="cudnn"), decode=True) == "explicit"
   assert choose(_config(dtype="bfloat16"), dropout=True) == "explicit"
-  with pytest.raises(ValueError, match="cannot apply attention dropout"):
-    choose(_config(attention_impl="xla"), dropout=True)
+  for fused in ("xla", "pallas"):
+    with pytest.raises(ValueError, match="cannot apply attention dropout"):
+      choose(_config(attention_impl=fused), dropout=True)
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     _config(attention_impl="flash")
 
