@@ -183,6 +183,9 @@ def test_roofline_from_the_compilers_counts(m, k, n, bound):
   negative = dataclasses.replace(report, xla_optimal_seconds=-738.0)
   assert negative.compiler_step_s is None and negative.to_json()["compiler_step_s"] is None
   assert "optimal_seconds): not positive, not used" in negative.table()
+  # Nor when it claims the FLOPs run faster than peak.
+  too_fast = dataclasses.replace(report, xla_optimal_seconds=0.5 * report.roofline.compute_s)
+  assert too_fast.compiler_step_s is None and "below the compute bound, not used" in too_fast.table()
 
 
 def _layers(scan: bool, layers: int):
