@@ -95,8 +95,8 @@ def train(ctx: Context, mode: str, directory: str, *, task: str, steps: int,
       batch_size=s.batch_size, num_steps=steps, seed=seed, pack=True,
       # Pretraining and distillation curves are plotted (50 points); a finetuning run's
       # log is not read, and each logged step waits for the device and writes TensorBoard.
-      log_every=max(1, steps // (8 if mode == "finetune" else 50)), eval_every=0, eval_batches=s.eval_batches,
-      eval_split="validation", data_dir=ctx.workdir,
+      log_every=max(1, steps // (8 if mode == "finetune" else 50)), eval_every=0,
+      eval_batches=s.eval_batches, eval_split="validation", data_dir=ctx.workdir,
       # One host: one logical shard, so one input pipeline to build per run.
       data_shards=1, compilation_cache_dir=ctx.cache_dir)
   optimizer = state_lib.OptimizerConfig(

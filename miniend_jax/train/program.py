@@ -449,8 +449,9 @@ def _step_parts(student_config: t5.T5Config, teacher_config: t5.T5Config | None,
                              jax.eval_shape(extra_init, jax.random.key(0)))
   logical_specs = {"model": t5.param_logical_axes(student_config), "distill": extra_specs}
   rng_shape = jax.eval_shape(lambda: jax.random.key(0))
+  from_params = lambda rng, params: {"model": params, "distill": extra_init(rng)}
   if init_from_params:
-    init_fn = lambda rng, params: {"model": params, "distill": extra_init(rng)}
+    init_fn = from_params
     init_args = (rng_shape, t5.param_shapes(student_config))
   else:
     init_fn = lambda rng: {"model": t5.init_params(student_config, rng),
@@ -483,23 +484,21 @@ def _step_parts(student_config: t5.T5Config, teacher_config: t5.T5Config | None,
               abstract_state=abstract_state, abstract_teacher=abstract_teacher,
               teacher_shardings=teacher_shardings, abstract_batch=abstract_batch,
               abstract_rng=abstract_rng, step=step,
-              create_state=_state_creator(student_config, extra_init, tx, abstract_state,
+              create_state=_state_creator(student_config, from_params, tx, abstract_state,
                                           device_mesh, rules, init_from_params))
 
 
-def _state_creator(student_config, extra_init, tx, abstract_state, device_mesh, rules,
+def _state_creator(student_config, from_params, tx, abstract_state, device_mesh, rules,
                    init_from_params: bool) -> Callable:
   """`create_state(rng[, params])`. A random student is drawn by its own program
   (`_jitted_model_init`), which every recipe of one student shape shares: on a CPU,
   compiling a model's random initialisation takes seconds (threefry for every
   parameter), a recipe's own parameters and the optimizer state a fraction of that."""
-  from_params = state_lib.sharded_state_creator(
-      lambda rng, params: {"model": params, "distill": extra_init(rng)}, tx, abstract_state,
-      rules)
+  create_from_params = state_lib.sharded_state_creator(from_params, tx, abstract_state, rules)
   if init_from_params:
-    return from_params
+    return create_from_params
   init_model = _jitted_model_init(student_config, device_mesh, rules)
-  return lambda rng: from_params(rng, init_model(rng))
+  return lambda rng: create_from_params(rng, init_model(rng))
 
 
 @functools.lru_cache(maxsize=8)
