@@ -17,16 +17,17 @@ each of its three passes. This kernel does the work of a row block of one
   (`d s^T @ a`) over the row blocks of that (example, head).
 
 The custom VJP keeps those two gradients as residuals (the student's own
-shapes, float32) and its backward pass only multiplies them by `g /
-num_rows`: the scores are formed once, forward and backward together (the
+shapes, float32) and its backward pass only multiplies them by the cotangent of the KL sum (the
+mean's `g / num_rows`): the scores are formed once, forward and backward together (the
 fused "loss and gradient" of Liger-Kernel's losses). HBM traffic is the
-inputs, the gradients and `[batch, heads, len_a]` row sums.
+inputs, the gradients and a sum per (example, head).
 
 Every key of a row block is in VMEM at once, so `len_b` is bounded
 (`fits`: up to 2,688 keys with 128-row blocks); beyond it use `relation_blocks`.
-Runs on TPU, on per-device arrays (a Mosaic kernel cannot be partitioned by
-XLA: inside `shard_map`); `interpret=True` runs the same kernel anywhere (the
-tests).
+Runs on TPU; under a mesh on each device's examples, inside `shard_map` (a
+Mosaic kernel cannot be partitioned by XLA), the mean taken over the whole
+batch from the shards' sums. `interpret=True` runs the same kernel anywhere
+(the tests).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _dot(a, b, dimension_numbers):
 def _kernel(alpha_ref, ta_ref, tb_ref, sa_ref, sb_ref, row_ref, key_ref,
             kl_ref, seen_ref, d_sa_ref, d_sb_ref, *, causal, interpolate,
             with_gradients):
-  """One (example, head, row block): row KLs, rows seen, gradients."""
+  """One (example, head, row block): KL and rows seen, added to the (example,
+  head)'s sums, and gradients."""
   row_block = pl.program_id(2)
   block_q, len_b = ta_ref.shape[0], tb_ref.shape[0]
   f32 = jnp.float32
@@ -114,8 +116,18 @@ def _kernel(alpha_ref, ta_ref, tb_ref, sa_ref, sb_ref, row_ref, key_ref,
   p_target = jnp.exp(log_target)
   kl = jnp.where(allowed, p_target * (log_target - log_student), 0.0)
   seen = jnp.max(allowed.astype(f32), axis=1, keepdims=True)  # [block_q, 1]
-  kl_ref[...] = jnp.sum(kl, axis=1, keepdims=True) * seen
-  seen_ref[...] = seen
+  row_kl = jnp.sum(kl, axis=1, keepdims=True) * seen
+
+  # The (example, head)'s sums accumulate over its row blocks (in order on
+  # one core), lane-dense: [1, 128] per (example, head) in HBM, where per-row
+  # [len_a, 1] columns would be tiled to 128 lanes each.
+  @pl.when(row_block == 0)
+  def _():
+    kl_ref[...] = jnp.zeros(kl_ref.shape, f32)
+    seen_ref[...] = jnp.zeros(seen_ref.shape, f32)
+
+  kl_ref[...] += jnp.broadcast_to(jnp.sum(row_kl, axis=0, keepdims=True), kl_ref.shape)
+  seen_ref[...] += jnp.broadcast_to(jnp.sum(seen, axis=0, keepdims=True), seen_ref.shape)
   if not with_gradients:
     return
   # d KL_row / d s_k = p_s,k - p_t,k on the row's allowed keys; through
@@ -139,9 +151,10 @@ def _call(operands, codes, alpha, *, causal, interpolate, block_q,
   operands: `[batch, heads, length, d]` teacher a, b and student a, b (rows
   padded to `block_q`, keys to whole lanes); codes: rows `[batch, len_a,
   128]`, keys `[batch, 8, len_b]` (int32).
-  Returns (row KLs `[batch, heads, len_a, 1]`, rows seen `[batch, heads,
-  len_a, 1]`, and with gradients the student's a and b gradients of the KL
-  sum over seen rows, float32, in `operands`' layout).
+  Returns (KL summed over the seen rows `[batch, heads, 1, 128]`, the number
+  of seen rows `[batch, heads, 1, 128]` (the same value in every lane), and
+  with gradients the student's a and b gradients of the KL sum, float32, in
+  `operands`' layout).
   """
   ta, tb, sa, sb = operands
   row_codes, key_codes = codes
@@ -164,9 +177,11 @@ def _call(operands, codes, alpha, *, causal, interpolate, block_q,
       pl.BlockSpec((squeeze, block_q, _LANES), lambda b, h, i: (b, i, 0)),
       pl.BlockSpec((squeeze, _SUBLANES, len_b), lambda b, h, i: (b, 0, 0)),
   ]
-  row_stat = jax.ShapeDtypeStruct((batch, heads, len_a, 1), jnp.float32)
-  out_shape = [row_stat, row_stat]
-  out_specs = [rows_spec(1), rows_spec(1)]
+  head_sum = jax.ShapeDtypeStruct((batch, heads, 1, _LANES), jnp.float32)
+  head_sum_spec = pl.BlockSpec((squeeze, squeeze, 1, _LANES),
+                               lambda b, h, i: (b, h, 0, 0))
+  out_shape = [head_sum, head_sum]
+  out_specs = [head_sum_spec, head_sum_spec]
   if with_gradients:
     out_shape += [jax.ShapeDtypeStruct(sa.shape, jnp.float32),
                   jax.ShapeDtypeStruct(sb.shape, jnp.float32)]
@@ -176,13 +191,22 @@ def _call(operands, codes, alpha, *, causal, interpolate, block_q,
   if not with_gradients:
     kernel = functools.partial(
         lambda *refs, k: k(*refs, None, None), k=kernel)
-  matmuls = 2 + (2 if with_gradients else 0)
-  width = ta.shape[3] + sa.shape[3]
+  # What the kernel does, for XLA's cost analysis (it cannot see inside): the
+  # score matmuls of both sides, with gradients two more of the student's;
+  # HBM bytes as TPU lays them out (minor dimension padded to 128 lanes).
+  # Pallas fetches a block again only when its index changes: the key-side
+  # operands once per (example, head), the row codes once per head.
+  d_t, d_s = ta.shape[3], sa.shape[3]
+  lanes = lambda x: x.size // x.shape[-1] * _round_up(x.shape[-1], _LANES)
+  hbm_bytes = sum(lanes(x) * x.dtype.itemsize for x in operands)
+  hbm_bytes += heads * row_codes.size * 4 + key_codes.size * 4
+  hbm_bytes += 2 * batch * heads * _LANES * 4
+  if with_gradients:
+    hbm_bytes += (lanes(sa) + lanes(sb)) * 4
+  pairs = batch * heads * len_a * len_b
   cost = pl.CostEstimate(
-      flops=int(batch * heads * len_a * len_b * width * matmuls),
-      transcendentals=int(3 * batch * heads * len_a * len_b),
-      bytes_accessed=int(sum(x.size * x.dtype.itemsize for x in operands)
-                         + sum(x.size * 4 for x in (sa, sb) if with_gradients)))
+      flops=int(2 * pairs * (d_t + d_s + (2 * d_s if with_gradients else 0))),
+      transcendentals=int(3 * pairs), bytes_accessed=int(hbm_bytes))
   return pl.pallas_call(
       kernel,
       grid=(batch, heads, len_a // block_q),
@@ -198,40 +222,44 @@ def _call(operands, codes, alpha, *, causal, interpolate, block_q,
   )(alpha, ta, tb, sa, sb, row_codes, key_codes)
 
 
-def _mean(kl_rows, seen):
-  num_rows = jnp.sum(seen)
-  return safe_divide(jnp.sum(kl_rows), num_rows), num_rows
+def _sums(kl_sums, seen_counts):
+  """(KL summed over seen rows and heads, number of seen (row, head) pairs),
+  from the kernel's per-(example, head) sums (lane 0 of each)."""
+  return jnp.sum(kl_sums[..., 0]), jnp.sum(seen_counts[..., 0])
 
 
+# The kernel gives sums, not the mean: under `shard_map` each shard sums its own
+# rows and the mean is taken over the whole batch outside (as the explicit and
+# tiled versions average over every valid row of the batch). The row count has
+# no gradient.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _kernel_mean_kl(operands, codes, alpha, causal, interpolate, block_q,
+def _kernel_kl_sums(operands, codes, alpha, causal, interpolate, block_q,
                     interpret):
-  kl_rows, seen = _call(operands, codes, alpha, causal=causal,
+  kl_sums, seen = _call(operands, codes, alpha, causal=causal,
                         interpolate=interpolate, block_q=block_q,
                         with_gradients=False, interpret=interpret)
-  return _mean(kl_rows, seen)[0]
+  return _sums(kl_sums, seen)
 
 
-def _kernel_mean_kl_fwd(operands, codes, alpha, causal, interpolate, block_q,
+def _kernel_kl_sums_fwd(operands, codes, alpha, causal, interpolate, block_q,
                         interpret):
-  kl_rows, seen, d_sa, d_sb = _call(
+  kl_sums, seen, d_sa, d_sb = _call(
       operands, codes, alpha, causal=causal, interpolate=interpolate,
       block_q=block_q, with_gradients=True, interpret=interpret)
-  value, num_rows = _mean(kl_rows, seen)
   # Kept in the inputs' dtype (the cotangents' dtype), as autodiff would.
   d_sa, d_sb = d_sa.astype(operands[2].dtype), d_sb.astype(operands[3].dtype)
-  return value, (d_sa, d_sb, num_rows)
+  return _sums(kl_sums, seen), (d_sa, d_sb)
 
 
-def _kernel_mean_kl_bwd(causal, interpolate, block_q, interpret, residuals, g):
+def _kernel_kl_sums_bwd(causal, interpolate, block_q, interpret, residuals, g):
   del causal, interpolate, block_q, interpret
-  d_sa, d_sb, num_rows = residuals
-  scale = safe_divide(g, num_rows)
-  return ((None, None, d_sa * scale.astype(d_sa.dtype),
-           d_sb * scale.astype(d_sb.dtype)), None, None)
+  d_sa, d_sb = residuals
+  g_sum = g[0]  # the row count's cotangent is ignored: it has no gradient
+  return ((None, None, d_sa * g_sum.astype(d_sa.dtype),
+           d_sb * g_sum.astype(d_sb.dtype)), None, None)
 
 
-_kernel_mean_kl.defvjp(_kernel_mean_kl_fwd, _kernel_mean_kl_bwd)
+_kernel_kl_sums.defvjp(_kernel_kl_sums_fwd, _kernel_kl_sums_bwd)
 
 
 def _heads_first(x: Array, heads: int, length: int, dtype) -> Array:
@@ -253,28 +281,22 @@ def _codes(mask, segment_ids, length, masked_code):
                  constant_values=masked_code)
 
 
-def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
-                       num_relation_heads: int, query_mask, key_mask,
-                       causal: bool, query_segment_ids, key_segment_ids,
-                       interpolation, block_rows: int = DEFAULT_BLOCK_ROWS,
-                       interpret: bool = False) -> Array:
-  """`relations.relation_kl`'s value and gradients from the Pallas kernel.
+def batch_shards(batch_axes) -> int:
+  """How many shards the current mesh's `batch_axes` (a mesh axis name, a tuple
+  of them, or None) split the batch into; 1 without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or batch_axes is None:
+    return 1
+  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  return math.prod(mesh.shape[axis] for axis in axes)
 
-  Arguments as `relations.relation_kl` (checked there; the teacher already
-  under `stop_gradient`; segment ids non-negative, as packing makes them);
-  `block_rows` rows per block (multiple of 8);
-  `interpret` runs the kernel in Pallas' interpreter (any backend).
-  """
-  if block_rows <= 0 or block_rows % _SUBLANES:
-    raise ValueError(f"block_rows must be a positive multiple of {_SUBLANES}; "
-                     f"got {block_rows}.")
+
+def _local_sums(teacher_a, teacher_b, student_a, student_b, query_mask,
+                key_mask, query_segment_ids, key_segment_ids, alpha, *,
+                num_relation_heads, causal, interpolate, block_q, interpret):
+  """(KL sum, seen-row count), float32 scalars, of the examples given (one
+  device's shard under `shard_map`)."""
   len_a, len_b = teacher_a.shape[1], teacher_b.shape[1]
-  block_q = min(block_rows, _round_up(len_a, _SUBLANES))
-  if not fits(len_b, block_q):
-    raise ValueError(
-        f"The relation kernel holds every key of a row block in VMEM: {len_b} "
-        f"keys with {block_q}-row blocks exceed its budget; use "
-        "implementation='blockwise' (or fewer block_rows).")
   padded_a, padded_b = _round_up(len_a, block_q), _round_up(len_b, _LANES)
   heads = num_relation_heads
   # One dtype per side for the kernel's matmuls (bf16 stays bf16).
@@ -289,7 +311,67 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
   codes = (jnp.broadcast_to(rows[:, :, None], (*rows.shape, _LANES)),
            jnp.broadcast_to(keys[:, None, :],
                             (keys.shape[0], _SUBLANES, keys.shape[1])))
-  interpolate = interpolation is not None
-  alpha = jnp.reshape(interpolation_coefficient(interpolation), (1,))
-  return _kernel_mean_kl(operands, codes, alpha, causal, interpolate, block_q,
+  return _kernel_kl_sums(operands, codes, alpha, causal, interpolate, block_q,
                          interpret)
+
+
+def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
+                       num_relation_heads: int, query_mask, key_mask,
+                       causal: bool, query_segment_ids, key_segment_ids,
+                       interpolation, block_rows: int = DEFAULT_BLOCK_ROWS,
+                       batch_axes=None, interpret: bool = False) -> Array:
+  """`relations.relation_kl`'s value and gradients from the Pallas kernel.
+
+  Arguments as `relations.relation_kl` (checked there; the teacher already
+  under `stop_gradient`; segment ids non-negative, as packing makes them);
+  `block_rows` rows per block (multiple of 8);
+  `batch_axes`: under a mesh, the mesh axes the batch is split over. XLA
+  cannot partition a Pallas call, so there the kernel runs on each device's
+  examples inside `shard_map` (its inputs resharded to batch-split, every
+  other axis whole), each shard returns its KL sum and seen-row count, and the
+  mean is taken over the whole batch. With None under a mesh every device
+  computes the whole batch.
+  `interpret` runs the kernel in Pallas' interpreter (any backend).
+  """
+  if block_rows <= 0 or block_rows % _SUBLANES:
+    raise ValueError(f"block_rows must be a positive multiple of {_SUBLANES}; "
+                     f"got {block_rows}.")
+  batch, len_a = teacher_a.shape[:2]
+  len_b = teacher_b.shape[1]
+  block_q = min(block_rows, _round_up(len_a, _SUBLANES))
+  if not fits(len_b, block_q):
+    raise ValueError(
+        f"The relation kernel holds every key of a row block in VMEM: {len_b} "
+        f"keys with {block_q}-row blocks exceed its budget; use "
+        "implementation='blockwise' (or fewer block_rows).")
+  shards = batch_shards(batch_axes)
+  if batch % shards:
+    raise ValueError(
+        f"The relation kernel runs per batch shard: a batch of {batch} does not "
+        f"split over the {shards} devices of mesh axes {batch_axes!r}.")
+  alpha = jnp.reshape(interpolation_coefficient(interpolation), (1,))
+  local = functools.partial(
+      _local_sums, num_relation_heads=num_relation_heads, causal=causal,
+      interpolate=interpolation is not None, block_q=block_q,
+      interpret=interpret)
+  args = [teacher_a, teacher_b, student_a, student_b, query_mask, key_mask,
+          query_segment_ids, key_segment_ids]
+  args = [None if x is None else jnp.asarray(x) for x in args]
+  if jax.sharding.get_abstract_mesh().empty:
+    kl_sum, num_rows = local(*args, alpha)
+    return safe_divide(kl_sum, num_rows)
+  P = jax.sharding.PartitionSpec
+  per_token, per_row = P(batch_axes, None, None), P(batch_axes, None)
+  in_specs = (per_token,) * 4 + tuple(
+      None if x is None else per_row for x in args[4:]) + (P(),)
+
+  def per_shard(*shard_args):
+    # [1]-shaped, so the shards' sums come out side by side ([shards]) and are
+    # added outside: no collective whose transpose the gradient must get right.
+    return tuple(jnp.reshape(x, (1,)) for x in local(*shard_args))
+
+  out_spec = P(batch_axes)
+  kl_sums, row_counts = jax.shard_map(
+      per_shard, in_specs=in_specs, out_specs=(out_spec, out_spec),
+      check_vma=False)(*args, alpha)
+  return safe_divide(jnp.sum(kl_sums), jnp.sum(row_counts))

@@ -18,6 +18,7 @@ from miniend_jax.distill.common import (
 from miniend_jax.distill import relation_kernel
 from miniend_jax.distill.relation_blocks import (
     DEFAULT_BLOCK_SIZE, MASKED_SCORE as _MASKED_SCORE, blockwise_relation_kl)
+from miniend_jax.model.flash_attention import target_platform
 
 # `relation_kl(implementation="auto")` tiles a relation (`relation_blocks`)
 # when it has at least this many scores per row and head, len_a * len_b:
@@ -77,11 +78,21 @@ def relation_scores(a: ArrayLike, b: ArrayLike, num_relation_heads: int,
   return jnp.where(jnp.asarray(allowed)[:, None], scores, _MASKED_SCORE)
 
 
-def _auto_implementation(len_a: int, len_b: int) -> str:
+def _auto_implementation(batch: int, len_a: int, len_b: int, batch_axes) -> str:
   """relation_kl's choice for implementation="auto" (see there)."""
-  if len_a * len_b >= BLOCKWISE_MIN_SCORES:
-    return "blockwise"
-  return "explicit"
+  if len_a * len_b < BLOCKWISE_MIN_SCORES:
+    return "explicit"
+  if target_platform() == "tpu" and relation_kernel.fits(len_b):
+    # The kernel runs per batch shard, so it needs to know the batch's mesh
+    # axes; without a mesh, only on a single device.
+    if jax.sharding.get_abstract_mesh().empty:
+      sharded_ok = jax.device_count() == 1
+    else:
+      sharded_ok = (batch_axes is not None
+                    and batch % relation_kernel.batch_shards(batch_axes) == 0)
+    if sharded_ok:
+      return "kernel"
+  return "blockwise"
 
 
 def _check_causal(causal: bool, len_q: int, len_k: int) -> None:
@@ -140,6 +151,7 @@ def relation_kl(
     interpolation: Optional[ArrayLike] = None,
     implementation: str = "auto",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    batch_axes=None,
 ) -> Array:
   """MiniLMv2 multi-head relation distillation, KL(teacher || student).
 
@@ -175,11 +187,16 @@ def relation_kl(
       (`relation_kernel`): one Pallas TPU kernel forms each row block's
       relation in VMEM with its gradient (TPU only; "kernel_interpret" runs
       it in Pallas' interpreter, on any backend). A Mosaic kernel cannot be
-      partitioned by XLA: call it on per-device arrays (inside `shard_map`).
-      "auto": blockwise when `len_a * len_b >= BLOCKWISE_MIN_SCORES`, else
-      explicit (never the kernel: it does not know whether its inputs are
-      sharded).
+      partitioned by XLA: under a mesh it runs per batch shard in
+      `shard_map` (see `batch_axes`). "auto": explicit when `len_a * len_b <
+      BLOCKWISE_MIN_SCORES`; above it the kernel when the computation is for
+      TPU devices (`target_platform`), its keys fit in VMEM and it knows the
+      batch's sharding (`batch_axes` under a mesh, or a single device), else
+      blockwise.
     block_size: rows and keys per tile of the blockwise implementation.
+    batch_axes: under a mesh, the mesh axes that split the batch (a name, a
+      tuple of names, or None), for the kernel to run on each shard's
+      examples; the training step passes them.
 
   Returns:
     float32 scalar: KL summed over keys, averaged over valid query rows of the
@@ -222,7 +239,7 @@ def relation_kl(
   teacher_a = jax.lax.stop_gradient(teacher_a)
   teacher_b = jax.lax.stop_gradient(teacher_b)
   if implementation == "auto":
-    implementation = _auto_implementation(len_a, len_b)
+    implementation = _auto_implementation(batch, len_a, len_b, batch_axes)
   if implementation != "explicit":
     _check_segments(query_segment_ids, key_segment_ids)
     _check_causal(causal, len_a, len_b)
@@ -235,6 +252,7 @@ def relation_kl(
                                    block_size=block_size, **kw)
     return relation_kernel.kernel_relation_kl(
         teacher_a, teacher_b, student_a, student_b,
+        batch_axes=batch_axes,
         interpret=implementation == "kernel_interpret", **kw)
   allowed = _allowed_keys(query_mask, key_mask, causal, query_segment_ids,
                           key_segment_ids)

@@ -352,16 +352,22 @@ def _initialize_distributed(coordinator_address, num_processes, process_id) -> b
   return True
 
 
+def batch_mesh_axes():
+  """The mesh axes that split the "batch" logical axis under the current mesh
+  and rules (a name, a tuple of names, or None; None outside `mesh_context`)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return None
+  return nn.logical_to_mesh_axes(("batch",))[0]
+
+
 def batch_shards() -> int:
   """How many ways the current mesh and logical-axis rules split the "batch"
   axis (1 outside `mesh_context`): global rows over rows per device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  axes = nn.logical_to_mesh_axes(("batch",))[0]
+  axes = batch_mesh_axes()
   if axes is None:
     return 1
   axes = (axes,) if isinstance(axes, str) else axes
+  mesh = jax.sharding.get_abstract_mesh()
   return math.prod(mesh.shape[a] for a in axes)
 
 

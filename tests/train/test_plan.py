@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -236,3 +237,25 @@ def test_loops_are_counted_by_trip_count():
   assert report.xla_flops == report.xla_flops_counted_once
   assert "roofline per chip (a lower bound)" in report.table()
   assert "0 of 1 loops recounted" in report.table()
+
+
+def test_the_distill_step_keeps_no_per_example_scores_on_tpu():
+  """The training step as `miniend plan` compiles it (the base run's recipe,
+  miniend_d, and its 512 input positions; tiny models), data-parallel on a v4-8:
+  attention and the relations over encoder positions run as Pallas kernels
+  (`auto` on TPU), and the optimized per-chip program holds no float [.., 512,
+  512] buffer with more leading elements than the shared position bias [heads,
+  512, 512]: nothing per example (8 per chip here)."""
+  train = dataclasses.replace(TRAIN, inputs_length=512, targets_length=64)
+  prog = _program("v4-8", train=train, mesh=partitioning.MeshConfig(data=4))
+  hlo = prog.lower().compile().as_text()
+  # Mosaic calls: attention's (forward, backward), and the relation kernel's,
+  # known by its outputs, a float32 sum per (example, head): [8, heads, 1, 128].
+  mosaic = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+  relation = [line for line in mosaic if re.search(r"= \(f32\[8,\d+,1,128\]", line)]
+  assert relation and len(mosaic) > len(relation), (len(mosaic), len(relation))
+  shapes = {tuple(int(d) for d in dims.split(","))
+            for dims in re.findall(r"\b(?:f32|bf16|f16)\[([0-9,]+)\]", hlo)}
+  scores = {s for s in shapes if len(s) >= 3 and s[-2:] == (512, 512)}
+  assert (TEACHER.num_heads, 512, 512) in scores, scores
+  assert all(math.prod(s[:-2]) <= TEACHER.num_heads for s in scores), scores
