@@ -311,9 +311,17 @@ class PlanReport:
 
   @property
   def roofline_mfu(self) -> float | None:
-    """The MFU the roofline step time implies: model FLOPs per chip / (step * peak)."""
+    """The MFU the roofline step time implies: model FLOPs per chip / (step * peak).
+
+    The model FLOPs are the analytic count, but never more than XLA counts in the
+    program: the analytic count has the teacher's whole forward, and XLA drops
+    what a recipe never reads (e.g. the teacher's decoder and upper encoder layers
+    for an encoder-relation recipe), so a compute-bound step would otherwise show
+    an MFU above 100%."""
     roofline = self.roofline
-    return None if roofline is None else roofline.mfu(self.analytic_flops / self.chips)
+    if roofline is None:
+      return None
+    return roofline.mfu(min(self.analytic_flops, self.xla_flops) / self.chips)
 
   @property
   def compiler_step_s(self) -> float | None:

@@ -177,6 +177,10 @@ def test_roofline_from_the_compilers_counts(m, k, n, bound):
   step = max(flops / 197e12, nbytes / 819e9)
   assert report.roofline.step_s == pytest.approx(step) and report.roofline.bound == bound
   assert report.roofline_mfu == pytest.approx(2 * m * k * n / (step * 197e12))
+  # Model FLOPs the program does not perform (an analytic count of work XLA
+  # dropped) do not count: the MFU stays what XLA's FLOPs allow.
+  overcounted = dataclasses.replace(report, analytic_flops=3 * 2 * m * k * n)
+  assert overcounted.roofline_mfu == pytest.approx(report.roofline_mfu)
   summary = report.to_json()
   assert summary["roofline_step_s"] == pytest.approx(step) and summary["roofline_bound"] == bound
   # libtpu's own estimate is sound for a matmul, reported only when positive.
