@@ -138,7 +138,7 @@ def _hidden_term(term: Term, teacher_out, student_out, inputs: _BatchMasks,
 
 
 def _relation_term(term: Term, alpha, teacher_out, student_out, inputs: _BatchMasks,
-                   metrics, batch_axes) -> Array:
+                   metrics, mesh_axes) -> Array:
   """A relation term: its pairs' relation KLs, reduced as the term says.
 
   Adds `loss/<label>/<pair>` to `metrics` when the term has several pairs.
@@ -163,7 +163,7 @@ def _relation_term(term: Term, alpha, teacher_out, student_out, inputs: _BatchMa
         causal=causal,
         query_segment_ids=segments[row_side] if use_segments else None,
         key_segment_ids=segments[key_side] if use_segments else None,
-        interpolation=alpha, batch_axes=batch_axes)
+        interpolation=alpha, batch_axes=mesh_axes[0], head_axes=mesh_axes[1])
     if len(term.pairs) > 1:
       metrics[f"loss/{term.label}/{pair}"] = pair_value
     value = value + pair_value
@@ -181,7 +181,7 @@ def recipe_loss(
     extra_params: Optional[Mapping[str, Any]] = None,
     *,
     chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
-    batch_axes=None,
+    mesh_axes: tuple = (None, None),
 ) -> tuple[Array, dict[str, Array]]:
   """Total loss of a recipe and one metric per term.
 
@@ -203,8 +203,9 @@ def recipe_loss(
     extra_params: `Recipe.init_extra_params` output (hidden-state terms).
     chunk_size: sequence positions per chunk of the vocabulary-sized losses
       (`logits.chunk_positions` sizes it from the rows each device holds).
-    batch_axes: under a mesh, the mesh axes that split the batch, so the
-      relation terms can run their TPU kernel per shard (`relation_kl`).
+    mesh_axes: under a mesh, the mesh axes that split the batch and the
+      projections' heads, so the relation terms can run their TPU kernel per
+      shard (`relation_kl`'s batch_axes and head_axes).
 
   Returns:
     (total float32 scalar, metrics) with `loss/<label>` per term (unweighted),
@@ -241,7 +242,7 @@ def recipe_loss(
       value = _hidden_term(term, teacher_out, student_out, inputs, extra_params)
     else:
       value = _relation_term(term, alpha, teacher_out, student_out, inputs,
-                             metrics, batch_axes)
+                             metrics, mesh_axes)
     metrics[f"loss/{term.label}"] = value
     total = total + term.weight * value
 

@@ -281,14 +281,18 @@ def _codes(mask, segment_ids, length, masked_code):
                  constant_values=masked_code)
 
 
-def batch_shards(batch_axes) -> int:
-  """How many shards the current mesh's `batch_axes` (a mesh axis name, a tuple
-  of them, or None) split the batch into; 1 without a mesh."""
+def mesh_shards(axes) -> int:
+  """How many shards the current mesh's `axes` (a mesh axis name, a tuple of
+  them, or None) split an array axis into; 1 without a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or batch_axes is None:
+  if mesh.empty or axes is None:
     return 1
-  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
   return math.prod(mesh.shape[axis] for axis in axes)
+
+
+def _axis_names(axes) -> tuple:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def _local_sums(teacher_a, teacher_b, student_a, student_b, query_mask,
@@ -319,7 +323,8 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
                        num_relation_heads: int, query_mask, key_mask,
                        causal: bool, query_segment_ids, key_segment_ids,
                        interpolation, block_rows: int = DEFAULT_BLOCK_ROWS,
-                       batch_axes=None, interpret: bool = False) -> Array:
+                       batch_axes=None, head_axes=None,
+                       interpret: bool = False) -> Array:
   """`relations.relation_kl`'s value and gradients from the Pallas kernel.
 
   Arguments as `relations.relation_kl` (checked there; the teacher already
@@ -327,10 +332,13 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
   `block_rows` rows per block (multiple of 8);
   `batch_axes`: under a mesh, the mesh axes the batch is split over. XLA
   cannot partition a Pallas call, so there the kernel runs on each device's
-  examples inside `shard_map` (its inputs resharded to batch-split, every
-  other axis whole), each shard returns its KL sum and seen-row count, and the
-  mean is taken over the whole batch. With None under a mesh every device
-  computes the whole batch.
+  examples inside `shard_map`, each shard returns its KL sum and seen-row
+  count, and the mean is taken over the whole batch. With None under a mesh
+  every device computes the whole batch.
+  `head_axes`: the mesh axes that split the projections' width (the model's
+  heads, under tensor parallelism). When they split the relation heads evenly
+  each device computes its own relation heads; otherwise the widths are
+  gathered and every device along them computes all heads.
   `interpret` runs the kernel in Pallas' interpreter (any backend).
   """
   if block_rows <= 0 or block_rows % _SUBLANES:
@@ -344,15 +352,18 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
         f"The relation kernel holds every key of a row block in VMEM: {len_b} "
         f"keys with {block_q}-row blocks exceed its budget; use "
         "implementation='blockwise' (or fewer block_rows).")
-  shards = batch_shards(batch_axes)
+  shards = mesh_shards(batch_axes)
   if batch % shards:
     raise ValueError(
         f"The relation kernel runs per batch shard: a batch of {batch} does not "
         f"split over the {shards} devices of mesh axes {batch_axes!r}.")
+  head_shards = mesh_shards(head_axes)
+  if num_relation_heads % head_shards:
+    head_axes, head_shards = None, 1
   alpha = jnp.reshape(interpolation_coefficient(interpolation), (1,))
   local = functools.partial(
-      _local_sums, num_relation_heads=num_relation_heads, causal=causal,
-      interpolate=interpolation is not None, block_q=block_q,
+      _local_sums, num_relation_heads=num_relation_heads // head_shards,
+      causal=causal, interpolate=interpolation is not None, block_q=block_q,
       interpret=interpret)
   args = [teacher_a, teacher_b, student_a, student_b, query_mask, key_mask,
           query_segment_ids, key_segment_ids]
@@ -361,16 +372,18 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
     kl_sum, num_rows = local(*args, alpha)
     return safe_divide(kl_sum, num_rows)
   P = jax.sharding.PartitionSpec
-  per_token, per_row = P(batch_axes, None, None), P(batch_axes, None)
+  # A width split over `head_axes` gives each device whole relation heads: the
+  # width is heads-major, and the relation heads divide by the split.
+  per_token, per_row = P(batch_axes, None, head_axes), P(batch_axes, None)
   in_specs = (per_token,) * 4 + tuple(
       None if x is None else per_row for x in args[4:]) + (P(),)
 
   def per_shard(*shard_args):
-    # [1]-shaped, so the shards' sums come out side by side ([shards]) and are
-    # added outside: no collective whose transpose the gradient must get right.
+    # [1]-shaped, so the shards' sums come out side by side and are added
+    # outside: no collective whose transpose the gradient must get right.
     return tuple(jnp.reshape(x, (1,)) for x in local(*shard_args))
 
-  out_spec = P(batch_axes)
+  out_spec = P(_axis_names(batch_axes) + _axis_names(head_axes) or None)
   kl_sums, row_counts = jax.shard_map(
       per_shard, in_specs=in_specs, out_specs=(out_spec, out_spec),
       check_vma=False)(*args, alpha)

@@ -89,7 +89,7 @@ def _auto_implementation(batch: int, len_a: int, len_b: int, batch_axes) -> str:
       sharded_ok = jax.device_count() == 1
     else:
       sharded_ok = (batch_axes is not None
-                    and batch % relation_kernel.batch_shards(batch_axes) == 0)
+                    and batch % relation_kernel.mesh_shards(batch_axes) == 0)
     if sharded_ok:
       return "kernel"
   return "blockwise"
@@ -152,6 +152,7 @@ def relation_kl(
     implementation: str = "auto",
     block_size: int = DEFAULT_BLOCK_SIZE,
     batch_axes=None,
+    head_axes=None,
 ) -> Array:
   """MiniLMv2 multi-head relation distillation, KL(teacher || student).
 
@@ -197,6 +198,9 @@ def relation_kl(
     batch_axes: under a mesh, the mesh axes that split the batch (a name, a
       tuple of names, or None), for the kernel to run on each shard's
       examples; the training step passes them.
+    head_axes: the mesh axes that split the projections' width (the model's
+      heads), for the kernel to compute each device's own relation heads
+      when they divide evenly.
 
   Returns:
     float32 scalar: KL summed over keys, averaged over valid query rows of the
@@ -252,7 +256,7 @@ def relation_kl(
                                    block_size=block_size, **kw)
     return relation_kernel.kernel_relation_kl(
         teacher_a, teacher_b, student_a, student_b,
-        batch_axes=batch_axes,
+        batch_axes=batch_axes, head_axes=head_axes,
         interpret=implementation == "kernel_interpret", **kw)
   allowed = _allowed_keys(query_mask, key_mask, causal, query_segment_ids,
                           key_segment_ids)

@@ -352,18 +352,19 @@ def _initialize_distributed(coordinator_address, num_processes, process_id) -> b
   return True
 
 
-def batch_mesh_axes():
-  """The mesh axes that split the "batch" logical axis under the current mesh
-  and rules (a name, a tuple of names, or None; None outside `mesh_context`)."""
+def logical_mesh_axes(*names: str) -> tuple:
+  """The mesh axes that split each logical axis in `names` under the current mesh
+  and rules (per name: a mesh axis name, a tuple of them, or None; all None
+  outside `mesh_context`)."""
   if jax.sharding.get_abstract_mesh().empty:
-    return None
-  return nn.logical_to_mesh_axes(("batch",))[0]
+    return (None,) * len(names)
+  return tuple(nn.logical_to_mesh_axes(names))
 
 
 def batch_shards() -> int:
   """How many ways the current mesh and logical-axis rules split the "batch"
   axis (1 outside `mesh_context`): global rows over rows per device."""
-  axes = batch_mesh_axes()
+  axes = logical_mesh_axes("batch")[0]
   if axes is None:
     return 1
   axes = (axes,) if isinstance(axes, str) else axes

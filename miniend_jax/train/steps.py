@@ -114,7 +114,8 @@ def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
                               student_config.vocab_size, targets.shape[1])
       return recipe_loss(recipe, teacher_out, student_out, batch,
                          state.step // grad_accum_steps, params.get("distill"),
-                         chunk_size=chunk, batch_axes=partitioning.batch_mesh_axes())
+                         chunk_size=chunk,
+                         mesh_axes=partitioning.logical_mesh_axes("batch", "heads"))
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     norms = gradient_norms(grads)

@@ -247,26 +247,31 @@ def test_kernel_per_batch_shard_equals_blockwise(name):
   """Under a mesh the kernel runs on each shard's examples (`shard_map`) and the
   mean is over the whole batch: with one example per shard, and an example that
   has no valid row ("cross_empty_row"), value and student gradients equal the
-  blockwise version's on the whole batch; so does the kernel given no batch axes
+  blockwise version's on the whole batch. So they do with the relation heads
+  split over a second mesh axis (each device its own head), when that split
+  does not divide the heads (the widths gathered), and with no batch axes
   (every device computes the whole batch)."""
   ta, tb, sa, sb, kw = _case(name)
   kw.pop("block_size", None)
+  assert kw["num_relation_heads"] == 2
 
-  def value_and_grads(implementation, batch_axes=None):
+  def value_and_grads(implementation, batch_axes=None, head_axes=None):
     loss = lambda sa, sb: relations.relation_kl(
-        ta, tb, sa, sb, implementation=implementation, batch_axes=batch_axes, **kw)
+        ta, tb, sa, sb, implementation=implementation, batch_axes=batch_axes,
+        head_axes=head_axes, **kw)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(sa, sb)
 
   want, want_grads = value_and_grads("blockwise")
-  mesh = jax.make_mesh((2, 4), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  for batch_axes in ("data", None):
+  mesh = jax.make_mesh((2, 2, 2), ("data", "model", "rest"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  for axes in (("data", None), ("data", "model"), ("data", ("model", "rest")),
+               (None, None)):
     with jax.set_mesh(mesh):
-      value, grads = value_and_grads("kernel_interpret", batch_axes)
-    np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)
+      value, grads = value_and_grads("kernel_interpret", *axes)
+    np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=str(axes))
     for got_g, want_g in zip(grads, want_grads):
       assert float(jnp.max(jnp.abs(want_g))) > 1e-3
-      np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-6, err_msg=str(axes))
   with jax.set_mesh(mesh), pytest.raises(ValueError, match="does not split"):
     relations.relation_kl(ta, tb, sa, sb, implementation="kernel_interpret",
                           batch_axes=("data", "model"), **kw)
