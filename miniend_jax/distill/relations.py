@@ -20,11 +20,13 @@ from miniend_jax.distill.relation_blocks import (
     DEFAULT_BLOCK_SIZE, MASKED_SCORE as _MASKED_SCORE, blockwise_relation_kl)
 from miniend_jax.model.flash_attention import target_platform
 
-# `relation_kl(implementation="auto")` tiles a relation (`relation_blocks`)
-# when it has at least this many scores per row and head, len_a * len_b:
-# there the explicit version's float32 [batch, heads, len_a, len_b] arrays
-# are what a step's memory holds and moves. Below it one tile would be the
-# whole relation anyway.
+# `relation_kl(implementation="auto")` tiles a relation (`relation_blocks`,
+# or on TPU the kernel) when it has at least this many scores per row and
+# head, len_a * len_b: there the explicit version's float32 [batch, heads,
+# len_a, len_b] arrays are what a step's memory holds and moves. Below it one
+# tile would be the whole relation anyway, and on TPU the kernel moved more
+# bytes than the explicit version at 114 x 114 (its keys padded to 128 lanes;
+# benchmarks/relation_kl_aot.py --length 114 --causal: 0.47 against 0.46 GB).
 BLOCKWISE_MIN_SCORES = 256 * 256
 
 IMPLEMENTATIONS = ("auto", "explicit", "blockwise", "kernel", "kernel_interpret")
