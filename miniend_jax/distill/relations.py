@@ -18,7 +18,7 @@ from miniend_jax.distill.common import (
 from miniend_jax.distill import relation_kernel
 from miniend_jax.distill.relation_blocks import (
     DEFAULT_BLOCK_SIZE, MASKED_SCORE as _MASKED_SCORE, blockwise_relation_kl)
-from miniend_jax.model.flash_attention import target_platform
+from miniend_jax.model.flash_attention import pallas_tpu_target
 
 # `relation_kl(implementation="auto")` tiles a relation (`relation_blocks`,
 # or on TPU the kernel) when it has at least this many scores per row and
@@ -84,7 +84,7 @@ def _auto_implementation(batch: int, len_a: int, len_b: int, batch_axes) -> str:
   """relation_kl's choice for implementation="auto" (see there)."""
   if len_a * len_b < BLOCKWISE_MIN_SCORES:
     return "explicit"
-  if target_platform() == "tpu" and relation_kernel.fits(len_b):
+  if pallas_tpu_target() and relation_kernel.fits(len_b):
     # The kernel runs per batch shard, so it needs to know the batch's mesh
     # axes; without a mesh, only on a single device.
     if jax.sharding.get_abstract_mesh().empty:
@@ -193,7 +193,7 @@ def relation_kl(
       partitioned by XLA: under a mesh it runs per batch shard in
       `shard_map` (see `batch_axes`). "auto": explicit when `len_a * len_b <
       BLOCKWISE_MIN_SCORES`; above it the kernel when the computation is for
-      TPU devices (`target_platform`), its keys fit in VMEM and it knows the
+      TPU v4 or newer (`pallas_tpu_target`), its keys fit in VMEM and it knows the
       batch's sharding (`batch_axes` under a mesh, or a single device), else
       blockwise.
     block_size: rows and keys per tile of the blockwise implementation.

@@ -63,6 +63,23 @@ def target_platform() -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
+# TPU generations whose Mosaic compiler rejects these kernels' bf16 matmul
+# operands ("E2001: Unsupported matmul RHS type on target: vector<128x128xbf16>",
+# seen compiling for v2 and v3 with libtpu): Colab's and TRC's v2-8 / v3-8.
+_TPUS_WITHOUT_BF16_MOSAIC_MATMUL = ("TPU v2", "TPU v3")
+
+
+def pallas_tpu_target() -> bool:
+  """Whether the computation being traced is for TPU devices that compile the
+  project's Pallas kernels (v4 and newer; `target_platform`'s devices)."""
+  if target_platform() != "tpu":
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  kind = device.device_kind if device is not None else jax.devices()[0].device_kind
+  return not kind.startswith(_TPUS_WITHOUT_BF16_MOSAIC_MATMUL)
+
+
 def _block(length: int, block: int) -> int:
   return block if length % block == 0 else length
 

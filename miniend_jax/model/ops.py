@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from miniend_jax.model.config import REMAT_POLICIES, T5Config
-from miniend_jax.model.flash_attention import flash_attention, target_platform
+from miniend_jax.model.flash_attention import flash_attention, pallas_tpu_target, target_platform
 
 Array = jax.Array
 
@@ -179,8 +179,9 @@ def attention_implementation(config: T5Config, *, dropout: bool = False,
 
   "auto" takes cuDNN's fused attention on GPUs for bf16 / fp16 compute with
   head sizes cuDNN accepts (a multiple of 8, at most 128), the project's Pallas
-  flash attention on TPUs (`flash_attention.py`: no [batch, heads, q, kv] scores
-  in HBM, the position bias shared over the batch), and the explicit einsums
+  flash attention on TPU v4 and newer (`flash_attention.py`: no [batch, heads, q,
+  kv] scores in HBM, the position bias shared over the batch; v2 and v3 cannot
+  compile it), and the explicit einsums
   everywhere else: on CPUs the explicit path measured faster. The platform is
   that of the current mesh's devices (`target_platform`), so a plan compiled
   for a TPU slice on a CPU host gets the TPU kernel; on TPU without a mesh
@@ -200,9 +201,11 @@ def attention_implementation(config: T5Config, *, dropout: bool = False,
     platform = target_platform()
     if platform == "tpu":
       # XLA cannot partition a Pallas call: it runs per shard under the current
-      # mesh (`attend`), so with several devices and no mesh it is not taken.
+      # mesh (`attend`), so with several devices and no mesh it is not taken;
+      # nor on TPU v2 / v3, whose Mosaic cannot compile it (`pallas_tpu_target`).
       mesh = jax.sharding.get_abstract_mesh()
-      return "pallas" if not mesh.empty or jax.device_count() == 1 else "explicit"
+      per_shard = not mesh.empty or jax.device_count() == 1
+      return "pallas" if per_shard and pallas_tpu_target() else "explicit"
     fusable = (platform == "gpu"
                and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
                and config.d_kv % 8 == 0 and config.d_kv <= 128)
