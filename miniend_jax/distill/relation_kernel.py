@@ -20,7 +20,8 @@ The custom VJP keeps those two gradients as residuals (the student's own
 shapes, float32) and its backward pass only multiplies them by the cotangent of the KL sum (the
 mean's `g / num_rows`): the scores are formed once, forward and backward together (the
 fused "loss and gradient" of Liger-Kernel's losses). HBM traffic is the
-inputs, the gradients and a sum per (example, head).
+inputs, the gradients, the rows' mask codes (once per head) and a sum per
+(example, head).
 
 Every key of a row block is in VMEM at once, so `len_b` is bounded
 (`fits`: up to 2,688 keys with 128-row blocks); beyond it use `relation_blocks`.
@@ -206,7 +207,8 @@ def _call(operands, codes, alpha, *, causal, interpolate, block_q,
   pairs = batch * heads * len_a * len_b
   cost = pl.CostEstimate(
       flops=int(2 * pairs * (d_t + d_s + (2 * d_s if with_gradients else 0))),
-      transcendentals=int(3 * pairs), bytes_accessed=int(hbm_bytes))
+      transcendentals=int((4 if with_gradients else 3) * pairs),
+      bytes_accessed=int(hbm_bytes))
   return pl.pallas_call(
       kernel,
       grid=(batch, heads, len_a // block_q),
@@ -337,8 +339,9 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
   every device computes the whole batch.
   `head_axes`: the mesh axes that split the projections' width (the model's
   heads, under tensor parallelism). When they split the relation heads evenly
-  each device computes its own relation heads; otherwise the widths are
-  gathered and every device along them computes all heads.
+  (and share no axis with `batch_axes`) each device computes its own relation
+  heads; otherwise the widths are gathered and every device along them
+  computes all heads.
   `interpret` runs the kernel in Pallas' interpreter (any backend).
   """
   if block_rows <= 0 or block_rows % _SUBLANES:
@@ -358,7 +361,8 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
         f"The relation kernel runs per batch shard: a batch of {batch} does not "
         f"split over the {shards} devices of mesh axes {batch_axes!r}.")
   head_shards = mesh_shards(head_axes)
-  if num_relation_heads % head_shards:
+  if (num_relation_heads % head_shards
+      or set(_axis_names(head_axes)) & set(_axis_names(batch_axes))):
     head_axes, head_shards = None, 1
   alpha = jnp.reshape(interpolation_coefficient(interpolation), (1,))
   local = functools.partial(

@@ -194,8 +194,8 @@ def relation_kl(
       `shard_map` (see `batch_axes`). "auto": explicit when `len_a * len_b <
       BLOCKWISE_MIN_SCORES`; above it the kernel when the computation is for
       TPU v4 or newer (`pallas_tpu_target`), its keys fit in VMEM and it knows the
-      batch's sharding (`batch_axes` under a mesh, or a single device), else
-      blockwise.
+      batch's sharding (`batch_axes` under a mesh, splitting the batch evenly;
+      or a single device), else blockwise.
     block_size: rows and keys per tile of the blockwise implementation.
     batch_axes: under a mesh, the mesh axes that split the batch (a name, a
       tuple of names, or None), for the kernel to run on each shard's

@@ -317,7 +317,8 @@ class PlanReport:
     program: the analytic count has the teacher's whole forward, and XLA drops
     what a recipe never reads (e.g. the teacher's decoder and upper encoder layers
     for an encoder-relation recipe), so a compute-bound step would otherwise show
-    an MFU above 100%."""
+    an MFU above 100%. Capped so, a compute-bound step whose analytic count is
+    the higher one reads 100%: the roofline's bound, not a measurement."""
     roofline = self.roofline
     if roofline is None:
       return None

@@ -242,11 +242,12 @@ def test_blockwise_errors():
                           implementation="blockwise")
 
 
-@pytest.mark.parametrize("name", ["cross_empty_row", "packed"])
+@pytest.mark.parametrize("name", ["cross_empty_row", "packed", "interpolated_0.3"])
 def test_kernel_per_batch_shard_equals_blockwise(name):
   """Under a mesh the kernel runs on each shard's examples (`shard_map`) and the
   mean is over the whole batch: with one example per shard, and an example that
-  has no valid row ("cross_empty_row"), value and student gradients equal the
+  has no valid row ("cross_empty_row"), and with the interpolation coefficient
+  replicated to every shard, value and student gradients equal the
   blockwise version's on the whole batch. So they do with the relation heads
   split over a second mesh axis (each device its own head), when that split
   does not divide the heads (the widths gathered), and with no batch axes
@@ -264,8 +265,9 @@ def test_kernel_per_batch_shard_equals_blockwise(name):
   want, want_grads = value_and_grads("blockwise")
   mesh = jax.make_mesh((2, 2, 2), ("data", "model", "rest"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  # ("data", "data"): head axes that repeat a batch axis are not split over.
   for axes in (("data", None), ("data", "model"), ("data", ("model", "rest")),
-               (None, None)):
+               ("data", "data"), (None, None)):
     with jax.set_mesh(mesh):
       value, grads = value_and_grads("kernel_interpret", *axes)
     np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=str(axes))

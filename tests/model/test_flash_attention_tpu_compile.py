@@ -96,5 +96,5 @@ def test_tpu_v3_compiles_without_the_pallas_kernels():
   with partitioning.mesh_context(mesh):
     assert ops.attention_implementation(MODEL) == "explicit"
     assert "tpu_custom_call" not in relation_step("auto").compile().as_text()
-    with pytest.raises(Exception, match="Mosaic"):
+    with pytest.raises(Exception, match="Mosaic.*(E2001|matmul)"):
       relation_step("kernel").compile()
