@@ -44,6 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 from miniend_jax.distill.common import Array, safe_divide
 from miniend_jax.distill.relation_blocks import (
     MASKED_SCORE, interpolation_coefficient)
+from miniend_jax.model.ops import mesh_axis_names, mesh_shards
 
 # TPU vector registers are [8 sublanes, 128 lanes]: keys are padded to whole
 # lanes, rows to whole sublanes, per-row codes are spread over the lanes and
@@ -283,20 +284,6 @@ def _codes(mask, segment_ids, length, masked_code):
                  constant_values=masked_code)
 
 
-def mesh_shards(axes) -> int:
-  """How many shards the current mesh's `axes` (a mesh axis name, a tuple of
-  them, or None) split an array axis into; 1 without a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  return math.prod(mesh.shape[axis] for axis in axes)
-
-
-def _axis_names(axes) -> tuple:
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def _local_sums(teacher_a, teacher_b, student_a, student_b, query_mask,
                 key_mask, query_segment_ids, key_segment_ids, alpha, *,
                 num_relation_heads, causal, interpolate, block_q, interpret):
@@ -362,7 +349,7 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
         f"split over the {shards} devices of mesh axes {batch_axes!r}.")
   head_shards = mesh_shards(head_axes)
   if (num_relation_heads % head_shards
-      or set(_axis_names(head_axes)) & set(_axis_names(batch_axes))):
+      or set(mesh_axis_names(head_axes)) & set(mesh_axis_names(batch_axes))):
     head_axes, head_shards = None, 1
   alpha = jnp.reshape(interpolation_coefficient(interpolation), (1,))
   local = functools.partial(
@@ -387,7 +374,7 @@ def kernel_relation_kl(teacher_a, teacher_b, student_a, student_b, *,
     # outside: no collective whose transpose the gradient must get right.
     return tuple(jnp.reshape(x, (1,)) for x in local(*shard_args))
 
-  out_spec = P(_axis_names(batch_axes) + _axis_names(head_axes) or None)
+  out_spec = P(mesh_axis_names(batch_axes) + mesh_axis_names(head_axes) or None)
   kl_sums, row_counts = jax.shard_map(
       per_shard, in_specs=in_specs, out_specs=(out_spec, out_spec),
       check_vma=False)(*args, alpha)

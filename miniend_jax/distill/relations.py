@@ -19,6 +19,7 @@ from miniend_jax.distill import relation_kernel
 from miniend_jax.distill.relation_blocks import (
     DEFAULT_BLOCK_SIZE, MASKED_SCORE as _MASKED_SCORE, blockwise_relation_kl)
 from miniend_jax.model.flash_attention import pallas_tpu_target
+from miniend_jax.model.ops import mesh_shards
 
 # `relation_kl(implementation="auto")` tiles a relation (`relation_blocks`,
 # or on TPU the kernel) when it has at least this many scores per row and
@@ -84,16 +85,11 @@ def _auto_implementation(batch: int, len_a: int, len_b: int, batch_axes) -> str:
   """relation_kl's choice for implementation="auto" (see there)."""
   if len_a * len_b < BLOCKWISE_MIN_SCORES:
     return "explicit"
-  if pallas_tpu_target() and relation_kernel.fits(len_b):
-    # The kernel runs per batch shard, so it needs to know the batch's mesh
-    # axes; without a mesh, only on a single device.
-    if jax.sharding.get_abstract_mesh().empty:
-      sharded_ok = jax.device_count() == 1
-    else:
-      sharded_ok = (batch_axes is not None
-                    and batch % relation_kernel.mesh_shards(batch_axes) == 0)
-    if sharded_ok:
-      return "kernel"
+  # Under a mesh the kernel runs per batch shard: it must know the batch's axes.
+  per_shard = jax.sharding.get_abstract_mesh().empty or (
+      batch_axes is not None and batch % mesh_shards(batch_axes) == 0)
+  if pallas_tpu_target() and relation_kernel.fits(len_b) and per_shard:
+    return "kernel"
   return "blockwise"
 
 

@@ -70,11 +70,16 @@ _TPUS_WITHOUT_BF16_MOSAIC_MATMUL = ("TPU v2", "TPU v3")
 
 
 def pallas_tpu_target() -> bool:
-  """Whether the computation being traced is for TPU devices that compile the
-  project's Pallas kernels (v4 and newer; `target_platform`'s devices)."""
+  """Whether the computation being traced can run the project's Pallas kernels: it is
+  for TPU devices that compile them (v4 and newer; `target_platform`'s devices), and
+  either under a mesh or on a single device. XLA cannot partition a Pallas call, so
+  the kernels run per shard under the current mesh (`shard_map`); with several
+  devices and no mesh they are not taken."""
   if target_platform() != "tpu":
     return False
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty and jax.device_count() > 1:
+    return False
   device = None if mesh.empty else getattr(mesh, "abstract_device", None)
   kind = device.device_kind if device is not None else jax.devices()[0].device_kind
   return not kind.startswith(_TPUS_WITHOUT_BF16_MOSAIC_MATMUL)

@@ -149,7 +149,7 @@ class Attention(nn.Module):
         cfg, dropout=not self.deterministic and cfg.dropout_rate > 0, decode=self.decode)
     dropout = lambda w: nn.Dropout(cfg.dropout_rate)(w, deterministic=self.deterministic)
     context = attend(query, key, value, bias, implementation, dtype, dropout,
-                     _mesh_axes() if implementation == "pallas" else None)
+                     logical_mesh_axes("batch", "heads") if implementation == "pallas" else None)
     out = Dense(heads_shape, (cfg.d_model,), ("heads", "kv", "embed"),
                 cfg.inner_dim ** -0.5, dtype, param_dtype, name="out")(context)
 
@@ -176,12 +176,13 @@ class Attention(nn.Module):
     return cached_key.value, cached_value.value
 
 
-def _mesh_axes() -> tuple | None:
-  """The mesh axes of the "batch" and "heads" logical axes under the current mesh
-  and rules, or None without a mesh."""
+def logical_mesh_axes(*names: str) -> tuple:
+  """The mesh axes that split each logical axis in `names` under the current mesh
+  and rules (per name: a mesh axis name, a tuple of them, or None; all None
+  without a mesh)."""
   if jax.sharding.get_abstract_mesh().empty:
-    return None
-  return tuple(nn.logical_to_mesh_axes(("batch", "heads")))
+    return (None,) * len(names)
+  return tuple(nn.logical_to_mesh_axes(names))
 
 
 class FeedForward(nn.Module):

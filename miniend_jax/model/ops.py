@@ -200,12 +200,8 @@ def attention_implementation(config: T5Config, *, dropout: bool = False,
       return "explicit"
     platform = target_platform()
     if platform == "tpu":
-      # XLA cannot partition a Pallas call: it runs per shard under the current
-      # mesh (`attend`), so with several devices and no mesh it is not taken;
-      # nor on TPU v2 / v3, whose Mosaic cannot compile it (`pallas_tpu_target`).
-      mesh = jax.sharding.get_abstract_mesh()
-      per_shard = not mesh.empty or jax.device_count() == 1
-      return "pallas" if per_shard and pallas_tpu_target() else "explicit"
+      # Not on TPU v2 / v3, nor on several devices without a mesh (`pallas_tpu_target`).
+      return "pallas" if pallas_tpu_target() else "explicit"
     fusable = (platform == "gpu"
                and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
                and config.d_kv % 8 == 0 and config.d_kv <= 128)
@@ -295,6 +291,20 @@ def attend(query: Array, key: Array, value: Array, bias: "Array | AttentionMasks
         query, key, value, bias=bias.astype(query.dtype) if implementation == "cudnn" else bias,
         scale=1.0, implementation=implementation).astype(dtype)
   return context
+
+
+def mesh_axis_names(axes: Any) -> tuple[str, ...]:
+  """A PartitionSpec entry (a mesh axis name, a tuple of them, or None) as a tuple."""
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def mesh_shards(axes: Any) -> int:
+  """How many shards the current mesh's `axes` (a PartitionSpec entry) split an array
+  axis into; 1 without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape[axis] for axis in mesh_axis_names(axes))
 
 
 def _sharded_flash(query: Array, key: Array, value: Array, masks: AttentionMasks, dtype: Any,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 from typing import Any, Sequence
 
@@ -27,6 +26,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from miniend_jax.model.layers import logical_mesh_axes
+from miniend_jax.model.ops import mesh_shards
 from miniend_jax.train import accelerators
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -352,24 +353,10 @@ def _initialize_distributed(coordinator_address, num_processes, process_id) -> b
   return True
 
 
-def logical_mesh_axes(*names: str) -> tuple:
-  """The mesh axes that split each logical axis in `names` under the current mesh
-  and rules (per name: a mesh axis name, a tuple of them, or None; all None
-  outside `mesh_context`)."""
-  if jax.sharding.get_abstract_mesh().empty:
-    return (None,) * len(names)
-  return tuple(nn.logical_to_mesh_axes(names))
-
-
 def batch_shards() -> int:
   """How many ways the current mesh and logical-axis rules split the "batch"
   axis (1 outside `mesh_context`): global rows over rows per device."""
-  axes = logical_mesh_axes("batch")[0]
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else axes
-  mesh = jax.sharding.get_abstract_mesh()
-  return math.prod(mesh.shape[a] for a in axes)
+  return mesh_shards(logical_mesh_axes("batch")[0])
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from miniend_jax.distill.logits import chunk_positions, span_corruption_loss
 from miniend_jax.distill.objective import recipe_loss
 from miniend_jax.distill.recipe import Recipe
 from miniend_jax.model.config import T5Config, Taps, forward_flops
+from miniend_jax.model.layers import logical_mesh_axes
 from miniend_jax.model.t5 import T5
 from miniend_jax.train import decoding, hardware, partitioning
 from miniend_jax.train.state import TrainState
@@ -115,7 +116,7 @@ def make_train_step_fn(student_config: T5Config, recipe: Recipe, *,
       return recipe_loss(recipe, teacher_out, student_out, batch,
                          state.step // grad_accum_steps, params.get("distill"),
                          chunk_size=chunk,
-                         mesh_axes=partitioning.logical_mesh_axes("batch", "heads"))
+                         mesh_axes=logical_mesh_axes("batch", "heads"))
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     norms = gradient_norms(grads)
